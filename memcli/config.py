@@ -1,0 +1,224 @@
+"""Run configuration: dataclass sections ``model``, ``dataset``, ``training``, ``logging``.
+
+A YAML file (``--config``) and ``key=value`` overrides are merged into the structured schema with
+OmegaConf, so unknown keys and wrong types are refused with a one-line message that names the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from memcli.errors import MemcliError
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "tiny"  # "tiny" (built in) or a local HF directory
+    qwen3_model_path: Optional[str] = None  # seed name; when set it is the backbone and the backbone is frozen
+    cache_path: Optional[str] = None  # directory written by build-cache
+    keys_path: Optional[str] = None  # directory written by build-keys
+    memory_layers: List[int] = field(default_factory=lambda: [1, 3])
+    knowledge_num: Optional[int] = None  # taken from the cache when None
+    knowledge_length: Optional[int] = None
+    knowledge_dim: Optional[int] = None  # taken from the keys when None
+    num_candidates: int = 16
+    topk_per_half: Optional[int] = None  # None: num_candidates
+    gate_rank: int = 0  # 0: full-rank query projection
+    fusion_rank: int = 0  # 0: full-rank fusion
+    freeze_keys: bool = False
+    finetuning_method: str = "frozen"  # frozen | lora | full
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DatasetConfig:
+    data_dir: str = "data/default"
+    sft_dataset_path: Optional[str] = None
+    sft_val_dataset_path: Optional[str] = None
+    labeled_path: Optional[str] = None
+    omcq_eval_path: Optional[str] = None
+    knowledge_path: Optional[str] = None
+    pretrained_router_path: Optional[str] = None
+    max_length: int = 128
+
+
+@dataclass
+class TrainingConfig:
+    seed: int = 42
+    epochs: int = 1
+    max_steps: Optional[int] = None
+    batch_size: int = 32
+    accumulation_steps: int = 1
+    learning_rate: float = 1e-3
+    memory_lr: Optional[float] = None
+    backbone_lr: Optional[float] = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # no | bf16
+    eval_interval: int = 200
+    eval_num_samples: int = 200
+    save_interval: int = 500
+    resume: Optional[str] = None  # auto | PATH
+    zero_stage: int = 0
+    router_loss_coef: float = 1.0
+    counterfactual_prob: float = 0.5
+    balance_loss_coef: float = 0.01
+    similarity_loss_coef: float = 0.0
+    diversity_loss_coef: float = 0.0
+    ema_update_freq: int = 0  # 0: off
+    ema_decay: float = 0.9
+    freeze_ratio: float = 0.0
+    device: str = "auto"
+
+
+@dataclass
+class LoggingConfig:
+    out_dir: str = "out"
+    run_name: Optional[str] = None
+    log_interval: int = 20
+    tensorboard: bool = True
+    wandb: bool = False
+    swanlab: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def valid_keys(schema: Any = Config, prefix: str = "") -> list[str]:
+    out = []
+    for f in fields(schema):
+        name = f"{prefix}{f.name}"
+        typ = f.type if not isinstance(f.type, str) else None
+        default = f.default_factory() if f.default_factory is not field().default_factory else f.default  # type: ignore
+        if is_dataclass(default):
+            out.extend(valid_keys(type(default), name + "."))
+        else:
+            out.append(name)
+    return out
+
+
+def _suggest(key: str, schema: Any) -> str:
+    keys = valid_keys(schema)
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    if not close:  # also try the last component alone (e.g. "learnin_rate" without a section)
+        leaf = key.split(".")[-1]
+        by_leaf = {k.split(".")[-1]: k for k in keys}
+        m = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
+        close = [by_leaf[m[0]]] if m else []
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _explain(e: OmegaConfBaseException, source: str, schema: Any) -> MemcliError:
+    key = getattr(e, "full_key", None) or ""
+    if isinstance(e, ConfigKeyError) or "not in" in str(e) or "Key '" in str(e) and "not" in str(e):
+        return MemcliError(f"{source}: unknown key '{key}'{_suggest(key, schema)}")
+    if isinstance(e, ValidationError):
+        exp = getattr(e, "ref_type", None) or getattr(e, "object_type", None)
+        msg = str(e).splitlines()[0]
+        want = msg.split("converted to ")[-1] if "converted to" in msg else msg
+        val = getattr(e, "value", None) if hasattr(e, "value") else None
+        return MemcliError(f"{source}: key '{key}' got {val!r}, expected {want.strip().lower()}")
+    return MemcliError(f"{source}: {str(e).splitlines()[0]} (key '{key}')")
+
+
+def parse_overrides(overrides: Sequence[str]) -> list[str]:
+    out = []
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise MemcliError(f"override '{item}': expected key=value (for example training.learning_rate=3e-4)")
+        out.append(item)
+    return out
+
+
+def load_config(
+    config_file: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    schema: Any = Config,
+    defaults: dict | None = None,
+):
+    """Schema defaults <- per-command ``defaults`` <- YAML ``config_file`` <- ``key=value`` overrides."""
+    base = OmegaConf.structured(schema)
+    OmegaConf.set_struct(base, True)
+    layers: list[tuple[str, Any]] = []
+    if defaults:
+        layers.append(("command defaults", OmegaConf.create(defaults)))
+    if config_file is not None:
+        p = Path(config_file)
+        if not p.is_file():
+            raise MemcliError(f"{p}: config file not found" if not p.exists() else f"{p}: expected a YAML file, found a directory")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", None)
+            where = f"{p}:{line + 1}" if line is not None else str(p)
+            raise MemcliError(f"{where}: invalid YAML ({getattr(e, 'problem', 'parse error')})") from None
+        except UnicodeDecodeError:
+            raise MemcliError(f"{p}: not UTF-8 text, expected a YAML file") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise MemcliError(f"{p}: top level is {type(data).__name__}, expected a mapping of sections")
+        layers.append((str(p), OmegaConf.create(data)))
+    ov = parse_overrides(overrides)
+    for item in ov:
+        try:
+            layers.append((f"override '{item}'", OmegaConf.from_dotlist([item])))
+        except OmegaConfBaseException as e:
+            raise MemcliError(f"override '{item}': {str(e).splitlines()[0]}") from None
+    cfg = base
+    for source, layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as e:
+            raise _explain(e, source, schema) from None
+    obj = OmegaConf.to_object(cfg)
+    _check_values(obj)
+    return obj
+
+
+_CHOICES = {
+    ("model", "finetuning_method"): ("frozen", "lora", "full"),
+    ("training", "mixed_precision"): ("no", "bf16", "fp16"),
+    ("training", "zero_stage"): (0, 1, 2, 3),
+}
+
+
+def _check_values(cfg: Any) -> None:
+    for (sec, key), choices in _CHOICES.items():
+        s = getattr(cfg, sec, None)
+        if s is not None and hasattr(s, key) and getattr(s, key) not in choices:
+            raise MemcliError(f"key '{sec}.{key}' got {getattr(s, key)!r}, expected one of {', '.join(map(str, choices))}")
+    t = getattr(cfg, "training", None)
+    if t is not None:
+        for k in ("batch_size", "accumulation_steps", "epochs"):
+            if hasattr(t, k) and getattr(t, k) < 1:
+                raise MemcliError(f"key 'training.{k}' got {getattr(t, k)}, expected a positive integer")
+        if hasattr(t, "learning_rate") and not t.learning_rate > 0:
+            raise MemcliError(f"key 'training.learning_rate' got {t.learning_rate}, expected a positive number")
+        for k in ("counterfactual_prob", "freeze_ratio"):
+            if hasattr(t, k) and not 0.0 <= getattr(t, k) <= 1.0:
+                raise MemcliError(f"key 'training.{k}' got {getattr(t, k)}, expected a value in [0, 1]")
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]

@@ -1,0 +1,10 @@
+"""The one error type users see: a single line, exit code 2, no traceback."""
+
+
+class MemcliError(Exception):
+    """A problem with the user's input (file, line, key, option) that memcli reports in one line."""
+
+    exit_code = 2
+
+    def __init__(self, message: str):
+        super().__init__(message.replace("\n", " "))

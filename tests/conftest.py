@@ -1,0 +1,47 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MEMCLI_QUIET", "1")
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def run_cli(args, capsys=None):
+    """Run the memcli entry point in-process; return (exit code, stdout, stderr)."""
+    from memcli.cli import main
+
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr() if capsys is not None else ("", "")
+    return code, out, err
+
+
+@pytest.fixture
+def cli(capsys):
+    return lambda *args: run_cli(args, capsys)
+
+
+@pytest.fixture(scope="session")
+def default_data(tmp_path_factory):
+    """The synthetic default pipeline, built once per test session (about 5 s)."""
+    from memcli.data.pipeline import default_data as build
+
+    d = tmp_path_factory.mktemp("default")
+    build(d, seed=0, num_facts=1024)
+    return d
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2, f"exit code {code}, stderr: {err}"
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one line, got: {err!r}"
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], f"{n!r} not in {lines[0]!r}"

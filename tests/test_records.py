@@ -1,0 +1,107 @@
+import json
+import pickle
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from memcli import records
+from memcli.checkpoint import load_tensors, save_component, load_component, save_tensors
+from memcli.errors import MemcliError
+
+
+def test_jsonl_roundtrip_and_atomic(tmp_path):
+    rows = [{"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}] * 3
+    p = tmp_path / "x.jsonl"
+    assert records.write_jsonl(p, rows) == 3
+    assert records.read_jsonl(p, records.CONVERSATION) == rows
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]  # no temp files left
+
+
+def test_jsonl_errors_name_file_and_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    good = json.dumps({"dialog_history": ["a"], "memory_query": "q", "memory_answer": "x"})
+    p.write_text(good + "\n" + '{"dialog_history": ["a"], "memory_query": 3, "memory_answer": "x"}\n')
+    with pytest.raises(MemcliError, match=r"bad.jsonl:2: field 'memory_query' is int, expected a string"):
+        records.read_jsonl(p, records.DIALOG)
+    p.write_text(good + "\n{broken\n")
+    with pytest.raises(MemcliError, match=r"bad.jsonl:2: invalid JSON"):
+        records.read_jsonl(p, records.DIALOG)
+    p.write_bytes(b'{"a": "\xff\xfe"}\n')
+    with pytest.raises(MemcliError, match=r"bad.jsonl:1: not UTF-8"):
+        records.read_jsonl(p, records.DIALOG)
+    p.write_text("")
+    with pytest.raises(MemcliError, match="empty file"):
+        records.read_jsonl(p, records.DIALOG)
+    p.write_text(good.replace('"memory_answer": "x"', '"other": 1') + "\n")
+    with pytest.raises(MemcliError, match=r":1: missing field 'memory_answer'"):
+        records.read_jsonl(p, records.DIALOG)
+
+
+def test_labeled_checks_lengths_and_numbers(tmp_path):
+    p = tmp_path / "l.jsonl"
+    p.write_text(json.dumps({"query": "q", "target_indices": [1, 2], "target_scores": [0.5]}) + "\n")
+    with pytest.raises(MemcliError, match="target_indices has 2 items but target_scores has 1"):
+        records.read_jsonl(p, records.LABELED)
+    p.write_text('{"query": "q", "target_indices": [1], "target_scores": [NaN]}\n')
+    with pytest.raises(MemcliError, match="finite"):
+        records.read_jsonl(p, records.LABELED)
+
+
+def test_json_list_errors(tmp_path):
+    p = tmp_path / "k.json"
+    p.write_text('{"target": []}')
+    with pytest.raises(MemcliError, match="top level is dict, expected a JSON list"):
+        records.read_json_list(p, records.KNOWLEDGE)
+    p.write_text('[{"target": [{"sentence": "s", "uuid": 5}]}]')
+    with pytest.raises(MemcliError, match=r"item 0: target\[0\]: field 'uuid' is int"):
+        records.read_json_list(p, records.KNOWLEDGE)
+    with pytest.raises(MemcliError, match="found a directory"):
+        records.read_json_list(tmp_path, records.KNOWLEDGE)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.binary(max_size=200))
+def test_reader_never_crashes_on_arbitrary_bytes(tmp_path_factory, data):
+    p = tmp_path_factory.mktemp("fuzz") / "f.jsonl"
+    p.write_bytes(data)
+    for fmt in (records.DIALOG, records.CONVERSATION, records.LABELED, records.GSM8K):
+        try:
+            records.read_jsonl(p, fmt)
+        except MemcliError as e:
+            assert "\n" not in str(e) and str(p) in str(e)
+
+
+def test_safetensors_roundtrip_and_nan_refused(tmp_path):
+    t = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int32)}
+    save_component(tmp_path, "comp", t, {"x": 1})
+    back, cfg = load_component(tmp_path, "comp")
+    assert cfg == {"x": 1} and torch.equal(back["a"], t["a"]) and torch.equal(back["b"], t["b"])
+    save_tensors(tmp_path / "nan.safetensors", {"w": torch.tensor([1.0, float("nan")])})
+    with pytest.raises(MemcliError, match="'w' holds NaN"):
+        load_tensors(tmp_path / "nan.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(MemcliError, match="not a valid safetensors file"):
+        load_tensors(tmp_path / "junk.safetensors")
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+        return (os.system, ("echo pwned > /tmp/memcli_pwned",))
+
+
+def test_malicious_pickle_in_pt_is_refused(tmp_path):
+    p = tmp_path / "evil.pt"
+    with open(p, "wb") as f:
+        pickle.dump({"w": _Evil()}, f)
+    with pytest.raises(MemcliError, match="refused to load"):
+        load_tensors(p)
+    import os
+    assert not os.path.exists("/tmp/memcli_pwned")
+
+
+def test_legacy_pt_state_dict_loads(tmp_path):
+    p = tmp_path / "ok.pt"
+    torch.save({"w": torch.ones(2)}, p)
+    assert torch.equal(load_tensors(p)["w"], torch.ones(2))
