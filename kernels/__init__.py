@@ -1,0 +1,7 @@
+"""Memory hot paths: each op as a plain PyTorch reference (and, later, a Triton kernel beside it).
+
+Installed as ``memcli.kernels`` (never as a top-level ``kernels`` package: that name belongs to a
+PyPI distribution transformers probes for). ``MEMCLI_KERNELS=reference|triton|auto`` forces a path.
+"""
+
+from memcli.kernels.dispatch import product_key_select, token_bag  # noqa: F401

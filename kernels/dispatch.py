@@ -1,0 +1,51 @@
+"""Pick the implementation of each memory op: Triton on CUDA when available, the reference elsewhere.
+
+``MEMCLI_KERNELS=reference`` forces the PyTorch path, ``triton`` forces Triton (errors if it cannot
+run), ``auto`` (default) uses Triton only for CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import os
+
+from memcli.kernels.reference import product_key_select_ref, token_bag_ref
+
+
+def _mode() -> str:
+    m = os.environ.get("MEMCLI_KERNELS", "auto").lower()
+    return m if m in ("auto", "reference", "triton") else "auto"
+
+
+def _use_triton(t) -> bool:
+    m = _mode()
+    if m == "reference":
+        return False
+    if m == "triton":
+        return True
+    return t.is_cuda and _triton_available()
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+
+        from memcli.kernels import triton_ops  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+def product_key_select(s1, s2, k, kh=None, valid=None):
+    if _use_triton(s1):
+        from memcli.kernels.triton_ops import product_key_select_triton
+
+        return product_key_select_triton(s1, s2, k, kh, valid)
+    return product_key_select_ref(s1, s2, k, kh, valid)
+
+
+def token_bag(token_ids, cells, weights, emb, pad_id):
+    if _use_triton(emb):
+        from memcli.kernels.triton_ops import token_bag_triton
+
+        return token_bag_triton(token_ids, cells, weights, emb, pad_id)
+    return token_bag_ref(token_ids, cells, weights, emb, pad_id)

@@ -1,0 +1,250 @@
+"""The explicit memory model: identity at start, gradients, causality, retrieval, EMA, editing, I/O."""
+
+import math
+
+import pytest
+import torch
+
+from memcli.explicit import losses
+from memcli.explicit.ema import EmaAccumulator, ema_update, ema_update_reference, frozen_rows
+from memcli.explicit.io import build_model, edit_entry, load_checkpoint, save_checkpoint, save_bank_edit
+from memcli.kernels.reference import (product_key_select_bruteforce, product_key_select_ref, token_bag_materialised,
+                                      token_bag_ref)
+from memcli.errors import MemcliError
+
+
+@pytest.fixture(scope="module")
+def mem(default_data):
+    torch.manual_seed(0)
+    model, tok, bank = build_model("tiny", default_data / "cache", default_data / "keys", memory_layers=[1, 3],
+                                   num_candidates=8)
+    return model, tok, bank
+
+
+def _randomise_fusion(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for f in model.fusions.values():
+            f.out.weight.copy_(torch.randn(f.out.weight.shape, generator=g) * 0.05)
+
+
+def _batch(tok, texts):
+    tok.padding_side = "left"
+    return tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+def test_zero_init_reproduces_base_logits_exactly(default_data):
+    from memcli.backbone import load_backbone
+
+    base, tok = load_backbone("tiny")
+    model, _, _ = build_model("tiny", default_data / "cache", default_data / "keys")
+    b = _batch(tok, ["Where was someone born?", "Hello there, friend of mine"])
+    with torch.no_grad():
+        ref = base(**b).logits
+        out = model(**b).logits
+    assert torch.equal(ref, out)
+
+
+def test_gradient_reaches_every_trainable_memory_parameter(mem):
+    model, tok, _ = mem
+    _randomise_fusion(model)
+    model.train()
+    b = _batch(tok, ["What does Zorbax work as? A:x", "The pet of Qir is a Mol ."])
+    out = model(**b, labels=b["input_ids"], collect=True)
+    loss = out.loss
+    for rec in model.ctx["records"]:
+        gate = model.gates[str(rec["layer"])]
+        loss = loss + losses.balance_loss(rec, model.cfg.knowledge_num) + losses.similarity_loss(rec, gate) \
+            + losses.diversity_loss(rec, gate)
+    model.zero_grad()
+    loss.backward()
+    for name, p in model.named_parameters():
+        if name.startswith(("gates", "mem_norms", "fusions")) and p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    model.eval()
+
+
+def test_causality_future_tokens_change_nothing_before(mem):
+    model, tok, _ = mem
+    _randomise_fusion(model, 1)
+    ids = tok("Where was Velmora born ? The answer is", return_tensors="pt")["input_ids"]
+    t = 4
+    ids2 = ids.clone()
+    ids2[0, t + 1:] = torch.randint(10, 8000, (ids.shape[1] - t - 1,))
+    with torch.no_grad():
+        a = model(input_ids=ids).logits
+        b = model(input_ids=ids2).logits
+    assert torch.allclose(a[0, : t + 1], b[0, : t + 1], atol=1e-6)
+    assert not torch.allclose(a[0, t + 1:], b[0, t + 1:])
+
+
+def test_padding_positions_get_no_memory(mem):
+    model, tok, _ = mem
+    _randomise_fusion(model, 2)
+    b = _batch(tok, ["short", "a much longer prompt than the other"])
+    with torch.no_grad():
+        out = model(**b, collect=True)
+    for rec in model.ctx["records"]:
+        assert rec["mask"].sum() == b["attention_mask"].sum()
+    # the short prompt's real positions equal an unpadded run
+    single = tok(["short"], return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        ref = model(**single).logits
+    n = single["input_ids"].shape[1]
+    assert torch.allclose(out.logits[0, -n:], ref[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("S,k,kh", [(32, 8, 8), (17, 5, 5), (64, 16, 16), (9, 7, 7)])
+def test_product_key_topk_equals_bruteforce(S, k, kh):
+    g = torch.Generator().manual_seed(S * k)
+    s1, s2 = torch.randn(50, S, generator=g), torch.randn(50, S, generator=g)
+    v, c = product_key_select_ref(s1, s2, k, kh)
+    vb, cb = product_key_select_bruteforce(s1, s2, k)
+    assert torch.allclose(v, vb) and torch.equal(c, cb)
+    # with excluded cells (bank padding) the grid is no longer exact, but what comes back is valid,
+    # scored correctly, and never better than the exact masked top-k
+    valid = torch.rand(S * S, generator=g) > 0.3
+    v, c = product_key_select_ref(s1, s2, k, kh, valid)
+    vb, _ = product_key_select_bruteforce(s1, s2, k, valid)
+    ok = torch.isfinite(v)
+    assert valid[c[ok]].all()
+    full = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(1)
+    assert torch.allclose(v[ok], full.gather(1, c)[ok])
+    assert (v[ok] <= vb[ok] + 1e-6).all()
+
+
+def test_token_bag_matches_materialised_and_excludes_padding():
+    g = torch.Generator().manual_seed(0)
+    N, L, D, V, pad = 49, 7, 12, 50, 0
+    bank = torch.randint(1, V, (N, L), generator=g)
+    bank[3] = pad  # an entry of all padding
+    bank[5, 4:] = pad
+    emb = torch.randn(V, D, generator=g, requires_grad=True)
+    cells = torch.randint(0, N, (11, 5), generator=g)
+    cells[0, 0] = 3
+    w = torch.softmax(torch.randn(11, 5, generator=g), -1).requires_grad_()
+    a = token_bag_ref(bank, cells, w, emb, pad)
+    b = token_bag_materialised(bank, cells, w, emb, pad)
+    assert torch.allclose(a, b, atol=1e-6)
+    ga = torch.autograd.grad(a.square().sum(), (emb, w))
+    gb = torch.autograd.grad(b.square().sum(), (emb, w))
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(ga, gb))
+    # entry 5 pools only its 4 real tokens
+    one = token_bag_ref(bank, torch.tensor([[5]]), None, emb, pad)
+    assert torch.allclose(one[0], emb[bank[5, :4]].mean(0), atol=1e-6)
+
+
+def test_bank_and_keys_index_agreement(mem, default_data):
+    model, tok, bank = mem
+    from memcli import records
+
+    labels = records.read_jsonl(default_data / "keys" / "train_labeled.jsonl", records.LABELED)
+    for lab in labels[:50]:
+        row = lab["target_indices"][0]
+        text = tok.decode([t for t in model.bank[row].tolist() if t != model.cfg.pad_id])
+        assert bank.entries[row]["subject"] in text and bank.entries[row]["uuid"] == lab["uuid"]
+
+
+def test_mismatched_keys_and_bank_are_refused(default_data, tmp_path):
+    import shutil
+
+    from memcli.data.pipeline import build_cache
+
+    build_cache(default_data / "sentence_trex_data.json", tmp_path / "cache")  # same entries, unordered
+    with pytest.raises(MemcliError, match="another row order"):
+        build_model("tiny", tmp_path / "cache", default_data / "keys")
+    shutil.copytree(default_data / "keys", tmp_path / "keys")
+    build_cache(default_data / "sentence_trex_data.json", tmp_path / "c2", knowledge_num=900)
+    with pytest.raises(MemcliError, match="30 x 30|32 x 32"):
+        build_model("tiny", tmp_path / "c2", tmp_path / "keys")
+
+
+def test_ema_update_matches_slow_reference():
+    g = torch.Generator().manual_seed(0)
+    N, L, D, V, pad = 25, 6, 8, 40, 0
+    bank = torch.randint(1, V, (N, L), generator=g)
+    bank[:, 5] = pad
+    emb = torch.randn(V, D, generator=g)
+    acc = EmaAccumulator(N, D)
+    for _ in range(3):
+        cells = torch.randint(0, N, (10, 4), generator=g)
+        acc.add(cells, torch.softmax(torch.randn(10, 4, generator=g), -1), torch.randn(10, D, generator=g),
+                torch.rand(10, generator=g) > 0.2)
+    frozen = frozen_rows(N, 0.2, seed=1)
+    ref = ema_update_reference(bank, emb, emb, acc.sum.clone(), acc.count.clone(), 0.5, frozen, pad)
+    new = bank.clone()
+    rows = ema_update(new, emb, emb, acc, 0.5, frozen, pad)
+    assert torch.equal(new, ref)
+    assert not frozen[rows].any() and (new[frozen] == bank[frozen]).all()
+    assert (new[:, 5] == pad).all() and not torch.equal(new, bank)
+    assert acc.count.sum() == 0  # accumulator reset
+
+
+def test_editing_changes_what_is_read(mem, default_data, tmp_path):
+    model, tok, bank = mem
+    _randomise_fusion(model, 3)
+    prompt = tok("Where was he born?", return_tensors="pt")
+    with torch.no_grad():
+        model(**prompt, collect=True)
+        row = int(model.ctx["records"][0]["cells"][-1, 0])
+        before_logits = model(**prompt).logits
+    old = model.bank[row].clone()
+    before, after = edit_entry(model, bank, tok, row, "Completely different text about Zqxwv .")
+    assert after.startswith("Completely different text") and before != after
+    with torch.no_grad():
+        after_logits = model(**prompt).logits
+    assert not torch.allclose(before_logits, after_logits)
+    # the edit persists through an atomic save and a strict reload
+    save_checkpoint(model, tok, bank.entries, bank.meta, tmp_path / "ck", {"step": 1})
+    m2, _, b2, _ = load_checkpoint(tmp_path / "ck")
+    assert torch.equal(m2.bank[row], model.bank[row])
+    assert b2.entries[row]["sentence"].startswith("Completely different")
+    with torch.no_grad():
+        assert torch.allclose(m2(**prompt).logits, after_logits, atol=1e-5)
+    model.set_entry(row, [t for t in old.tolist() if t != model.cfg.pad_id])
+    save_bank_edit(tmp_path / "ck", model, bank)
+
+
+def test_checkpoint_roundtrip_is_strict(mem, tmp_path):
+    model, tok, bank = mem
+    _randomise_fusion(model, 4)
+    save_checkpoint(model, tok, bank.entries, bank.meta, tmp_path / "ck", {"step": 3})
+    m2, _, _, info = load_checkpoint(tmp_path / "ck")
+    ids = tok("The pet of Qir is a", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(m2(**ids).logits, model(**ids).logits, atol=1e-5)
+    assert info["step"] == 3
+    from memcli.checkpoint import load_tensors, save_tensors
+
+    sd = load_tensors(tmp_path / "ck" / "memory.safetensors")
+    sd.pop(next(k for k in sd if "fusions" in k))
+    save_tensors(tmp_path / "ck" / "memory.safetensors", sd)
+    with pytest.raises(MemcliError, match="missing"):
+        load_checkpoint(tmp_path / "ck")
+    with pytest.raises(MemcliError, match="checkpoint.json"):
+        load_checkpoint(tmp_path)
+
+
+def test_cached_generation_equals_uncached_batched_left_padded(mem):
+    model, tok, _ = mem
+    _randomise_fusion(model, 5)
+    b = _batch(tok, ["Where was Velmora born?", "Hi"])
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
+    with torch.no_grad():
+        cached = model.generate(**b, use_cache=True, **kw)
+        uncached = model.generate(**b, use_cache=False, **kw)
+    assert torch.equal(cached, uncached)
+    # and the cached path retrieves only for new positions
+    with torch.no_grad():
+        model.generate(**b, use_cache=True, collect=True, max_new_tokens=3, do_sample=False,
+                       pad_token_id=tok.pad_token_id)
+    shapes = [r["shape"] for r in model.ctx["records"] if r["layer"] == 1]
+    assert shapes[0][1] == b["input_ids"].shape[1] and all(s[1] == 1 for s in shapes[1:])
+
+
+def test_usage_stats_no_sync_and_values():
+    u = torch.tensor([0.0, 0.0, 1.0, 3.0])
+    s = losses.usage_stats(u, torch.tensor([True, True, True, True]))
+    assert s["coverage"] == 0.5 and s["dead"] == 2 and s["hottest"][0] == (3, 3.0)
+    assert math.isclose(losses.gini(torch.ones(10)).item(), 0.0, abs_tol=1e-6)
+    assert losses.gini(torch.tensor([0.0] * 9 + [1.0])).item() > 0.85
