@@ -19,11 +19,36 @@ def product_key_select_ref(s1: torch.Tensor, s2: torch.Tensor, k: int, kh: int |
     kh = min(kh or k, S)
     v1, i1 = s1.topk(kh, dim=-1)
     v2, i2 = s2.topk(kh, dim=-1)
-    comb = (v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2)
-    cells = (i1.unsqueeze(-1) * S + i2.unsqueeze(-2)).flatten(-2)
+    a, b = _pairs(kh, k if valid is None else kh * kh, s1.device)
+    comb = v1[..., a] + v2[..., b]
+    cells = i1[..., a] * S + i2[..., b]
     if valid is not None:
         comb = comb.masked_fill(~valid[cells], float("-inf"))
     v, j = comb.topk(min(k, comb.shape[-1]), dim=-1)
+    return v, cells.gather(-1, j)
+
+
+_PAIRS: dict = {}
+
+
+def _pairs(kh: int, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank pairs (a, b) with (a+1)(b+1) <= k: the only ones that can reach the final top-k
+    (each has at least (a+1)(b+1)-1 pairs scoring higher). About k·ln k pairs instead of kh²."""
+    key = (kh, k, str(device))
+    if key not in _PAIRS:
+        ab = [(a, b) for a in range(kh) for b in range(kh) if (a + 1) * (b + 1) <= k]
+        _PAIRS[key] = (torch.tensor([p[0] for p in ab], device=device), torch.tensor([p[1] for p in ab], device=device))
+    return _PAIRS[key]
+
+
+def product_key_select_grid(s1, s2, k: int):
+    """The seed-style selection: top-k per half and the full k x k grid (for comparisons)."""
+    S = s1.shape[-1]
+    v1, i1 = s1.topk(k, dim=-1)
+    v2, i2 = s2.topk(k, dim=-1)
+    comb = (v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2)
+    cells = (i1.unsqueeze(-1) * S + i2.unsqueeze(-2)).flatten(-2)
+    v, j = comb.topk(k, dim=-1)
     return v, cells.gather(-1, j)
 
 

@@ -39,10 +39,20 @@ TINY_CONFIG = dict(
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def load_tokenizer(spec: str = "tiny", trust_remote_code: bool = False):
     from transformers import AutoTokenizer
+
+    _quiet_transformers()
 
     path = TINY_DIR if spec == "tiny" else Path(spec)
     if spec != "tiny":
@@ -74,6 +84,8 @@ def load_backbone(spec: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.
                   trust_remote_code: bool = False, **tiny_overrides):
     """Return ``(model, tokenizer)``; ``tiny`` is built fresh from ``seed`` (deterministic weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM, Qwen3ForCausalLM
+
+    _quiet_transformers()
 
     tok = load_tokenizer(spec, trust_remote_code)
     if spec == "tiny":
@@ -107,16 +119,11 @@ def load_backbone(spec: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The decoder layer list of a Qwen3-family causal LM (PEFT-wrapped or not)."""
     m = model
-    for attr in ("base_model", "model"):
-        # PeftModel.base_model.model -> CausalLM; CausalLM.model -> decoder stack
-        pass
-    seen = 0
-    while seen < 6:
-        if hasattr(m, "layers") and isinstance(m.layers, torch.nn.ModuleList):
+    for _ in range(6):
+        if isinstance(getattr(m, "layers", None), torch.nn.ModuleList):
             return m.layers
         nxt = getattr(m, "model", None) or getattr(m, "base_model", None)
         if nxt is None or nxt is m:
             break
         m = nxt
-        seen += 1
     raise MemcliError(f"{type(model).__name__}: could not find decoder layers (expected model.layers)")

@@ -33,7 +33,7 @@ class ModelConfig:
     gate_rank: int = 0  # 0: full-rank query projection
     fusion_rank: int = 0  # 0: full-rank fusion
     freeze_keys: bool = False
-    finetuning_method: str = "frozen"  # frozen | lora | full
+    finetuning_method: str = "auto"  # auto (tiny: full, a real Qwen3: frozen) | frozen | lora | full
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
@@ -193,7 +193,7 @@ def load_config(
 
 
 _CHOICES = {
-    ("model", "finetuning_method"): ("frozen", "lora", "full"),
+    ("model", "finetuning_method"): ("auto", "frozen", "lora", "full"),
     ("training", "mixed_precision"): ("no", "bf16", "fp16"),
     ("training", "zero_stage"): (0, 1, 2, 3),
 }

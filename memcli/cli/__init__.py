@@ -41,9 +41,11 @@ def _root(
 
 
 def _register() -> None:
-    from memcli.cli import data  # noqa: F401  (commands register themselves on import)
+    from memcli.cli import data, inspect, train
 
     data.register(app)
+    train.register(app)
+    inspect.register(app)
 
 
 _register()

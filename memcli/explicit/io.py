@@ -100,8 +100,6 @@ def load_memory_state_dict(model: MemoryAugmentedLM, sd: dict[str, torch.Tensor]
 def save_checkpoint(model: MemoryAugmentedLM, tok, entries: list[dict], bank_meta: dict, out: str | Path,
                     info: dict | None = None) -> Path:
     """Write the whole checkpoint into a temp directory, then swap it in (never half-written)."""
-    from peft import PeftModel
-
     out = Path(out)
     with atomic_dir(out) as tmp:
         save_tensors(tmp / "memory.safetensors", memory_state_dict(model))
@@ -109,7 +107,7 @@ def save_checkpoint(model: MemoryAugmentedLM, tok, entries: list[dict], bank_met
         save_tensors(tmp / "usage.safetensors", {"usage": model.usage, "last_updated": model.last_updated})
         Bank(model.bank.detach().cpu(), entries, dict(bank_meta)).save(tmp / "bank")
         bb = model.backbone
-        if isinstance(bb, PeftModel):
+        if hasattr(bb, "peft_config"):  # a PeftModel: save the adapter only
             bb.save_pretrained(str(tmp / "lora"))
         elif model.cfg.mode == "full":
             bb.save_pretrained(str(tmp / "backbone"))
@@ -123,6 +121,8 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
     from memcli.backbone import load_backbone
 
     d = require_dir(Path(path), "checkpoint directory")
+    if not (d / "checkpoint.json").exists() and (d / "model" / "checkpoint.json").exists():
+        d = d / "model"  # a run directory: its exported model
     info = read_json_object(d / "checkpoint.json", "checkpoint.json")
     if info.get("kind") != KIND:
         raise MemcliError(f"{d}/checkpoint.json: kind '{info.get('kind')}', expected '{KIND}'")

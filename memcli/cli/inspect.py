@@ -1,0 +1,96 @@
+"""``memcli inspect-memory``: read, search, query, measure and edit the explicit memory of a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from memcli.views import console, emit, kv_table, table
+
+
+def inspect_memory(
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint directory (default: newest run under out/)."),
+    out_dir: Path = typer.Option(Path("out"), help="Where to look for the newest run."),
+    rows: Optional[str] = typer.Option(None, "--rows", help="Rows to show, START:END (default 0:20)."),
+    search: Optional[str] = typer.Option(None, "--search", help="Entries whose text contains this."),
+    query: Optional[str] = typer.Option(None, "--query", "-q", help="Show what each token of this text retrieves."),
+    top: int = typer.Option(3, help="Entries per token for --query."),
+    stats: bool = typer.Option(False, "--stats", help="Coverage, dead entries, Gini, hottest entries, histogram."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="With --stats: write a usage histogram PNG here."),
+    edit: Optional[List[str]] = typer.Option(None, "--edit", help="ROW and new text: --edit 12 --edit 'new text' or --edit '12=new text'."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Readable, editable memory: decoded entries, per-token retrieval, usage statistics, edits.
+
+    [bold]Examples[/bold]
+
+      memcli inspect-memory                                  # newest run, rows 0:20
+      memcli inspect-memory --rows 100:120 --search Quinbar
+      memcli inspect-memory --query "Where was Velmora born?"
+      memcli inspect-memory --stats --plot usage.png
+      memcli inspect-memory --edit "12=Velmora was born in Tarsk ."
+    """
+    from memcli.explicit import inspect as I
+    from memcli.explicit.io import KIND, edit_entry, load_checkpoint, save_bank_edit
+    from memcli.errors import MemcliError
+
+    ck = checkpoint or I.newest_run(out_dir, KIND)
+    model, tok, bank, info = load_checkpoint(ck)
+    if edit:
+        spec = edit
+        if len(spec) == 1 and "=" in spec[0]:
+            spec = spec[0].split("=", 1)
+        if len(spec) != 2:
+            raise MemcliError("--edit: expected ROW and new text ('--edit 12 --edit \"text\"' or '--edit \"12=text\"')")
+        try:
+            row = int(spec[0])
+        except ValueError:
+            raise MemcliError(f"--edit: row '{spec[0]}' is not an integer") from None
+        if not 0 <= row < bank.knowledge_num:
+            raise MemcliError(f"--edit: row {row} outside [0, {bank.knowledge_num})")
+        before, after = edit_entry(model, bank, tok, row, spec[1], step=int(info.get("step", 0)))
+        save_bank_edit(ck, model, bank)
+        res = {"checkpoint": str(ck), "row": row, "before": before, "after": after}
+        emit(res, as_json, lambda r: kv_table("edited entry", r))
+        return
+    if query is not None:
+        res = I.query_view(model, bank, tok, query, top)
+        if as_json:
+            emit(res, True)
+            return
+        t = table(f"retrieval for {query!r} ({ck})", ["layer", "pos", "token", "row", "weight", "entry"],
+                  [(r["layer"], r["position"], repr(r["token"]), e["row"], e["weight"], e["text"])
+                   for r in res for e in r["entries"]])
+        console.print(t)
+        return
+    if stats:
+        s = I.stats_view(model)
+        if plot is not None:
+            I.plot_usage(model, plot)
+            s["plot"] = str(plot)
+        if as_json:
+            emit(s, True)
+            return
+        console.print(kv_table(f"memory usage ({ck})", {k: v for k, v in s.items() if k not in ("hottest", "histogram")}))
+        console.print(table("hottest entries", ["row", "usage", "entry"],
+                            [(r, u, bank.decode(tok, [r])[0]) for r, u in s["hottest"]]))
+        h = s["histogram"]
+        peak = max(h["counts"]) or 1
+        console.print(table("usage histogram", ["usage range", "entries", ""],
+                            [(f"{h['edges'][i]:.3g}..{h['edges'][i + 1]:.3g}", c, "█" * int(round(40 * c / peak)))
+                             for i, c in enumerate(h["counts"])]))
+        return
+    if search is not None:
+        rs = I.search_rows(bank, tok, search)
+    else:
+        rs = list(I.parse_rows(rows or f"0:{min(20, bank.knowledge_num)}", bank.knowledge_num))
+    res = I.entries_view(model, bank, tok, rs)
+    emit(res, as_json, lambda r: table(f"memory entries ({ck}, {bank.knowledge_num} x {bank.knowledge_length})",
+                                       ["row", "text", "usage", "last updated"],
+                                       [(e["row"], e["text"], e["usage"], e["last_updated"]) for e in r]))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("inspect-memory")(inspect_memory)

@@ -1,0 +1,222 @@
+"""``memcli train router|fusion|memory``: assemble data, model and task, then run the shared loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from memcli import records
+from memcli.checkpoint import load_tensors, save_tensors
+from memcli.errors import MemcliError
+from memcli.explicit import train as X
+from memcli.explicit.ema import EmaAccumulator, ema_update, frozen_rows
+from memcli.explicit.io import build_model, save_checkpoint
+from memcli.training.loop import TrainTask, run_training
+
+STAGES = ("router", "fusion", "memory")
+
+
+def resolve_paths(cfg) -> dict:
+    """Fill unset data paths from ``dataset.data_dir``; build the synthetic default when it is absent."""
+    d = Path(cfg.dataset.data_dir)
+    m, ds = cfg.model, cfg.dataset
+    paths = {
+        "cache": Path(m.cache_path) if m.cache_path else d / "cache",
+        "keys": Path(m.keys_path) if m.keys_path else d / "keys",
+        "sft": Path(ds.sft_dataset_path) if ds.sft_dataset_path else d / "sft_train.jsonl",
+        "sft_val": Path(ds.sft_val_dataset_path) if ds.sft_val_dataset_path else d / "sft_val.jsonl",
+        "labeled": Path(ds.labeled_path) if ds.labeled_path else (Path(m.keys_path) if m.keys_path else d / "keys") / "train_labeled.jsonl",
+        "omcq_eval": Path(ds.omcq_eval_path) if ds.omcq_eval_path else d / "omcq_val.json",
+        "omcq_train": d / "omcq_train.json",
+    }
+    paths["val_labeled"] = paths["labeled"].parent / "val_labeled.jsonl"
+    explicit = any([m.cache_path, m.keys_path, ds.sft_dataset_path])
+    if not explicit and not (paths["cache"].exists() and paths["keys"].exists()):
+        from memcli.data.pipeline import default_data
+        from memcli.views import console
+
+        console.print(f"no data in {d}: generating the synthetic default (gen-data -> convert-omcq -> build-cache -> build-keys)")
+        default_data(d, seed=0)
+    return paths
+
+
+def backbone_spec(cfg) -> tuple[str, str]:
+    spec = cfg.model.qwen3_model_path or cfg.model.backbone
+    method = cfg.model.finetuning_method
+    if method == "auto":
+        method = "full" if spec == "tiny" else "frozen"  # tiny trains from scratch; a real Qwen3 stays frozen
+    return spec, method
+
+
+def train_explicit(cfg, stage: str) -> dict:
+    if stage not in STAGES:
+        raise MemcliError(f"unknown stage '{stage}', expected one of {', '.join(STAGES)}")
+    t, m = cfg.training, cfg.model
+    torch.manual_seed(t.seed)
+    paths = resolve_paths(cfg)
+    spec, method = backbone_spec(cfg)
+    mem, tok, bank = build_model(spec, paths["cache"], paths["keys"], m.memory_layers, m.num_candidates,
+                                 m.topk_per_half, m.gate_rank, m.fusion_rank, m.freeze_keys, method, t.seed)
+    if stage != "memory" and method != "frozen":
+        method = "frozen"  # router and fusion stages never train the backbone
+        mem.cfg.mode = "frozen"
+    # the router checkpoint loads strictly into the gates of later stages
+    if cfg.dataset.pretrained_router_path:
+        load_router(mem, cfg.dataset.pretrained_router_path)
+    elif stage == "fusion":
+        raise MemcliError("train fusion needs dataset.pretrained_router_path (the output of 'memcli train router')")
+
+    # ---- what trains
+    for p in mem.backbone.parameters():
+        p.requires_grad_(method == "full")
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = LoraConfig(r=m.lora_rank, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
+                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        mem.backbone = get_peft_model(mem.backbone, lcfg)
+    gate_params = [p for g in mem.gates.values() for p in g.parameters()]
+    fuse_params = [p for mod in (mem.mem_norms, mem.fusions) for p in mod.parameters()]
+    for p in gate_params:
+        p.requires_grad_(stage != "fusion")
+    for g in mem.gates.values():
+        g.keys.requires_grad_(stage != "fusion" and not m.freeze_keys)
+    for p in fuse_params:
+        p.requires_grad_(stage != "router")
+    mem_lr = t.memory_lr or t.learning_rate
+    groups = [
+        {"name": "gate", "params": [p for p in gate_params if p.requires_grad], "lr": mem_lr},
+        {"name": "fusion", "params": [p for p in fuse_params if p.requires_grad], "lr": mem_lr},
+        {"name": "backbone", "params": [p for p in mem.backbone.parameters() if p.requires_grad],
+         "lr": t.backbone_lr or t.learning_rate},
+    ]
+
+    # ---- data
+    L = bank.knowledge_length
+    items = X.load_items(tok, bank, paths["sft"], paths["labeled"], L, cfg.dataset.max_length)
+    val_items = (X.load_items(tok, bank, paths["sft_val"], paths["val_labeled"], L, cfg.dataset.max_length)
+                 if paths["sft_val"].is_file() and paths["val_labeled"].is_file() else [])
+    omcq_eval = records.read_json_list(paths["omcq_eval"], records.OMCQ) if paths["omcq_eval"].is_file() else []
+    omcq_train = records.read_json_list(paths["omcq_train"], records.OMCQ) if paths["omcq_train"].is_file() else []
+    cf_prob = t.counterfactual_prob if stage == "memory" else 0.0
+
+    ema = EmaAccumulator(mem.cfg.knowledge_num, mem.cfg.hidden_size) if (t.ema_update_freq and stage == "memory") else None
+    frozen = frozen_rows(mem.cfg.knowledge_num, t.freeze_ratio, t.seed)
+
+    def step_fn(model, batch, step):
+        if "override_rows" in batch:
+            mem.ctx["bank_override"] = (batch["override_rows"], batch["override_ids"])
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    labels=batch["labels"] if stage != "router" else None, collect=True)
+        mem.ctx["bank_override"] = None
+        extra, mets = X.memory_losses(mem, batch, cfg, stage)
+        lm = out.loss if stage != "router" else torch.zeros((), device=extra.device)
+        recs = mem.ctx["records"]
+        mem.update_usage(recs)
+        if ema is not None:
+            for r in recs[:1]:
+                ema.add(r["cells"].detach(), r["weights"].detach(), r["h"].detach(), r["mask"])
+        mem.ctx["records"] = []
+        return lm + extra, dict(mets, lm=lm.detach())
+
+    def after_step(step):
+        if ema is not None and step % t.ema_update_freq == 0:
+            head = mem.backbone.get_output_embeddings().weight.detach()
+            rows = ema_update(mem.bank, mem.embed_weight().detach(), head, ema, t.ema_decay, frozen.to(mem.bank.device),
+                              mem.cfg.pad_id)
+            mem.last_updated[rows] = step
+
+    eval_n = t.eval_num_samples
+
+    def eval_fn(step):
+        return evaluate(mem, tok, bank, omcq_eval[:eval_n] if eval_n else omcq_eval,
+                        val_items[:eval_n] if eval_n else val_items, quick=True)
+
+    trainable_named = {n: p for n, p in mem.named_parameters() if p.requires_grad}
+
+    def trainable_state():
+        sd = {n: p.detach().cpu().clone() for n, p in trainable_named.items()}
+        return sd
+
+    def load_trainable(sd):
+        missing = set(trainable_named) - set(sd)
+        if missing:
+            raise MemcliError(f"resume state lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]})")
+        with torch.no_grad():
+            for n, p in trainable_named.items():
+                p.copy_(sd[n])
+
+    def extra_state():
+        return {"bank": mem.bank.cpu(), "usage": mem.usage.cpu(), "last_updated": mem.last_updated.cpu()}
+
+    def load_extra(sd):
+        if "bank" in sd:
+            mem.bank.copy_(sd["bank"])
+            mem.usage.copy_(sd["usage"])
+            mem.last_updated.copy_(sd["last_updated"])
+
+    run_dir = Path(cfg.logging.out_dir) / (cfg.logging.run_name or stage)
+
+    def save_fn(out, info):
+        info = dict(info, stage=stage, finetuning_method=method, backbone=spec)
+        save_checkpoint(mem, tok, bank.entries, dict(bank.meta), out / "model", info)
+        if stage == "router":
+            save_router(mem, out / "router")
+
+    task = TrainTask(
+        model=mem, param_groups=groups, train_items=items,
+        collate=lambda its, micro: X.collate(its, tok.pad_token_id, t.seed * 1_000_003 + micro, cf_prob),
+        step_fn=step_fn, trainable_state=trainable_state, load_trainable=load_trainable, save_fn=save_fn,
+        eval_fn=eval_fn if (omcq_eval or val_items) else None, after_step=after_step,
+        extra_state=extra_state, load_extra_state=load_extra,
+        info={"kind": "explicit-memory"},
+    )
+    res = run_training(cfg, task, run_dir, f"train {stage}")
+    if res["eval"] is not None and stage == "memory" and omcq_train:
+        res["eval"]["train_facts_memory_on"] = X.mcq_accuracy(mem, tok, omcq_train[:200], bank, "on")
+    return res
+
+
+def evaluate(mem, tok, bank, omcq: list[dict], val_items: list, quick: bool = False) -> dict:
+    was = mem.training
+    mem.eval()
+    out = {}
+    if omcq:
+        out["heldout_memory_on"] = X.mcq_accuracy(mem, tok, omcq, bank, "on")
+        out["heldout_memory_off"] = X.mcq_accuracy(mem, tok, omcq, bank, "off")
+        out["edit_success"] = X.mcq_accuracy(mem, tok, omcq, bank, "edit")
+    if val_items:
+        out.update(X.router_recall(mem, val_items))
+    mem.train(was)
+    return out
+
+
+def save_router(mem, out: Path) -> None:
+    from memcli.records import atomic_dir, write_json
+
+    with atomic_dir(out) as tmp:
+        save_tensors(tmp / "router.safetensors", {f"{i}.{k}": v for i, g in mem.gates.items() for k, v in g.state_dict().items()})
+        write_json(tmp / "router.json", {"memory_layers": mem.cfg.memory_layers, "knowledge_num": mem.cfg.knowledge_num,
+                                         "knowledge_dim": mem.cfg.knowledge_dim, "index_id": mem.cfg.index_id})
+
+
+def load_router(mem, path) -> None:
+    """Strict: every gate tensor present with the right shape, same layers and index space."""
+    from memcli.records import read_json_object
+
+    p = Path(path)
+    if (p / "router").is_dir():
+        p = p / "router"
+    meta = read_json_object(p / "router.json", "router config")
+    if meta.get("index_id") != mem.cfg.index_id:
+        raise MemcliError(f"{p}: router was trained on another bank order (index_id {meta.get('index_id')} != {mem.cfg.index_id})")
+    if list(meta.get("memory_layers", [])) != list(mem.cfg.memory_layers):
+        raise MemcliError(f"{p}: router has memory layers {meta.get('memory_layers')}, config has {mem.cfg.memory_layers}")
+    sd = load_tensors(p / "router.safetensors")
+    for i, g in mem.gates.items():
+        part = {k[len(i) + 1:]: v for k, v in sd.items() if k.split(".", 1)[0] == i}
+        try:
+            g.load_state_dict(part, strict=True)
+        except RuntimeError as e:
+            raise MemcliError(f"{p}/router.safetensors: does not fit gate of layer {i} ({str(e).splitlines()[0][:120]})") from None

@@ -1,0 +1,213 @@
+"""The one training loop every ``memcli train`` subcommand uses (accelerate-based).
+
+- real gradient accumulation: the optimizer steps once per ``accumulation_steps`` micro-batches;
+- warmup + cosine schedule sized in optimizer steps; parameter groups with their own learning rates;
+- gradient clipping, fp32 / bf16, DDP (``accelerate launch``) and DeepSpeed ZeRO (``training.zero_stage``);
+- deterministic data order from the seed, so ``training.resume=auto`` continues a killed run exactly;
+- eval every ``eval_interval`` optimizer steps, checkpoints every ``save_interval`` and at the end;
+- TensorBoard (offline) by default, W&B / SwanLab when installed and enabled; metrics.jsonl always.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from memcli.errors import MemcliError
+from memcli.training import state as S
+from memcli.views import console, progress
+
+
+@dataclass
+class TrainTask:
+    model: torch.nn.Module
+    param_groups: list[dict]  # {"name", "params", "lr"}
+    train_items: list
+    collate: Callable[[list, int], dict]  # (items, optimizer step) -> batch
+    step_fn: Callable[[torch.nn.Module, dict, int], tuple[torch.Tensor, dict]]
+    trainable_state: Callable[[], dict[str, torch.Tensor]]
+    load_trainable: Callable[[dict[str, torch.Tensor]], None]
+    save_fn: Callable[[Path, dict], None]
+    eval_fn: Callable[[int], dict] | None = None
+    after_step: Callable[[int], None] | None = None
+    extra_state: Callable[[], dict[str, torch.Tensor]] | None = None
+    load_extra_state: Callable[[dict[str, torch.Tensor]], None] | None = None
+    tokens_in: Callable[[dict], int] = lambda b: int(b["attention_mask"].sum()) if "attention_mask" in b else 0
+    info: dict = field(default_factory=dict)
+
+
+def lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        prog = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, prog)))
+
+    return f
+
+
+def make_accelerator(tcfg, run_dir: Path, trackers: list[str]):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    kwargs = {}
+    handlers = []
+    import os
+
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))  # CPU runs (CI) use gloo
+    if tcfg.zero_stage:
+        from accelerate.utils import DeepSpeedPlugin
+
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(zero_stage=tcfg.zero_stage,
+                                                     gradient_accumulation_steps=tcfg.accumulation_steps,
+                                                     gradient_clipping=tcfg.max_grad_norm)
+    cpu = tcfg.device == "cpu"
+    return Accelerator(gradient_accumulation_steps=tcfg.accumulation_steps, mixed_precision=tcfg.mixed_precision,
+                       kwargs_handlers=handlers, log_with=trackers or None, project_dir=str(run_dir), cpu=cpu, **kwargs)
+
+
+def _trackers(lcfg) -> list[str]:
+    out = []
+    if lcfg.tensorboard:
+        out.append("tensorboard")
+    for name, mod in (("wandb", "wandb"), ("swanlab", "swanlab")):
+        if getattr(lcfg, name):
+            try:
+                __import__(mod)
+                out.append(name)
+            except ImportError:
+                console.print(f"[yellow]logging.{name}=true but {mod} is not installed; skipping it[/yellow]")
+    return out
+
+
+def run_training(cfg, task: TrainTask, run_dir: Path, command: str) -> dict:
+    t = cfg.training
+    run_dir.mkdir(parents=True, exist_ok=True)
+    acc = make_accelerator(t, run_dir, _trackers(cfg.logging))
+    world, rank = acc.num_processes, acc.process_index
+    n = len(task.train_items)
+    global_batch = t.batch_size * world
+    per_epoch = max(1, n // global_batch)  # drop the ragged tail: every rank sees equal batches
+    total_micro = per_epoch * t.epochs
+    if t.max_steps is not None:
+        total_micro = min(total_micro, t.max_steps * t.accumulation_steps) if t.max_steps > 0 else 0
+    total_opt = max(1, math.ceil(total_micro / t.accumulation_steps))
+    warmup = int(t.warmup_ratio * total_opt)
+
+    optimizer = torch.optim.AdamW(
+        [{"params": g["params"], "lr": g["lr"], "name": g["name"]} for g in task.param_groups if g["params"]],
+        weight_decay=t.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_opt, warmup))
+    start_micro = 0
+    if t.resume:
+        st = S.find_state(run_dir, t.resume)
+        if st is not None:
+            meta, trainable, other, opt_sd = S.load_state(st)
+            task.load_trainable(trainable)
+            optimizer.load_state_dict(opt_sd)
+            scheduler.load_state_dict(meta["scheduler"])
+            S.set_rng_state(other, meta["rng"])
+            if task.load_extra_state:
+                task.load_extra_state({k[6:]: v for k, v in other.items() if k.startswith("extra.")})
+            start_micro = int(meta["micro_step"])
+            if acc.is_main_process:
+                console.print(f"resumed from {st} (optimizer step {meta['step']}, micro-batch {start_micro})")
+    model, optimizer = acc.prepare(task.model, optimizer)
+    if acc.is_main_process and acc.trackers:
+        acc.init_trackers(command.replace(" ", "_"), config={"command": command})
+    metrics_path = run_dir / "metrics.jsonl"
+    if start_micro == 0 and acc.is_main_process and metrics_path.exists():
+        metrics_path.unlink()
+
+    def order(epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(t.seed * 1000 + epoch)
+        return torch.randperm(n, generator=g).tolist()
+
+    history: list[dict] = []
+    opt_step = start_micro // t.accumulation_steps
+    t0 = time.time()
+    tokens = 0
+    last_eval: dict = {}
+    model.train()
+    with progress(transient=False, info=True) as bar:
+        task_id = bar.add_task(command, total=total_opt, completed=opt_step, info="")
+        running: dict[str, float] = {}
+        for micro in range(start_micro, total_micro):
+            epoch, j = divmod(micro, per_epoch)
+            perm = order(epoch)
+            ids = perm[j * global_batch: (j + 1) * global_batch][rank * t.batch_size: (rank + 1) * t.batch_size]
+            batch = task.collate([task.train_items[i] for i in ids], micro)
+            batch = {k: (v.to(acc.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+            with acc.accumulate(model):
+                loss, mets = task.step_fn(model, batch, opt_step)
+                if not torch.isfinite(loss):
+                    raise MemcliError(f"{command}: loss is {loss.item()} at optimizer step {opt_step} (micro-batch {micro}); "
+                                      f"stopping, the last good checkpoint is kept in {run_dir}")
+                acc.backward(loss)
+                if acc.sync_gradients and t.max_grad_norm and not t.zero_stage:
+                    acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            tokens += task.tokens_in(batch) * world
+            for k, v in dict(mets, loss=loss.detach()).items():
+                running[k] = running.get(k, 0.0) + float(v) / t.accumulation_steps
+            if not acc.sync_gradients:
+                continue
+            scheduler.step()
+            opt_step += 1
+            logged = {k: float(acc.reduce(torch.tensor(v, device=acc.device), "mean")) for k, v in running.items()}
+            running = {}
+            logged["lr"] = scheduler.get_last_lr()[0]
+            el = time.time() - t0
+            logged["tokens_per_s"] = tokens / max(el, 1e-9)
+            if task.after_step:
+                task.after_step(opt_step)
+            if t.eval_interval and opt_step % t.eval_interval == 0 and opt_step < total_opt and task.eval_fn:
+                model.eval()
+                last_eval = task.eval_fn(opt_step) if acc.is_main_process else {}
+                model.train()
+                logged.update({f"eval/{k}": v for k, v in last_eval.items() if isinstance(v, (int, float))})
+            rec = {"step": opt_step, **logged}
+            history.append(rec)
+            if acc.is_main_process:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                if acc.trackers:
+                    acc.log({k: v for k, v in logged.items()}, step=opt_step)
+            bar.update(task_id, completed=opt_step,
+                       info=f"loss {logged['loss']:.3f} lr {logged['lr']:.2e} {logged['tokens_per_s']:.0f} tok/s")
+            if t.save_interval and opt_step % t.save_interval == 0 and opt_step < total_opt:
+                _save(acc, task, optimizer, scheduler, run_dir, opt_step, micro + 1)
+            if cfg.logging.log_interval and opt_step % cfg.logging.log_interval == 0 and acc.is_main_process \
+                    and not bar.live.is_started:
+                console.print(f"step {opt_step}/{total_opt} loss {logged['loss']:.4f} lr {logged['lr']:.2e}")
+    acc.wait_for_everyone()
+    final_eval = {}
+    if acc.is_main_process:
+        model.eval()
+        final_eval = task.eval_fn(opt_step) if task.eval_fn else {}
+        info = dict(task.info, step=opt_step, command=command, final_loss=history[-1]["loss"] if history else None,
+                    eval=final_eval, world_size=world, elapsed_s=round(time.time() - t0, 1))
+        task.save_fn(run_dir, info)
+    _save(acc, task, optimizer, scheduler, run_dir, opt_step, total_micro)
+    if acc.trackers:
+        acc.end_training()
+    return {"steps": opt_step, "history": history, "eval": final_eval, "run_dir": str(run_dir),
+            "elapsed_s": time.time() - t0, "world_size": world}
+
+
+def _save(acc, task: TrainTask, optimizer, scheduler, run_dir: Path, step: int, micro: int) -> None:
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        return
+    opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+    extra = {f"extra.{k}": v for k, v in (task.extra_state() if task.extra_state else {}).items()}
+    S.save_state(run_dir, step, task.trainable_state(), opt, scheduler, {"micro_step": micro}, extra)
