@@ -41,11 +41,12 @@ def _root(
 
 
 def _register() -> None:
-    from memcli.cli import data, inspect, train
+    from memcli.cli import compare, data, inspect, train
 
     data.register(app)
     train.register(app)
     inspect.register(app)
+    compare.register(app)
 
 
 _register()

@@ -1,0 +1,110 @@
+"""CLI paths of the explicit memory: a short training run, inspect-memory on its checkpoint, bench harness."""
+
+import json
+
+import pytest
+
+from conftest import assert_one_line_error
+
+
+@pytest.fixture(scope="module")
+def short_run(default_data, tmp_path_factory):
+    from conftest import run_cli
+
+    out = tmp_path_factory.mktemp("runs")
+    code, _, _ = run_cli(["train", "memory", f"dataset.data_dir={default_data}", f"logging.out_dir={out}",
+                          "training.max_steps=4", "training.batch_size=8", "training.eval_num_samples=10",
+                          "logging.tensorboard=false"])
+    assert code == 0
+    return out
+
+
+def test_train_memory_writes_checkpoint_and_metrics(short_run):
+    run = short_run / "memory"
+    assert (run / "model" / "checkpoint.json").is_file()
+    info = json.loads((run / "model" / "checkpoint.json").read_text())
+    assert info["kind"] == "explicit-memory" and info["step"] == 4 and info["finetuning_method"] == "full"
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in lines] == [1, 2, 3, 4]
+    assert (run / "states" / "latest.json").is_file()
+    assert (run / "model" / "backbone" / "config.json").is_file()  # tiny trained in full: weights saved
+
+
+def test_inspect_memory_on_trained_checkpoint(cli, short_run):
+    code, out, err = cli("inspect-memory", "--out-dir", short_run, "--rows", "0:3", "--json")
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [r["row"] for r in rows] == [0, 1, 2] and all(r["text"].endswith(".") for r in rows)
+    code, out, _ = cli("inspect-memory", "--out-dir", short_run, "--stats", "--json")
+    s = json.loads(out)
+    assert s["entries"] == 1024 and 0 < s["coverage"] <= 1 and s["total_weight"] > 0  # training recorded usage
+    code, out, _ = cli("inspect-memory", "--out-dir", short_run, "--query", "Where was Velmora born?", "--json",
+                       "--top", "2")
+    q = json.loads(out)
+    assert {r["layer"] for r in q} == {1, 3} and all(len(r["entries"]) == 2 for r in q)
+    code, out, _ = cli("inspect-memory", "--out-dir", short_run, "--search", "born in", "--json")
+    assert code == 0 and all("born in" in r["text"] for r in json.loads(out))
+
+
+def test_inspect_memory_edit_persists(cli, short_run, tmp_path):
+    import shutil
+
+    ck = tmp_path / "ck"
+    shutil.copytree(short_run / "memory" / "model", ck)
+    code, out, err = cli("inspect-memory", "-c", ck, "--edit", "7=Velmora was born in Tarsk .", "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["after"] == "Velmora was born in Tarsk ." and r["before"] != r["after"]
+    code, out, _ = cli("inspect-memory", "-c", ck, "--rows", "7:8", "--json")
+    assert json.loads(out)[0]["text"] == "Velmora was born in Tarsk ."
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["inspect-memory", "-c", "{missing}"], "not found"),
+    (["inspect-memory", "-c", "{tmp}"], "checkpoint.json"),
+    (["inspect-memory", "--out-dir", "{tmp}"], "no checkpoint found"),
+    (["train", "memory", "training.learnin_rate=1"], "did you mean 'training.learning_rate'"),
+    (["train", "memory", "training.batch_size=big"], "training.batch_size"),
+    (["train", "fusion", "dataset.data_dir={data}", "logging.out_dir={tmp}"], "pretrained_router_path"),
+])
+def test_bad_input(cli, tmp_path, default_data, args, needle):
+    paths = {"missing": tmp_path / "nope", "tmp": tmp_path, "data": default_data}
+    assert_one_line_error(*cli(*[a.format(**paths) for a in args])[::2], needle)
+
+
+def test_print_config(cli):
+    code, out, _ = cli("train", "memory", "training.epochs=7", "--print-config")
+    assert code == 0 and "epochs: 7" in out and "qwen3_model_path: null" in out
+
+
+def test_router_then_fusion_chain_strictly(cli, default_data, tmp_path):
+    common = [f"dataset.data_dir={default_data}", f"logging.out_dir={tmp_path}", "training.max_steps=2",
+              "training.batch_size=8", "training.eval_num_samples=5", "logging.tensorboard=false"]
+    assert cli("train", "router", *common)[0] == 0
+    assert (tmp_path / "router" / "router" / "router.safetensors").is_file()
+    code, _, err = cli("train", "fusion", *common, f"dataset.pretrained_router_path={tmp_path / 'router'}")
+    assert code == 0, err
+    # the fusion stage kept the router's gate exactly (frozen, loaded strictly)
+    from memcli.checkpoint import load_tensors
+
+    r = load_tensors(tmp_path / "router" / "router" / "router.safetensors")
+    f = load_tensors(tmp_path / "fusion" / "model" / "memory.safetensors")
+    import torch
+
+    assert torch.equal(r["1.query.weight"], f["gates.1.query.weight"])
+    # a router for other memory layers does not load
+    code, _, err = cli("train", "fusion", *common, "model.memory_layers=[0]",
+                       f"dataset.pretrained_router_path={tmp_path / 'router'}")
+    assert_one_line_error(code, err, "memory layers")
+
+
+def test_bench_harness_quick(cli):
+    code, out, err = cli("compare", "bench", "--quick", "--json")
+    assert code == 0, err
+    rows = json.loads(out)
+    names = {r["bench"] for r in rows}
+    assert {"product-key top-k", "memory read", "EMA update"} <= names
+    pk = [r for r in rows if r["bench"] == "product-key top-k"]
+    assert "identical to exact: True" in pk[0]["note"]
+    gen = [r for r in rows if r["bench"].startswith("generate")]
+    assert "same tokens: True" in gen[0]["note"]
