@@ -4,4 +4,4 @@ Installed as ``memcli.kernels`` (never as a top-level ``kernels`` package: that 
 PyPI distribution transformers probes for). ``MEMCLI_KERNELS=reference|triton|auto`` forces a path.
 """
 
-from memcli.kernels.dispatch import product_key_select, token_bag  # noqa: F401
+from memcli.kernels.dispatch import entry_pool, product_key_select, token_bag  # noqa: F401

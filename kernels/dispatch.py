@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from memcli.kernels.reference import product_key_select_ref, token_bag_ref
+from memcli.kernels.reference import entry_pool_ref, product_key_select_ref, token_bag_ref
 
 
 def _mode() -> str:
@@ -49,3 +49,8 @@ def token_bag(token_ids, cells, weights, emb, pad_id):
 
         return token_bag_triton(token_ids, cells, weights, emb, pad_id)
     return token_bag_ref(token_ids, cells, weights, emb, pad_id)
+
+
+def entry_pool(token_ids, cells, emb, pad_id):
+    """Per-candidate pooled entries ``[T, k, D]`` (used by the content re-rank)."""
+    return entry_pool_ref(token_ids, cells, emb, pad_id)

@@ -80,6 +80,19 @@ def token_bag_ref(token_ids: torch.Tensor, cells: torch.Tensor, weights: torch.T
     return out.to(emb.dtype)
 
 
+def entry_pool_ref(token_ids: torch.Tensor, cells: torch.Tensor, emb: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Per-candidate pooled entries ``[T, k, D]``: mean of each entry's real-token embeddings.
+
+    ``embedding_bag`` over ``[T*k, L]`` bags: ``[T, k, L, D]`` is never built.
+    """
+    T, k = cells.shape
+    ids = token_ids[cells.reshape(-1)].long()
+    real = (ids != pad_id).to(torch.float32)
+    psw = real / real.sum(-1, keepdim=True).clamp_min(1.0)
+    w = emb if emb.dtype == torch.float32 else emb.float()
+    return F.embedding_bag(ids, w, per_sample_weights=psw, mode="sum").reshape(T, k, -1).to(emb.dtype)
+
+
 def token_bag_materialised(token_ids, cells, weights, emb, pad_id):
     """The seed-style read: gather ``[T, k, L, D]``, masked mean, weighted sum (for comparisons only)."""
     ids = token_ids[cells].long()  # [T, k, L]

@@ -33,6 +33,7 @@ class ModelConfig:
     gate_rank: int = 0  # 0: full-rank query projection
     fusion_rank: int = 0  # 0: full-rank fusion
     freeze_keys: bool = False
+    rerank: bool = True  # re-score product-key candidates by content keys W_k(pooled entry)
     finetuning_method: str = "auto"  # auto (tiny: full, a real Qwen3: frozen) | frozen | lora | full
     lora_rank: int = 8
     lora_alpha: int = 16

@@ -108,3 +108,28 @@ def test_bench_harness_quick(cli):
     assert "identical to exact: True" in pk[0]["note"]
     gen = [r for r in rows if r["bench"].startswith("generate")]
     assert "same tokens: True" in gen[0]["note"]
+
+
+def test_frozen_backbone_from_local_hf_directory(cli, default_data, tmp_path):
+    """A real HF directory as model.qwen3_model_path: backbone frozen, only memory trains."""
+    import torch
+
+    from memcli.backbone import load_backbone
+
+    model, tok = load_backbone("tiny")
+    hf = tmp_path / "qwen3-local"
+    model.save_pretrained(hf)
+    tok.save_pretrained(hf)
+    code, _, err = cli("train", "memory", f"dataset.data_dir={default_data}", f"logging.out_dir={tmp_path}",
+                       f"model.qwen3_model_path={hf}", "training.max_steps=2", "training.batch_size=4",
+                       "training.eval_num_samples=4", "logging.tensorboard=false")
+    assert code == 0, err
+    info = json.loads((tmp_path / "memory" / "model" / "checkpoint.json").read_text())
+    assert info["finetuning_method"] == "frozen"
+    assert not (tmp_path / "memory" / "model" / "backbone").exists()  # memory saved apart, like an adapter
+    from memcli.explicit.io import load_checkpoint
+
+    mem, _, _, _ = load_checkpoint(tmp_path / "memory")
+    base, _ = load_backbone(str(hf))
+    for (n, p), (_, q) in zip(mem.backbone.named_parameters(), base.named_parameters()):
+        assert torch.equal(p, q), n

@@ -48,7 +48,7 @@ def check_bank_keys(bank: Bank, keys: torch.Tensor, kmeta: dict, keys_path) -> N
 
 def build_model(backbone: str, cache_path, keys_path, memory_layers=(1, 3), num_candidates: int = 16,
                 topk_per_half: int | None = None, gate_rank: int = 0, fusion_rank: int = 0,
-                freeze_keys: bool = False, mode: str = "full", seed: int = 0):
+                freeze_keys: bool = False, mode: str = "full", seed: int = 0, rerank: bool = True):
     from memcli.backbone import load_backbone
 
     bank = load_bank(cache_path)
@@ -67,7 +67,7 @@ def build_model(backbone: str, cache_path, keys_path, memory_layers=(1, 3), num_
         knowledge_dim=int(keys.shape[0] * keys.shape[2]), hidden_size=model.config.hidden_size,
         vocab_size=len(tok), pad_id=bank.pad_id, memory_layers=list(memory_layers),
         num_candidates=num_candidates, topk_per_half=topk_per_half, gate_rank=gate_rank, fusion_rank=fusion_rank,
-        freeze_keys=freeze_keys, backbone=backbone, mode=mode, tokenizer_fingerprint=fp,
+        freeze_keys=freeze_keys, rerank=rerank, backbone=backbone, mode=mode, tokenizer_fingerprint=fp,
         index_id=bank.meta["index_id"],
     )
     mem = MemoryAugmentedLM(model, cfg, bank.token_ids, bank.valid_rows(), keys)

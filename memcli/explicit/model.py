@@ -19,7 +19,6 @@ from memcli.backbone import decoder_layers
 from memcli.errors import MemcliError
 from memcli.explicit.fusion import GatedMemoryFusion, MemoryNorm
 from memcli.explicit.gate import MemoryGate
-from memcli.kernels import token_bag
 
 
 @dataclass
@@ -36,6 +35,7 @@ class MemoryConfig:
     gate_rank: int = 0
     fusion_rank: int = 0
     freeze_keys: bool = False
+    rerank: bool = True
     backbone: str = "tiny"
     mode: str = "full"  # frozen | lora | full
     tokenizer_fingerprint: str | None = None
@@ -80,7 +80,8 @@ class MemoryAugmentedLM(nn.Module):
         for i in cfg.memory_layers:
             k = keys.get(i) if isinstance(keys, dict) else keys
             self.gates[str(i)] = MemoryGate(D, N, cfg.knowledge_dim, cfg.num_candidates, cfg.topk_per_half,
-                                            cfg.gate_rank, k, cfg.freeze_keys)
+                                            cfg.gate_rank, k, cfg.freeze_keys,
+                                            rerank=cfg.rerank)
             self.mem_norms[str(i)] = MemoryNorm(D)
             self.fusions[str(i)] = GatedMemoryFusion(D, cfg.fusion_rank)
         self.memory_enabled = True
@@ -125,11 +126,11 @@ class MemoryAugmentedLM(nn.Module):
         """Memory read for hidden states ``h [T, D]`` at ``layer``: (fused h, record)."""
         gate = self.gates[str(layer)]
         bank, valid = self._bank_for_read()
-        cells, w, scores, s1, s2, q = gate(h, valid)
-        m = token_bag(bank, cells, w, self.embed_weight(), self.cfg.pad_id).to(h.dtype)
-        m = self.mem_norms[str(layer)](m)
+        rec = gate(h, bank, self.embed_weight(), self.cfg.pad_id, valid)
+        m = self.mem_norms[str(layer)](rec.pop("m").to(h.dtype))
         fused = self.fusions[str(layer)](h, m)
-        return fused, {"cells": cells, "weights": w, "scores": scores, "s1": s1, "s2": s2, "q": q, "h": h}
+        rec["h"] = h
+        return fused, rec
 
     def _make_hook(self, layer: int):
         def hook(module, args, kwargs, output):

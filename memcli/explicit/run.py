@@ -57,7 +57,8 @@ def train_explicit(cfg, stage: str) -> dict:
     paths = resolve_paths(cfg)
     spec, method = backbone_spec(cfg)
     mem, tok, bank = build_model(spec, paths["cache"], paths["keys"], m.memory_layers, m.num_candidates,
-                                 m.topk_per_half, m.gate_rank, m.fusion_rank, m.freeze_keys, method, t.seed)
+                                 m.topk_per_half, m.gate_rank, m.fusion_rank, m.freeze_keys, method, t.seed,
+                                 m.rerank)
     if stage != "memory" and method != "frozen":
         method = "frozen"  # router and fusion stages never train the backbone
         mem.cfg.mode = "frozen"

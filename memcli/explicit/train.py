@@ -37,6 +37,7 @@ class Item:
     targets: list[int]  # labelled rows
     scores: list[float]
     cf: list[tuple[list[int], list[int]]]  # counterfactual variants: (entry token ids, answer ids)
+    router_from: int = 0  # first prompt position whose query can know the subject (router loss from here)
 
 
 def prompt_ids(tok, user: str) -> list[int]:
@@ -67,7 +68,15 @@ def load_items(tok, bank, sft_path, labeled_path, L: int, max_length: int) -> li
             if bad:
                 raise MemcliError(f"{labeled_path}:{i + 1}: target index {bad[0]} outside the bank [0, {bank.knowledge_num})")
         row = row_of.get(r.get("uuid")) if r.get("uuid") else (lab["target_indices"][0] if lab else None)
-        p = prompt_ids(tok, user)[-max_length:]
+        full = prompt_ids(tok, user)
+        p = full[-max_length:]
+        router_from = len(p) - 1  # by default: the last prompt token only
+        if row is not None and bank.entries[row].get("subject") and bank.entries[row]["subject"] in user:
+            end = user.index(bank.entries[row]["subject"]) + len(bank.entries[row]["subject"])
+            # prefix of the rendered prompt up to the subject's end: positions after it have seen the subject
+            n_prefix = len(prompt_ids(tok, user[:end])) - (len(full) - len(p))
+            tail = len(prompt_ids(tok, "")) - len(tok("<|im_start|>user\n", add_special_tokens=False)["input_ids"])
+            router_from = max(0, min(len(p) - 1, n_prefix - tail - 1))
         cf = []
         if row is not None and bank.entries[row].get("object"):
             e = bank.entries[row]
@@ -78,14 +87,14 @@ def load_items(tok, bank, sft_path, labeled_path, L: int, max_length: int) -> li
                     ids, _ = tokenize_entries(tok, [sent], L, bank.pad_id)
                     cf.append((ids[0].tolist(), answer_ids(tok, f"{letter}:{obj}")))
         items.append(Item(p, answer_ids(tok, ans), row, lab["target_indices"] if lab else [],
-                          lab["target_scores"] if lab else [], cf))
+                          lab["target_scores"] if lab else [], cf, router_from))
     return items
 
 
 def collate(items: list[Item], pad_id: int, step_seed: int, cf_prob: float, m: int = 8) -> dict:
     """Left-aligned batch with labels on answer tokens; counterfactual rows drawn from the step's seed."""
     rng = random.Random(step_seed)
-    seqs, labs, ov_rows, ov_ids = [], [], [], []
+    seqs, labs, ov_rows, ov_ids, rfrom = [], [], [], [], []
     used_rows = set()
     for it in items:
         ans = it.answer_ids
@@ -97,15 +106,18 @@ def collate(items: list[Item], pad_id: int, step_seed: int, cf_prob: float, m: i
             used_rows.add(it.row)
         seqs.append(it.prompt_ids + ans)
         labs.append([IGNORE] * len(it.prompt_ids) + ans)
+        rfrom.append(it.router_from)
     T = max(len(s) for s in seqs)
     B = len(seqs)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), IGNORE, dtype=torch.long)
     att = torch.zeros((B, T), dtype=torch.long)
+    router_pos = torch.zeros((B, T), dtype=torch.bool)
     for b, (s, l) in enumerate(zip(seqs, labs)):
         input_ids[b, : len(s)] = torch.tensor(s)
         labels[b, : len(l)] = torch.tensor(l)
         att[b, : len(s)] = 1
+        router_pos[b, rfrom[b]: len(s) - 1] = True  # from the subject's end up to the last answer-predicting token
     tgt = torch.full((B, m), -1, dtype=torch.long)
     tw = torch.zeros((B, m))
     for b, it in enumerate(items):
@@ -113,7 +125,8 @@ def collate(items: list[Item], pad_id: int, step_seed: int, cf_prob: float, m: i
         if k:
             tgt[b, :k] = torch.tensor(it.targets[:k])
             tw[b, :k] = torch.softmax(torch.tensor(it.scores[:k]) * 10.0, 0)  # sharpen cosine scores
-    out = {"input_ids": input_ids, "attention_mask": att, "labels": labels, "target_rows": tgt, "target_weights": tw}
+    out = {"input_ids": input_ids, "attention_mask": att, "labels": labels, "target_rows": tgt, "target_weights": tw,
+           "router_pos": router_pos}
     if ov_rows:
         out["override_rows"] = torch.tensor(ov_rows, dtype=torch.long)
         out["override_ids"] = torch.tensor(ov_ids, dtype=torch.long)
@@ -125,9 +138,11 @@ def memory_losses(mem, batch: dict, cfg, stage: str) -> tuple[torch.Tensor, dict
     t = cfg.training
     labels = batch["labels"]
     B, T = labels.shape
-    # positions that predict an answer token: t where labels[t+1] is supervised
-    pred = torch.zeros_like(labels, dtype=torch.bool)
-    pred[:, :-1] = labels[:, 1:] != IGNORE
+    # positions whose query has seen the subject (collate marks them), else those predicting the answer
+    pred = batch.get("router_pos")
+    if pred is None:
+        pred = torch.zeros_like(labels, dtype=torch.bool)
+        pred[:, :-1] = labels[:, 1:] != IGNORE
     flat_pos = torch.nonzero(pred.reshape(-1)).flatten()
     seq_of = flat_pos // T
     total = torch.zeros((), device=labels.device)
