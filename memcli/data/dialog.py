@@ -1,0 +1,102 @@
+"""Generated multi-turn dialogs for HIPPO: a fact is stated early and asked about later."""
+
+from __future__ import annotations
+
+import random
+
+from memcli.data.knowledge import invent_word
+from memcli.errors import MemcliError
+
+# attribute -> (statement template, query, value generator key)
+ATTRIBUTES = {
+    "pet's name": ("My pet's name is {v}.", "What is my pet's name?", "name"),
+    "best friend": ("My best friend is called {v}.", "What is my best friend called?", "name"),
+    "hometown": ("I grew up in {v}.", "Where did I grow up?", "place"),
+    "lucky number": ("My lucky number is {v}.", "What is my lucky number?", "number"),
+    "birthday": ("My birthday is on {v}.", "When is my birthday?", "date"),
+    "favourite colour": ("My favourite colour is {v}.", "What is my favourite colour?", "colour"),
+    "favourite food": ("I love eating {v} more than anything.", "What food do I love most?", "food"),
+    "car": ("I drive a {v}.", "What car do I drive?", "name"),
+    "boss": ("My boss is named {v}.", "What is my boss named?", "name"),
+    "street": ("I live on {v} Street.", "Which street do I live on?", "name"),
+}
+
+_COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "teal", "silver", "gold", "black", "white", "pink"]
+_FOODS = ["noodles", "pancakes", "curry", "sushi", "tacos", "dumplings", "risotto", "falafel", "lasagna", "paella"]
+_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+           "November", "December"]
+
+NOISE = [
+    "I went for a long walk this morning.",
+    "The weather has been strange lately.",
+    "I am thinking about reading more books.",
+    "Work was busy today, lots of meetings.",
+    "I tried a new coffee shop yesterday.",
+    "My phone battery keeps dying.",
+    "I watched a documentary about the ocean.",
+    "We might go hiking at the weekend.",
+    "I need to clean the kitchen tonight.",
+    "The train was late again this morning.",
+    "I started learning to cook new dishes.",
+    "My neighbour is renovating the house.",
+]
+
+
+def _value(kind: str, rng: random.Random) -> str:
+    if kind == "name":
+        return invent_word(rng, (2, 2))
+    if kind == "place":
+        return invent_word(rng, (2, 3))
+    if kind == "number":
+        return str(rng.randint(10, 99))
+    if kind == "date":
+        return f"{rng.choice(_MONTHS)} {rng.randint(1, 28)}"
+    if kind == "colour":
+        return rng.choice(_COLOURS)
+    return rng.choice(_FOODS)
+
+
+def generate_dialogs(n: int, seed: int, turns: int = 6, min_distance: int = 2, facts_per_dialog: int = 2,
+                     noise_prob: float = 0.5) -> list[dict]:
+    """``n`` dialogs of ``turns`` user turns; the asked fact is at least ``min_distance`` turns before the end.
+
+    Other turns state other attributes (distractors) or small talk, so the answer is only in the
+    asked turn. Deterministic for a seed.
+    """
+    if n < 1:
+        raise MemcliError(f"--num got {n}, expected a positive integer")
+    if turns < 1:
+        raise MemcliError(f"--turns got {turns}, expected a positive integer")
+    if not 0 <= min_distance < turns:
+        raise MemcliError(f"--min-distance got {min_distance}, expected 0 <= min-distance < turns ({turns})")
+    if facts_per_dialog < 1 or facts_per_dialog > min(turns, len(ATTRIBUTES)):
+        raise MemcliError(f"--facts-per-dialog got {facts_per_dialog}, expected 1..{min(turns, len(ATTRIBUTES))}")
+    rng = random.Random(seed)
+    names = list(ATTRIBUTES)
+    rows = []
+    for _ in range(n):
+        attrs = rng.sample(names, facts_per_dialog)
+        asked = attrs[0]
+        # the asked fact goes into a turn at least min_distance before the end
+        ask_pos = rng.randint(0, turns - 1 - min_distance)
+        other_pos = [p for p in range(turns) if p != ask_pos]
+        rng.shuffle(other_pos)
+        history = [None] * turns
+        history[ask_pos] = ATTRIBUTES[asked][0].format(v=(answer := _value(ATTRIBUTES[asked][2], rng)))
+        for a, p in zip(attrs[1:], other_pos):
+            history[p] = ATTRIBUTES[a][0].format(v=_value(ATTRIBUTES[a][2], rng))
+        spare = [a for a in names if a not in attrs]
+        for p in range(turns):
+            if history[p] is None:
+                if rng.random() < noise_prob or not spare:
+                    history[p] = rng.choice(NOISE)
+                else:
+                    a = spare.pop(rng.randrange(len(spare)))
+                    history[p] = ATTRIBUTES[a][0].format(v=_value(ATTRIBUTES[a][2], rng))
+        rows.append({
+            "dialog_history": history,
+            "memory_query": ATTRIBUTES[asked][1],
+            "memory_answer": answer,
+            "distance": turns - ask_pos,
+        })
+    return rows
