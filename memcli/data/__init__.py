@@ -1,0 +1,1 @@
+"""Data commands: generators, the token bank, product keys and the pipeline that chains them."""
