@@ -248,16 +248,21 @@ GSM8K = Format("gsm8k", validate_gsm8k, "GSM8K-format JSONL")
 # --------------------------------------------------------------------------- readers
 
 
+def _load_json(p: Path, expected: str) -> Any:
+    """Parse a whole JSON file; empty files and syntax errors are reported with file and line."""
+    text = _read_text(p)
+    if not text.strip():
+        raise MemcliError(f"{p}: empty file, expected {expected}")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MemcliError(f"{p}:{e.lineno}: invalid JSON ({e.msg}), expected {expected}") from None
+
+
 def read_json_list(path: str | os.PathLike, fmt: Format) -> list:
     """A JSON file holding a list of items, each validated; errors name the file and item."""
     p = require_file(path, fmt.description)
-    text = _read_text(p)
-    if not text.strip():
-        raise MemcliError(f"{p}: empty file, expected a JSON list of {fmt.name} items")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise MemcliError(f"{p}:{e.lineno}: invalid JSON ({e.msg}), expected a JSON list") from None
+    data = _load_json(p, f"a JSON list of {fmt.name} items")
     if not isinstance(data, list):
         raise MemcliError(f"{p}: top level is {type(data).__name__}, expected a JSON list of {fmt.name} items")
     if not data:
@@ -297,11 +302,7 @@ def read_jsonl(path: str | os.PathLike, fmt: Format | None = None) -> list[dict]
 
 def read_json_object(path: str | os.PathLike, what: str = "JSON file") -> dict:
     p = require_file(path, what)
-    text = _read_text(p)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise MemcliError(f"{p}:{e.lineno}: invalid JSON ({e.msg}), expected a {what}") from None
+    data = _load_json(p, f"a {what}")
     if not isinstance(data, dict):
         raise MemcliError(f"{p}: top level is {type(data).__name__}, expected a JSON object ({what})")
     return data
