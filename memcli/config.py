@@ -24,7 +24,7 @@ class ModelConfig:
     qwen3_model_path: Optional[str] = None  # seed name; when set it is the backbone and the backbone is frozen
     cache_path: Optional[str] = None  # directory written by build-cache
     keys_path: Optional[str] = None  # directory written by build-keys
-    memory_layers: List[int] = field(default_factory=lambda: [1, 3])
+    memory_layers: List[int] = field(default_factory=lambda: [1])
     knowledge_num: Optional[int] = None  # taken from the cache when None
     knowledge_length: Optional[int] = None
     knowledge_dim: Optional[int] = None  # taken from the keys when None
@@ -34,6 +34,7 @@ class ModelConfig:
     fusion_rank: int = 0  # 0: full-rank fusion
     freeze_keys: bool = False
     rerank: bool = True  # re-score product-key candidates by content keys W_k(pooled entry)
+    retrieval: str = "auto"  # auto (exact content-key search up to 16,384 entries, else product keys) | exact | product
     finetuning_method: str = "auto"  # auto (tiny: full, a real Qwen3: frozen) | frozen | lora | full
     lora_rank: int = 8
     lora_alpha: int = 16
@@ -196,6 +197,7 @@ def load_config(
 _CHOICES = {
     ("model", "finetuning_method"): ("auto", "frozen", "lora", "full"),
     ("training", "mixed_precision"): ("no", "bf16", "fp16"),
+    ("model", "retrieval"): ("auto", "exact", "product"),
     ("training", "zero_stage"): (0, 1, 2, 3),
 }
 

@@ -133,3 +133,44 @@ def test_frozen_backbone_from_local_hf_directory(cli, default_data, tmp_path):
     base, _ = load_backbone(str(hf))
     for (n, p), (_, q) in zip(mem.backbone.named_parameters(), base.named_parameters()):
         assert torch.equal(p, q), n
+
+
+def test_chat_prompt_and_piped_stdin(short_run, monkeypatch, capsys):
+    import io
+
+    from conftest import run_cli
+
+    code, out, err = run_cli(["chat", "--out-dir", short_run, "--prompt", "Where was Velmora born?", "--json",
+                              "--max-new-tokens", "5"], capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["prompt"] == "Where was Velmora born?" and isinstance(r["answer"], str)
+    assert len(r["memory"]) == 5 and abs(sum(m["share"] for m in r["memory"])) <= 1.0 + 1e-6
+    # piped: two turns, the memory view, reset, unknown command; exits 0 at end of input
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n/memory\nWhere was Velmora born?\n/reset\n/bogus\n"))
+    code, out, err = run_cli(["chat", "--out-dir", short_run, "--max-new-tokens", "4"], capsys)
+    assert code == 0, err
+    assert "memory read for the last answer" in out and "history cleared" in out and "unknown command /bogus" in out
+
+
+def test_chat_history_and_greedy_determinism(short_run):
+    from memcli.chat import GenOptions, open_session
+
+    s1, _ = open_session(short_run / "memory", "memory", GenOptions(max_new_tokens=6))
+    s2, _ = open_session(short_run / "memory", "memory", GenOptions(max_new_tokens=6))
+    a = s1.reply("What does Velmora work as?")
+    assert a == s2.reply("What does Velmora work as?")
+    s1.reply("And where?")
+    assert [m["role"] for m in s1.history] == ["user", "assistant", "user", "assistant"]
+    s1.reset()
+    assert s1.history == []
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["chat", "--model-type", "lora", "--out-dir", "{run}", "--prompt", "hi"], "no LoRA adapter"),
+    (["chat", "--model-type", "hippo", "--out-dir", "{run}", "--prompt", "hi"], "--model-type 'hippo'"),
+    (["chat", "--out-dir", "{run}", "--prompt", "hi", "--top-p", "0"], "--top-p"),
+    (["chat", "--model-path", "{run}/nope", "--prompt", "hi"], "not found"),
+])
+def test_chat_bad_input(cli, short_run, args, needle):
+    assert_one_line_error(*cli(*[a.format(run=short_run) for a in args])[::2], needle)

@@ -248,3 +248,22 @@ def test_usage_stats_no_sync_and_values():
     assert s["coverage"] == 0.5 and s["dead"] == 2 and s["hottest"][0] == (3, 3.0)
     assert math.isclose(losses.gini(torch.ones(10)).item(), 0.0, abs_tol=1e-6)
     assert losses.gini(torch.tensor([0.0] * 9 + [1.0])).item() > 0.85
+
+
+def test_tail_lm_loss_equals_full_sequence_loss(mem, default_data):
+    """The answer-tail loss (logits for a few positions) equals HF's full-sequence loss."""
+    from memcli.explicit import train as X
+
+    model, tok, bank = mem
+    items = X.load_items(tok, bank, default_data / "sft_train.jsonl", default_data / "keys" / "train_labeled.jsonl",
+                         16, 128)
+    b = X.collate(items[:6], tok.pad_token_id, 0, 0.5)
+    if "override_rows" in b:
+        model.ctx["bank_override"] = (b["override_rows"], b["override_ids"])
+    with torch.no_grad():
+        full = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+        tail = X.tail_lm_loss(model, b)
+    model.ctx["bank_override"] = None
+    assert torch.allclose(full, tail, atol=1e-5)
+    # router positions start right after the subject and stay inside the real tokens
+    assert (b["router_pos"] <= b["attention_mask"].bool()).all()

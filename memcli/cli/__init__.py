@@ -41,10 +41,11 @@ def _root(
 
 
 def _register() -> None:
-    from memcli.cli import compare, data, inspect, train
+    from memcli.cli import chat, compare, data, inspect, train
 
     data.register(app)
     train.register(app)
+    chat.register(app)
     inspect.register(app)
     compare.register(app)
 

@@ -46,9 +46,21 @@ def check_bank_keys(bank: Bank, keys: torch.Tensor, kmeta: dict, keys_path) -> N
                           "(re-run build-keys on this cache)")
 
 
+EXACT_LIMIT = 16384  # banks up to this size use exact content-key search under retrieval=auto
+
+
+def resolve_retrieval(mode: str, knowledge_num: int) -> str:
+    if mode == "auto":
+        return "exact" if knowledge_num <= EXACT_LIMIT else "product"
+    if mode not in ("exact", "product"):
+        raise MemcliError(f"key 'model.retrieval' got {mode!r}, expected one of auto, exact, product")
+    return mode
+
+
 def build_model(backbone: str, cache_path, keys_path, memory_layers=(1, 3), num_candidates: int = 16,
                 topk_per_half: int | None = None, gate_rank: int = 0, fusion_rank: int = 0,
-                freeze_keys: bool = False, mode: str = "full", seed: int = 0, rerank: bool = True):
+                freeze_keys: bool = False, mode: str = "full", seed: int = 0, rerank: bool = True,
+                retrieval: str = "auto"):
     from memcli.backbone import load_backbone
 
     bank = load_bank(cache_path)
@@ -67,7 +79,8 @@ def build_model(backbone: str, cache_path, keys_path, memory_layers=(1, 3), num_
         knowledge_dim=int(keys.shape[0] * keys.shape[2]), hidden_size=model.config.hidden_size,
         vocab_size=len(tok), pad_id=bank.pad_id, memory_layers=list(memory_layers),
         num_candidates=num_candidates, topk_per_half=topk_per_half, gate_rank=gate_rank, fusion_rank=fusion_rank,
-        freeze_keys=freeze_keys, rerank=rerank, backbone=backbone, mode=mode, tokenizer_fingerprint=fp,
+        freeze_keys=freeze_keys, rerank=rerank, retrieval=resolve_retrieval(retrieval, bank.knowledge_num),
+        backbone=backbone, mode=mode, tokenizer_fingerprint=fp,
         index_id=bank.meta["index_id"],
     )
     mem = MemoryAugmentedLM(model, cfg, bank.token_ids, bank.valid_rows(), keys)

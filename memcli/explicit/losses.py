@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 
 def router_loss(rec: dict, positions: torch.Tensor, target_cells: torch.Tensor, target_weights: torch.Tensor,
-                num_keys: int) -> torch.Tensor:
+                num_keys: int, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Push the product-key halves (and the candidate re-rank) toward labelled entries.
 
     ``positions [P]`` index flattened tokens of ``rec``; ``target_cells [P, m]`` (labelled entries,
@@ -15,11 +15,15 @@ def router_loss(rec: dict, positions: torch.Tensor, target_cells: torch.Tensor, 
     of each half's scores against the labels' row / column, plus cross-entropy of the candidate
     scores when a label is among the candidates.
     """
-    s1, s2 = rec["s1"][positions].float(), rec["s2"][positions].float()
     keep = target_cells >= 0
     w = torch.where(keep, target_weights, torch.zeros_like(target_weights))
     w = w / w.sum(-1, keepdim=True).clamp_min(1e-9)
     tc = target_cells.clamp_min(0)
+    if "full_scores" in rec:  # exact search: one softmax over every entry
+        logits = rec["full_scores"][positions].float() * scale
+        t_all = torch.zeros_like(logits).scatter_add_(1, tc, w)
+        return -(t_all * F.log_softmax(logits, -1)).sum(-1).mean()
+    s1, s2 = rec["s1"][positions].float(), rec["s2"][positions].float()
     t_row = torch.zeros_like(s1).scatter_add_(1, tc // num_keys, w)
     t_col = torch.zeros_like(s2).scatter_add_(1, tc % num_keys, w)
     loss = -(t_row * F.log_softmax(s1, -1)).sum(-1) - (t_col * F.log_softmax(s2, -1)).sum(-1)

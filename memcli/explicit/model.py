@@ -36,6 +36,7 @@ class MemoryConfig:
     fusion_rank: int = 0
     freeze_keys: bool = False
     rerank: bool = True
+    retrieval: str = "product"  # product | exact (resolved from config's "auto" when the model is built)
     backbone: str = "tiny"
     mode: str = "full"  # frozen | lora | full
     tokenizer_fingerprint: str | None = None
@@ -81,7 +82,7 @@ class MemoryAugmentedLM(nn.Module):
             k = keys.get(i) if isinstance(keys, dict) else keys
             self.gates[str(i)] = MemoryGate(D, N, cfg.knowledge_dim, cfg.num_candidates, cfg.topk_per_half,
                                             cfg.gate_rank, k, cfg.freeze_keys,
-                                            rerank=cfg.rerank)
+                                            rerank=cfg.rerank, retrieval=cfg.retrieval)
             self.mem_norms[str(i)] = MemoryNorm(D)
             self.fusions[str(i)] = GatedMemoryFusion(D, cfg.fusion_rank)
         self.memory_enabled = True

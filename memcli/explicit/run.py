@@ -58,7 +58,7 @@ def train_explicit(cfg, stage: str) -> dict:
     spec, method = backbone_spec(cfg)
     mem, tok, bank = build_model(spec, paths["cache"], paths["keys"], m.memory_layers, m.num_candidates,
                                  m.topk_per_half, m.gate_rank, m.fusion_rank, m.freeze_keys, method, t.seed,
-                                 m.rerank)
+                                 m.rerank, m.retrieval)
     if stage != "memory" and method != "frozen":
         method = "frozen"  # router and fusion stages never train the backbone
         mem.cfg.mode = "frozen"
@@ -108,11 +108,11 @@ def train_explicit(cfg, stage: str) -> dict:
     def step_fn(model, batch, step):
         if "override_rows" in batch:
             mem.ctx["bank_override"] = (batch["override_rows"], batch["override_ids"])
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    labels=batch["labels"] if stage != "router" else None, collect=True)
+        lm = X.tail_lm_loss(model, batch)
         mem.ctx["bank_override"] = None
         extra, mets = X.memory_losses(mem, batch, cfg, stage)
-        lm = out.loss if stage != "router" else torch.zeros((), device=extra.device)
+        if stage == "router":
+            lm = lm.detach() * 0  # the router stage trains on the router loss alone
         recs = mem.ctx["records"]
         mem.update_usage(recs)
         if ema is not None:

@@ -114,10 +114,11 @@ def collate(items: list[Item], pad_id: int, step_seed: int, cf_prob: float, m: i
     att = torch.zeros((B, T), dtype=torch.long)
     router_pos = torch.zeros((B, T), dtype=torch.bool)
     for b, (s, l) in enumerate(zip(seqs, labs)):
-        input_ids[b, : len(s)] = torch.tensor(s)
-        labels[b, : len(l)] = torch.tensor(l)
-        att[b, : len(s)] = 1
-        router_pos[b, rfrom[b]: len(s) - 1] = True  # from the subject's end up to the last answer-predicting token
+        o = T - len(s)  # left padding: every answer ends at T-1, so logits are needed for the tail only
+        input_ids[b, o:] = torch.tensor(s)
+        labels[b, o:] = torch.tensor(l)
+        att[b, o:] = 1
+        router_pos[b, o + rfrom[b]: T - 1] = True  # from the subject's end up to the last answer-predicting token
     tgt = torch.full((B, m), -1, dtype=torch.long)
     tw = torch.zeros((B, m))
     for b, it in enumerate(items):
@@ -125,12 +126,26 @@ def collate(items: list[Item], pad_id: int, step_seed: int, cf_prob: float, m: i
         if k:
             tgt[b, :k] = torch.tensor(it.targets[:k])
             tw[b, :k] = torch.softmax(torch.tensor(it.scores[:k]) * 10.0, 0)  # sharpen cosine scores
+    answer_span = int((labels != IGNORE).sum(1).max()) + 1
     out = {"input_ids": input_ids, "attention_mask": att, "labels": labels, "target_rows": tgt, "target_weights": tw,
-           "router_pos": router_pos}
+           "router_pos": router_pos, "answer_span": answer_span}
     if ov_rows:
         out["override_rows"] = torch.tensor(ov_rows, dtype=torch.long)
         out["override_ids"] = torch.tensor(ov_ids, dtype=torch.long)
     return out
+
+
+def tail_lm_loss(model, batch: dict) -> torch.Tensor:
+    """LM loss on the answer tail only: logits for the last ``answer_span`` positions (left-padded batch).
+
+    Mean over supervised tokens, like HF's loss; the full-vocabulary head runs on a few positions
+    instead of all of them.
+    """
+    K = batch["answer_span"]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=K, collect=True)
+    logits = out.logits[:, :-1].float()  # positions T-K .. T-2 predict tokens T-K+1 .. T-1
+    tgt = batch["labels"][:, -K + 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=IGNORE)
 
 
 def memory_losses(mem, batch: dict, cfg, stage: str) -> tuple[torch.Tensor, dict]:
@@ -152,7 +167,8 @@ def memory_losses(mem, batch: dict, cfg, stage: str) -> tuple[torch.Tensor, dict
         if t.router_loss_coef or stage == "router":
             tr = batch["target_rows"][seq_of]
             if (tr >= 0).any():
-                rl = losses.router_loss(rec, flat_pos, tr, batch["target_weights"][seq_of], gate.num_keys)
+                rl = losses.router_loss(rec, flat_pos, tr, batch["target_weights"][seq_of], gate.num_keys,
+                                        gate.log_scale.exp())
                 total = total + (1.0 if stage == "router" else t.router_loss_coef) * rl
                 mets[f"router_l{rec['layer']}"] = rl.detach()
         if stage != "router":

@@ -1,0 +1,99 @@
+"""Chat with a trained checkpoint: HF ``generate`` with the KV cache, streamed, with conversation history."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from memcli.errors import MemcliError
+
+MODEL_TYPES = ("memory", "lora", "full")
+HELP = "/exit quit · /reset clear the history · /memory entries read for the last answer · /help this text"
+
+
+@dataclass
+class GenOptions:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise MemcliError(f"--max-new-tokens got {self.max_new_tokens}, expected a positive integer")
+        if self.temperature < 0:
+            raise MemcliError(f"--temperature got {self.temperature}, expected >= 0")
+        if not 0 < self.top_p <= 1:
+            raise MemcliError(f"--top-p got {self.top_p}, expected a value in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise MemcliError(f"--repetition-penalty got {self.repetition_penalty}, expected > 0")
+
+    def generate_kwargs(self, tok) -> dict:
+        kw = dict(max_new_tokens=self.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                  repetition_penalty=self.repetition_penalty, use_cache=True)
+        if self.temperature > 0:
+            kw.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+        else:
+            kw.update(do_sample=False)
+        return kw
+
+
+@dataclass
+class ChatSession:
+    model: object
+    tok: object
+    bank: object
+    options: GenOptions
+    history: list = field(default_factory=list)
+    last_memory: list = field(default_factory=list)
+
+    @torch.no_grad()
+    def reply(self, text: str, streamer=None) -> str:
+        self.history.append({"role": "user", "content": text})
+        enc = self.tok.apply_chat_template(self.history, tokenize=True, add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)
+        ids, att = enc["input_ids"], enc["attention_mask"]
+        out = self.model.generate(input_ids=ids, attention_mask=att, streamer=streamer, collect=True,
+                                  **self.options.generate_kwargs(self.tok))
+        new = out[0, ids.shape[1]:]
+        answer = self.tok.decode(new, skip_special_tokens=True).strip()
+        self.history.append({"role": "assistant", "content": answer})
+        self.last_memory = self._memory_read(ids.shape[1])
+        return answer
+
+    def _memory_read(self, prompt_len: int, top: int = 5) -> list[dict]:
+        """Entries that carried the most weight over the answer's positions (first memory layer)."""
+        recs = [r for r in self.model.ctx["records"] if r["layer"] == self.model.cfg.memory_layers[0]]
+        if not recs:
+            return []
+        N = self.model.cfg.knowledge_num
+        total = torch.zeros(N)
+        for r in recs[1:] or recs:  # records after the first cover the generated tokens (KV cache)
+            total.index_add_(0, r["cells"].reshape(-1).cpu(), r["weights"].reshape(-1).float().cpu())
+        v, rows = total.topk(min(top, N))
+        texts = self.bank.decode(self.tok, rows.tolist())
+        s = float(total.sum()) or 1.0
+        return [{"row": int(r), "share": round(float(x) / s, 4), "text": t} for r, x, t in zip(rows, v, texts)]
+
+    def reset(self) -> None:
+        self.history.clear()
+        self.last_memory = []
+
+
+def open_session(model_path: str | Path | None, model_type: str, options: GenOptions, out_dir: str | Path = "out"):
+    from memcli.explicit.inspect import newest_run
+    from memcli.explicit.io import KIND, load_checkpoint
+
+    if model_type not in MODEL_TYPES:
+        raise MemcliError(f"--model-type '{model_type}': expected one of {', '.join(MODEL_TYPES)}")
+    options.check()
+    path = Path(model_path) if model_path else newest_run(out_dir, KIND)
+    model, tok, bank, info = load_checkpoint(path)
+    method = info.get("finetuning_method", model.cfg.mode)
+    if model_type == "lora" and method != "lora":
+        raise MemcliError(f"{path}: --model-type lora, but this checkpoint's backbone was trained '{method}' (no LoRA adapter)")
+    if model_type == "full" and method != "full":
+        raise MemcliError(f"{path}: --model-type full, but this checkpoint's backbone was trained '{method}'")
+    return ChatSession(model, tok, bank, options), path

@@ -1,0 +1,86 @@
+"""``memcli chat``: one-shot or interactive chat with a trained checkpoint (works with piped stdin)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from memcli.views import console, emit, table
+
+
+def chat(
+    model_path: Optional[Path] = typer.Option(None, "--model-path", "-m", help="Checkpoint or run directory (default: newest run under out/)."),
+    model_type: str = typer.Option("memory", "--model-type", "-t", help="memory (any explicit-memory checkpoint), lora, or full."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer this one message and exit."),
+    out_dir: Path = typer.Option(Path("out"), help="Where to look for the newest run."),
+    max_new_tokens: int = typer.Option(64, help="Tokens to generate per answer."),
+    temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass (with temperature > 0)."),
+    repetition_penalty: float = typer.Option(1.0, help="> 1 discourages repeats (positive logits divided, negative multiplied)."),
+    as_json: bool = typer.Option(False, "--json", help="With --prompt: print answer and memory read as JSON."),
+):
+    """Talk to a trained model; answers stream token by token (KV cache).
+
+    Commands in the loop: /exit, /reset, /memory (entries read for the last answer), /help.
+    End of input (Ctrl-D, or the end of a pipe) exits with code 0.
+
+    [bold]Examples[/bold]
+
+      memcli chat --prompt "What does Velmora work as?"
+      memcli chat --model-type lora --model-path out/memory
+      printf 'Where was Velmora born?\\n/memory\\n' | memcli chat
+    """
+    from transformers import TextStreamer
+
+    from memcli.chat import HELP, GenOptions, open_session
+
+    opts = GenOptions(max_new_tokens, temperature, top_p, repetition_penalty)
+    session, path = open_session(model_path, model_type, opts, out_dir)
+    if prompt is not None:
+        if as_json:
+            answer = session.reply(prompt)
+            emit({"checkpoint": str(path), "prompt": prompt, "answer": answer, "memory": session.last_memory}, True)
+        else:
+            session.reply(prompt, streamer=TextStreamer(session.tok, skip_prompt=True, skip_special_tokens=True))
+        return
+    interactive = sys.stdin.isatty()
+    if interactive:
+        console.print(f"memcli chat · {path} · {HELP}")
+    streamer = TextStreamer(session.tok, skip_prompt=True, skip_special_tokens=True)
+    while True:
+        if interactive:
+            console.print("[bold cyan]you>[/bold cyan] ", end="")
+        line = sys.stdin.readline()
+        if not line:  # end of input
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            break
+        if text == "/help":
+            console.print(HELP)
+        elif text == "/reset":
+            session.reset()
+            console.print("history cleared")
+        elif text == "/memory":
+            mem = session.last_memory
+            if not mem:
+                console.print("no answer yet")
+            else:
+                console.print(table("memory read for the last answer", ["row", "share", "entry"],
+                                    [(m["row"], m["share"], m["text"]) for m in mem]))
+        elif text.startswith("/"):
+            console.print(f"unknown command {text}; {HELP}")
+        else:
+            if interactive:
+                console.print("[bold green]model>[/bold green] ", end="")
+            session.reply(text, streamer=streamer)
+            sys.stdout.flush()
+
+
+def register(app: typer.Typer) -> None:
+    app.command("chat")(chat)
