@@ -13,11 +13,11 @@ from memcli.kernels.reference import (product_key_select_bruteforce, product_key
 from memcli.errors import MemcliError
 
 
-@pytest.fixture(scope="module")
-def mem(default_data):
+@pytest.fixture(scope="module", params=["exact", "product"])
+def mem(default_data, request):
     torch.manual_seed(0)
     model, tok, bank = build_model("tiny", default_data / "cache", default_data / "keys", memory_layers=[1, 3],
-                                   num_candidates=8)
+                                   num_candidates=8, retrieval=request.param)
     return model, tok, bank
 
 
@@ -33,11 +33,12 @@ def _batch(tok, texts):
     return tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
 
 
-def test_zero_init_reproduces_base_logits_exactly(default_data):
+@pytest.mark.parametrize("retrieval", ["exact", "product"])
+def test_zero_init_reproduces_base_logits_exactly(default_data, retrieval):
     from memcli.backbone import load_backbone
 
     base, tok = load_backbone("tiny")
-    model, _, _ = build_model("tiny", default_data / "cache", default_data / "keys")
+    model, _, _ = build_model("tiny", default_data / "cache", default_data / "keys", retrieval=retrieval)
     b = _batch(tok, ["Where was someone born?", "Hello there, friend of mine"])
     with torch.no_grad():
         ref = base(**b).logits

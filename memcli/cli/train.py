@@ -13,17 +13,20 @@ train = typer.Typer(help="Train memory components (explicit memory stages; HIPPO
                     no_args_is_help=True, rich_markup_mode="rich")
 
 
-def _config(config: Optional[Path], overrides: List[str]):
-    from memcli.config import load_config
-
-    return load_config(config, overrides or [])
+# Per-stage defaults (under the YAML file and key=value overrides). train memory's are the measured
+# recipe for the tiny default: 600 optimizer steps of 32 on the synthetic base, about 6 minutes on 2 cores.
+STAGE_DEFAULTS = {
+    "memory": {"training": {"epochs": 24, "memory_lr": 3e-3, "eval_interval": 100, "eval_num_samples": 100}},
+    "router": {"training": {"epochs": 8, "memory_lr": 3e-3, "eval_interval": 100, "eval_num_samples": 100}},
+    "fusion": {"training": {"epochs": 8, "memory_lr": 3e-3, "eval_interval": 100, "eval_num_samples": 100}},
+}
 
 
 def _run(stage: str, config: Optional[Path], overrides: List[str], print_config: bool, as_json: bool):
-    from memcli.config import to_yaml
+    from memcli.config import load_config, to_yaml
     from memcli.explicit.run import train_explicit
 
-    cfg = _config(config, overrides)
+    cfg = load_config(config, overrides or [], defaults=STAGE_DEFAULTS[stage])
     if print_config:
         console.print(to_yaml(cfg), markup=False)
         return

@@ -169,7 +169,9 @@ def train_explicit(cfg, stage: str) -> dict:
         model=mem, param_groups=groups, train_items=items,
         collate=lambda its, micro: X.collate(its, tok.pad_token_id, t.seed * 1_000_003 + micro, cf_prob),
         step_fn=step_fn, trainable_state=trainable_state, load_trainable=load_trainable, save_fn=save_fn,
-        eval_fn=eval_fn if (omcq_eval or val_items) else None, after_step=after_step,
+        eval_fn=eval_fn if (omcq_eval or val_items) else None,
+        final_eval_fn=(lambda step: evaluate(mem, tok, bank, omcq_eval, val_items)) if (omcq_eval or val_items) else None,
+        after_step=after_step,
         extra_state=extra_state, load_extra_state=load_extra,
         info={"kind": "explicit-memory"},
     )

@@ -20,6 +20,11 @@ from typing import Any, Callable
 import torch
 
 from memcli.errors import MemcliError
+
+if not torch.cuda.is_available():
+    import os as _os
+
+    _os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns on every import here
 from memcli.training import state as S
 from memcli.views import console, progress
 
@@ -35,6 +40,7 @@ class TrainTask:
     load_trainable: Callable[[dict[str, torch.Tensor]], None]
     save_fn: Callable[[Path, dict], None]
     eval_fn: Callable[[int], dict] | None = None
+    final_eval_fn: Callable[[int], dict] | None = None  # at the end (default: eval_fn)
     after_step: Callable[[int], None] | None = None
     extra_state: Callable[[], dict[str, torch.Tensor]] | None = None
     load_extra_state: Callable[[dict[str, torch.Tensor]], None] | None = None
@@ -193,7 +199,8 @@ def run_training(cfg, task: TrainTask, run_dir: Path, command: str) -> dict:
     final_eval = {}
     if acc.is_main_process:
         model.eval()
-        final_eval = task.eval_fn(opt_step) if task.eval_fn else {}
+        fe = task.final_eval_fn or task.eval_fn
+        final_eval = fe(opt_step) if fe else {}
         info = dict(task.info, step=opt_step, command=command, final_loss=history[-1]["loss"] if history else None,
                     eval=final_eval, world_size=world, elapsed_s=round(time.time() - t0, 1))
         task.save_fn(run_dir, info)
