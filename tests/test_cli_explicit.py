@@ -14,7 +14,7 @@ def short_run(default_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     code, _, _ = run_cli(["train", "memory", f"dataset.data_dir={default_data}", f"logging.out_dir={out}",
                           "training.max_steps=4", "training.batch_size=8", "training.eval_num_samples=10",
-                          "logging.tensorboard=false"])
+                          "model.memory_layers=[1,3]", "logging.tensorboard=false"])
     assert code == 0
     return out
 

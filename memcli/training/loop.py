@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from memcli.errors import MemcliError
+from memcli.records import atomic_write_text
 
 if not torch.cuda.is_available():
     import os as _os
@@ -104,7 +105,8 @@ def run_training(cfg, task: TrainTask, run_dir: Path, command: str) -> dict:
     total_micro = per_epoch * t.epochs
     if t.max_steps is not None:
         total_micro = min(total_micro, t.max_steps * t.accumulation_steps) if t.max_steps > 0 else 0
-    total_opt = max(1, math.ceil(total_micro / t.accumulation_steps))
+    total_micro -= total_micro % t.accumulation_steps  # a ragged last window would never step
+    total_opt = max(1, total_micro // t.accumulation_steps)
     warmup = int(t.warmup_ratio * total_opt)
 
     optimizer = torch.optim.AdamW(
@@ -130,8 +132,12 @@ def run_training(cfg, task: TrainTask, run_dir: Path, command: str) -> dict:
     if acc.is_main_process and acc.trackers:
         acc.init_trackers(command.replace(" ", "_"), config={"command": command})
     metrics_path = run_dir / "metrics.jsonl"
-    if start_micro == 0 and acc.is_main_process and metrics_path.exists():
-        metrics_path.unlink()
+    if acc.is_main_process and metrics_path.exists():
+        # a fresh run starts a new log; a resumed one keeps the lines up to the state it resumed from
+        keep_upto = start_micro // t.accumulation_steps
+        lines = [ln for ln in metrics_path.read_text().splitlines() if ln.strip()]
+        kept = [ln for ln in lines if start_micro and json.loads(ln).get("step", 0) <= keep_upto]
+        atomic_write_text(metrics_path, "".join(ln + "\n" for ln in kept))
 
     def order(epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(t.seed * 1000 + epoch)
