@@ -70,6 +70,7 @@ class TrainingConfig:
     mixed_precision: str = "no"  # no | bf16
     eval_interval: int = 200
     eval_num_samples: int = 200
+    final_eval_num_samples: Optional[int] = None  # items in the end-of-training evaluation; None = all held-out
     save_interval: int = 500
     resume: Optional[str] = None  # auto | PATH
     zero_stage: int = 0
@@ -181,8 +182,8 @@ def load_config(
     for item in ov:
         try:
             layers.append((f"override '{item}'", OmegaConf.from_dotlist([item])))
-        except OmegaConfBaseException as e:
-            raise MemcliError(f"override '{item}': {str(e).splitlines()[0]}") from None
+        except (OmegaConfBaseException, yaml.YAMLError) as e:  # the value is parsed as YAML
+            raise MemcliError(f"override {item!r}: {(str(e).splitlines() or ['cannot be parsed'])[0]}") from None
     cfg = base
     for source, layer in layers:
         try:

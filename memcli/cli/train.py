@@ -31,6 +31,8 @@ def _run(stage: str, config: Optional[Path], overrides: List[str], print_config:
         console.print(to_yaml(cfg), markup=False)
         return
     res = train_explicit(cfg, stage)
+    if not res.get("is_main", True):
+        return  # other ranks of a distributed run stay quiet
     summary = {"run": res["run_dir"], "optimizer steps": res["steps"], "world size": res["world_size"],
                "elapsed s": round(res["elapsed_s"], 1),
                "final loss": round(res["history"][-1]["loss"], 4) if res["history"] else None}

@@ -56,7 +56,7 @@ class MemoryGate(nn.Module):
             self.content = nn.Linear(hidden_size, knowledge_dim, bias=False)  # W_k: pooled entry -> content key
         # learnable inverse temperature of the candidate softmax, started at 1/sqrt(d) scaling
         t = temperature if temperature is not None else math.sqrt(knowledge_dim)
-        self.log_scale = nn.Parameter(torch.tensor(-math.log(t)))
+        self.log_scale = nn.Parameter(torch.tensor([-math.log(t)]))  # shape [1]: DeepSpeed cannot broadcast 0-d params
 
     def half_scores(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``h [T, D]`` -> query ``[T, kd]``, half scores ``s1, s2 [T, S]``."""

@@ -102,6 +102,8 @@ def load_memory_state_dict(model: MemoryAugmentedLM, sd: dict[str, torch.Tensor]
     extra = sorted(set(sd) - set(own))
     if missing or extra:
         raise MemcliError(f"{where}: memory weights do not match the config (missing {missing[:3]}, unexpected {extra[:3]})")
+    # checkpoints written before 0.1.0 stored the gate temperature as a 0-d tensor
+    sd = {k: (v.reshape(1) if k.endswith(".log_scale") and v.dim() == 0 else v) for k, v in sd.items()}
     for k, v in sd.items():
         if tuple(v.shape) != tuple(own[k].shape):
             raise MemcliError(f"{where}: tensor '{k}' has shape {list(v.shape)}, expected {list(own[k].shape)}")

@@ -82,7 +82,9 @@ def train_explicit(cfg, stage: str) -> dict:
     for p in gate_params:
         p.requires_grad_(stage != "fusion")
     for g in mem.gates.values():
-        g.keys.requires_grad_(stage != "fusion" and not m.freeze_keys)
+        # exact retrieval never reads the product keys; only the key losses would train them
+        used = g.retrieval == "product" or bool(t.similarity_loss_coef or t.diversity_loss_coef)
+        g.keys.requires_grad_(stage != "fusion" and not m.freeze_keys and used)
     for p in fuse_params:
         p.requires_grad_(stage != "router")
     mem_lr = t.memory_lr or t.learning_rate
@@ -121,14 +123,28 @@ def train_explicit(cfg, stage: str) -> dict:
         mem.ctx["records"] = []
         return lm + extra, dict(mets, lm=lm.detach())
 
+    usage_base = [mem.usage.detach().clone()]  # usage as of the start (or resume) of this run
+
+    def sync_state():
+        # DDP ranks count usage on their own shard of each batch: sum the increments since the last sync
+        if _world() > 1:
+            delta = mem.usage - usage_base[0]
+            torch.distributed.all_reduce(delta)
+            mem.usage.copy_(usage_base[0] + delta)
+        usage_base[0] = mem.usage.detach().clone()
+
     def after_step(step):
         if ema is not None and step % t.ema_update_freq == 0:
+            if _world() > 1:  # every rank applies the same update from the statistics of the global batch
+                torch.distributed.all_reduce(ema.sum)
+                torch.distributed.all_reduce(ema.count)
             head = mem.backbone.get_output_embeddings().weight.detach()
             rows = ema_update(mem.bank, mem.embed_weight().detach(), head, ema, t.ema_decay, frozen.to(mem.bank.device),
                               mem.cfg.pad_id)
             mem.last_updated[rows] = step
 
     eval_n = t.eval_num_samples
+    final_n = t.final_eval_num_samples  # None slices everything
 
     def eval_fn(step):
         return evaluate(mem, tok, bank, omcq_eval[:eval_n] if eval_n else omcq_eval,
@@ -156,6 +172,7 @@ def train_explicit(cfg, stage: str) -> dict:
             mem.bank.copy_(sd["bank"])
             mem.usage.copy_(sd["usage"])
             mem.last_updated.copy_(sd["last_updated"])
+            usage_base[0] = mem.usage.detach().clone()
 
     run_dir = Path(cfg.logging.out_dir) / (cfg.logging.run_name or stage)
 
@@ -170,15 +187,22 @@ def train_explicit(cfg, stage: str) -> dict:
         collate=lambda its, micro: X.collate(its, tok.pad_token_id, t.seed * 1_000_003 + micro, cf_prob),
         step_fn=step_fn, trainable_state=trainable_state, load_trainable=load_trainable, save_fn=save_fn,
         eval_fn=eval_fn if (omcq_eval or val_items) else None,
-        final_eval_fn=(lambda step: evaluate(mem, tok, bank, omcq_eval, val_items)) if (omcq_eval or val_items) else None,
+        final_eval_fn=(lambda step: evaluate(mem, tok, bank, omcq_eval[:final_n], val_items[:final_n]))
+        if (omcq_eval or val_items) else None,
         after_step=after_step,
-        extra_state=extra_state, load_extra_state=load_extra,
+        extra_state=extra_state, load_extra_state=load_extra, sync_state=sync_state,
         info={"kind": "explicit-memory"},
     )
     res = run_training(cfg, task, run_dir, f"train {stage}")
-    if res["eval"] is not None and stage == "memory" and omcq_train:
-        res["eval"]["train_facts_memory_on"] = X.mcq_accuracy(mem, tok, omcq_train[:200], bank, "on")
+    if res["eval"] and stage == "memory" and omcq_train:  # main process only (others get no eval)
+        n_train = min(200, final_n) if final_n is not None else 200
+        res["eval"]["train_facts_memory_on"] = X.mcq_accuracy(mem, tok, omcq_train[:n_train], bank, "on")
     return res
+
+
+def _world() -> int:
+    d = torch.distributed
+    return d.get_world_size() if d.is_available() and d.is_initialized() else 1
 
 
 def evaluate(mem, tok, bank, omcq: list[dict], val_items: list, quick: bool = False) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os as _os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +24,6 @@ from memcli.errors import MemcliError
 from memcli.records import atomic_write_text
 
 if not torch.cuda.is_available():
-    import os as _os
-
     _os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns on every import here
 from memcli.training import state as S
 from memcli.views import console, progress
@@ -45,6 +44,8 @@ class TrainTask:
     after_step: Callable[[int], None] | None = None
     extra_state: Callable[[], dict[str, torch.Tensor]] | None = None
     load_extra_state: Callable[[dict[str, torch.Tensor]], None] | None = None
+    # collective: bring per-rank statistics (buffers DDP does not sync) together before saves; all ranks call it
+    sync_state: Callable[[], None] | None = None
     tokens_in: Callable[[dict], int] = lambda b: int(b["attention_mask"].sum()) if "attention_mask" in b else 0
     info: dict = field(default_factory=dict)
 
@@ -61,23 +62,38 @@ def lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
 
 def make_accelerator(tcfg, run_dir: Path, trackers: list[str]):
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     kwargs = {}
-    handlers = []
-    import os
-
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    # buffers (the token bank, usage counts) are kept in step by the task itself, not overwritten from rank 0
+    handlers = [DistributedDataParallelKwargs(broadcast_buffers=False)]
+    if not torch.cuda.is_available() and int(_os.environ.get("WORLD_SIZE", "1")) > 1:
         handlers.append(InitProcessGroupKwargs(backend="gloo"))  # CPU runs (CI) use gloo
-    if tcfg.zero_stage:
+    launched_ds = _os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    if tcfg.zero_stage and "WORLD_SIZE" not in _os.environ:
+        raise MemcliError(f"training.zero_stage={tcfg.zero_stage} needs a distributed launcher, e.g. 'accelerate launch "
+                          "--config_file examples/accelerate_zero2.yaml -m memcli train memory ...'")
+    if tcfg.zero_stage and not launched_ds:  # a launcher's DeepSpeed config (file or flags) takes precedence
         from accelerate.utils import DeepSpeedPlugin
 
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(zero_stage=tcfg.zero_stage,
                                                      gradient_accumulation_steps=tcfg.accumulation_steps,
                                                      gradient_clipping=tcfg.max_grad_norm)
     cpu = tcfg.device == "cpu"
-    return Accelerator(gradient_accumulation_steps=tcfg.accumulation_steps, mixed_precision=tcfg.mixed_precision,
-                       kwargs_handlers=handlers, log_with=trackers or None, project_dir=str(run_dir), cpu=cpu, **kwargs)
+    acc = Accelerator(gradient_accumulation_steps=tcfg.accumulation_steps, mixed_precision=tcfg.mixed_precision,
+                      kwargs_handlers=handlers, log_with=trackers or None, project_dir=str(run_dir), cpu=cpu, **kwargs)
+    ds = acc.state.deepspeed_plugin
+    if tcfg.zero_stage and ds is None:
+        raise MemcliError(f"training.zero_stage={tcfg.zero_stage} but this process runs without DeepSpeed (for example "
+                          "ACCELERATE_USE_CPU=true turns it off); launch with 'accelerate launch --use_deepspeed' "
+                          "or examples/accelerate_zero2.yaml")
+    if ds is not None:
+        # batches come from our own sampler, not a prepared DataLoader, so DeepSpeed is told the size here
+        ds.deepspeed_config["train_micro_batch_size_per_gpu"] = tcfg.batch_size
+        if acc.gradient_accumulation_steps != tcfg.accumulation_steps:
+            raise MemcliError(f"training.accumulation_steps={tcfg.accumulation_steps} but the DeepSpeed launch config "
+                              f"says gradient_accumulation_steps={acc.gradient_accumulation_steps}; make them agree")
+    return acc
 
 
 def _trackers(lcfg) -> list[str]:
@@ -96,8 +112,8 @@ def _trackers(lcfg) -> list[str]:
 
 def run_training(cfg, task: TrainTask, run_dir: Path, command: str) -> dict:
     t = cfg.training
+    acc = make_accelerator(t, run_dir, _trackers(cfg.logging))  # refuses a bad launch before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
-    acc = make_accelerator(t, run_dir, _trackers(cfg.logging))
     world, rank = acc.num_processes, acc.process_index
     n = len(task.train_items)
     global_batch = t.batch_size * world
@@ -115,6 +131,9 @@ def run_training(cfg, task: TrainTask, run_dir: Path, command: str) -> dict:
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_opt, warmup))
     start_micro = 0
+    if t.resume and acc.state.deepspeed_plugin is not None:
+        raise MemcliError("training.resume is not supported with DeepSpeed ZeRO (its optimizer state is partitioned "
+                          "across ranks and memcli does not write it); resume a DDP run instead")
     if t.resume:
         st = S.find_state(run_dir, t.resume)
         if st is not None:
@@ -197,11 +216,15 @@ def run_training(cfg, task: TrainTask, run_dir: Path, command: str) -> dict:
             bar.update(task_id, completed=opt_step,
                        info=f"loss {logged['loss']:.3f} lr {logged['lr']:.2e} {logged['tokens_per_s']:.0f} tok/s")
             if t.save_interval and opt_step % t.save_interval == 0 and opt_step < total_opt:
+                if task.sync_state:
+                    task.sync_state()
                 _save(acc, task, optimizer, scheduler, run_dir, opt_step, micro + 1)
             if cfg.logging.log_interval and opt_step % cfg.logging.log_interval == 0 and acc.is_main_process \
                     and not bar.live.is_started:
                 console.print(f"step {opt_step}/{total_opt} loss {logged['loss']:.4f} lr {logged['lr']:.2e}")
     acc.wait_for_everyone()
+    if task.sync_state:
+        task.sync_state()
     final_eval = {}
     if acc.is_main_process:
         model.eval()
@@ -214,13 +237,13 @@ def run_training(cfg, task: TrainTask, run_dir: Path, command: str) -> dict:
     if acc.trackers:
         acc.end_training()
     return {"steps": opt_step, "history": history, "eval": final_eval, "run_dir": str(run_dir),
-            "elapsed_s": time.time() - t0, "world_size": world}
+            "elapsed_s": time.time() - t0, "world_size": world, "is_main": acc.is_main_process}
 
 
 def _save(acc, task: TrainTask, optimizer, scheduler, run_dir: Path, step: int, micro: int) -> None:
     acc.wait_for_everyone()
-    if not acc.is_main_process:
-        return
+    if not acc.is_main_process or acc.state.deepspeed_plugin is not None:
+        return  # ZeRO partitions the optimizer across ranks; resumable states are written for DDP / 1 process only
     opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
     extra = {f"extra.{k}": v for k, v in (task.extra_state() if task.extra_state else {}).items()}
     S.save_state(run_dir, step, task.trainable_state(), opt, scheduler, {"micro_step": micro}, extra)
