@@ -47,6 +47,10 @@ def _quiet_transformers() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    import warnings
+
+    # peft 0.21 calls an API transformers 5 deprecated; the warning is theirs, not the user's to act on
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def load_tokenizer(spec: str = "tiny", trust_remote_code: bool = False):

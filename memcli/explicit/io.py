@@ -112,6 +112,15 @@ def load_memory_state_dict(model: MemoryAugmentedLM, sd: dict[str, torch.Tensor]
         mod.load_state_dict(part, strict=True)
 
 
+def backbone_checksum(backbone) -> float:
+    """Sum of the base weights (LoRA adapters excluded): catches a different model behind the same spec."""
+    total = 0.0
+    for n, p in backbone.named_parameters():
+        if "lora_" not in n:
+            total += float(p.detach().double().sum())
+    return total
+
+
 def save_checkpoint(model: MemoryAugmentedLM, tok, entries: list[dict], bank_meta: dict, out: str | Path,
                     info: dict | None = None) -> Path:
     """Write the whole checkpoint into a temp directory, then swap it in (never half-written)."""
@@ -122,12 +131,15 @@ def save_checkpoint(model: MemoryAugmentedLM, tok, entries: list[dict], bank_met
         save_tensors(tmp / "usage.safetensors", {"usage": model.usage, "last_updated": model.last_updated})
         Bank(model.bank.detach().cpu(), entries, dict(bank_meta)).save(tmp / "bank")
         bb = model.backbone
+        info = dict(info or {})
         if hasattr(bb, "peft_config"):  # a PeftModel: save the adapter only
             bb.save_pretrained(str(tmp / "lora"))
         elif model.cfg.mode == "full":
             bb.save_pretrained(str(tmp / "backbone"))
             tok.save_pretrained(str(tmp / "backbone"))
-        write_json(tmp / "checkpoint.json", dict({"kind": KIND}, **(info or {})))
+        if not (tmp / "backbone").is_dir():  # the base is re-loaded from its spec: record what it must be
+            info["backbone_checksum"] = backbone_checksum(bb)
+        write_json(tmp / "checkpoint.json", dict({"kind": KIND}, **info))
     return out
 
 
@@ -152,6 +164,12 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
         model, tok = load_backbone(cfg.backbone)
     if tokenizer_fingerprint(tok) != cfg.tokenizer_fingerprint or bank.meta.get("tokenizer_fingerprint") != cfg.tokenizer_fingerprint:
         raise MemcliError(f"{d}: tokenizer vocabulary differs from the one the memory was built with")
+    want = info.get("backbone_checksum")
+    if want is not None and not (d / "backbone").is_dir():
+        got = backbone_checksum(model)
+        if abs(got - want) > 1e-6 * max(1.0, abs(want)):
+            raise MemcliError(f"{d}: backbone '{cfg.backbone}' does not have the weights this memory was trained on "
+                              f"(checksum {got:.6g}, expected {want:.6g})")
     if (d / "lora").is_dir():
         from peft import PeftModel
 
