@@ -212,3 +212,33 @@ def test_lora_run_saves_adapter_and_chats(cli, default_data, tmp_path):
     info_path.write_text(json.dumps(bad))
     code, _, err = cli("inspect-memory", "-c", ck, "--stats")
     assert_one_line_error(code, err, "checksum")
+
+
+def test_stages_chain_on_trex_slice(cli, tmp_path):
+    """Real data: the T-REx slice through the whole pipeline, then router -> fusion and router -> memory."""
+    from conftest import FIXTURES
+    from memcli.checkpoint import load_tensors
+
+    data = tmp_path / "trex"
+    code, out, err = cli("gen-data", "default", "--trex", FIXTURES / "trex", "-n", "100", "-l", "24", "--out", data,
+                         "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["gen-data"]["source"] == "trex" and res["build-cache"]["knowledge_length"] == 24
+    common = [f"dataset.data_dir={data}", f"logging.out_dir={tmp_path}", "training.max_steps=3",
+              "training.batch_size=8", "training.eval_interval=0", "training.final_eval_num_samples=8",
+              "logging.tensorboard=false"]
+    code, out, err = cli("train", "router", *common, "--json")
+    assert code == 0, err
+    assert any(k.startswith("recall@") for k in json.loads(out))  # recall on the held-out labels is reported
+    router = load_tensors(tmp_path / "router" / "router" / "router.safetensors")
+    for stage in ("fusion", "memory"):
+        code, out, err = cli("train", stage, *common, f"dataset.pretrained_router_path={tmp_path / 'router'}", "--json")
+        assert code == 0, err
+        s = json.loads(out)
+        assert {"heldout_memory_on", "heldout_memory_off", "edit_success"} <= set(s)
+        mem = load_tensors(tmp_path / stage / "model" / "memory.safetensors")
+        if stage == "fusion":  # gate frozen: exactly the router's
+            assert all(torch.equal(v, mem[f"gates.{k}"]) for k, v in router.items())
+    info = json.loads((tmp_path / "memory" / "model" / "checkpoint.json").read_text())
+    assert info["stage"] == "memory" and info["step"] == 3

@@ -69,17 +69,21 @@ def gen_default(
     out: Path = typer.Option(Path("data/default"), "--out", "-o", help="Output directory."),
     num_facts: int = typer.Option(1024, "--num-facts", "-n", help="Facts (the bank is the next perfect square)."),
     seed: int = typer.Option(0, help="Random seed."),
+    trex: Optional[Path] = typer.Option(None, "--trex", help="T-REx directory (triples/ + templates/) instead of "
+                                        "the synthetic facts."),
+    knowledge_length: int = typer.Option(16, "--knowledge-length", "-l", help="Tokens per bank entry."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
-    """The whole knowledge pipeline on the synthetic default: knowledge -> convert-omcq -> build-cache -> build-keys.
+    """The whole knowledge pipeline: knowledge -> convert-omcq -> build-cache -> build-keys.
 
-    [bold]Example[/bold]
+    [bold]Examples[/bold]
 
       memcli gen-data default --out data/default
+      memcli gen-data default --trex ../shared/data/trex -n 4096 -l 32 --out data/trex
     """
     from memcli.data.pipeline import default_data
 
-    res = default_data(out, seed=seed, num_facts=num_facts)
+    res = default_data(out, seed=seed, num_facts=num_facts, trex=trex, knowledge_length=knowledge_length)
     if as_json:
         emit(res, True)
         return

@@ -176,14 +176,15 @@ def build_keys(cache: str | Path, out: str | Path, embedder: str = "backbone", b
     return meta
 
 
-def default_data(data_dir: str | Path = "data/default", seed: int = 0, num_facts: int = 1024, quiet: bool = False) -> dict:
-    """gen-data knowledge -> convert-omcq -> build-cache -> build-keys on the synthetic default."""
+def default_data(data_dir: str | Path = "data/default", seed: int = 0, num_facts: int = 1024, quiet: bool = False,
+                 trex: str | Path | None = None, knowledge_length: int = 16) -> dict:
+    """gen-data knowledge -> convert-omcq -> build-cache -> build-keys (synthetic default, or T-REx with ``trex``)."""
     d = Path(data_dir)
     out = {}
-    out["gen-data"] = gen_knowledge(d, num_facts=num_facts, seed=seed)
+    out["gen-data"] = gen_knowledge(d, num_facts=num_facts, seed=seed, trex=trex)
     out["convert-omcq train"] = convert_omcq(d / OMCQ_TRAIN, d / "sft_train.jsonl")
     out["convert-omcq val"] = convert_omcq(d / OMCQ_VAL, d / "sft_val.jsonl")
-    out["build-cache"] = build_cache(d / KB_FILE, d / "cache")
+    out["build-cache"] = build_cache(d / KB_FILE, d / "cache", knowledge_length=knowledge_length)
     out["build-keys"] = build_keys(d / "cache", d / "keys", sft=d / "sft_train.jsonl",
                                     sft_val=d / "sft_val.jsonl", seed=seed)
     return out
