@@ -242,3 +242,15 @@ def test_stages_chain_on_trex_slice(cli, tmp_path):
             assert all(torch.equal(v, mem[f"gates.{k}"]) for k, v in router.items())
     info = json.loads((tmp_path / "memory" / "model" / "checkpoint.json").read_text())
     assert info["stage"] == "memory" and info["step"] == 3
+
+
+def test_inspect_eval_reproduces_end_of_training_numbers(cli, short_run, default_data):
+    code, out, err = cli("inspect-memory", "--out-dir", short_run, "--eval", default_data, "--json")
+    assert code == 0, err
+    got = json.loads(out)
+    recorded = json.loads((short_run / "memory" / "model" / "checkpoint.json").read_text())["eval"]
+    assert {"heldout_memory_on", "heldout_memory_off", "edit_success"} <= set(got)
+    for k, v in recorded.items():  # same checkpoint, same data: the numbers printed at the end of training
+        assert got[k] == pytest.approx(v, abs=1e-9), k
+    code, _, err = cli("inspect-memory", "--out-dir", short_run, "--eval", default_data / "nope")
+    assert_one_line_error(code, err, "omcq_val.json")

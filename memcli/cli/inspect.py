@@ -20,6 +20,9 @@ def inspect_memory(
     stats: bool = typer.Option(False, "--stats", help="Coverage, dead entries, Gini, hottest entries, histogram."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="With --stats: write a usage histogram PNG here."),
     edit: Optional[List[str]] = typer.Option(None, "--edit", help="ROW and new text: --edit 12 --edit 'new text' or --edit '12=new text'."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval", help="Evaluate on this data directory's held-out "
+                                             "questions: memory on / off / edited, router recall."),
+    eval_samples: Optional[int] = typer.Option(None, "--eval-samples", help="With --eval: first N questions only."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """Readable, editable memory: decoded entries, per-token retrieval, usage statistics, edits.
@@ -31,6 +34,7 @@ def inspect_memory(
       memcli inspect-memory --query "Where was Velmora born?"
       memcli inspect-memory --stats --plot usage.png
       memcli inspect-memory --edit "12=Velmora was born in Tarsk ."
+      memcli inspect-memory --eval data/default --eval-samples 200
     """
     from memcli.explicit import inspect as I
     from memcli.explicit.io import KIND, edit_entry, load_checkpoint, save_bank_edit
@@ -38,6 +42,16 @@ def inspect_memory(
 
     ck = checkpoint or I.newest_run(out_dir, KIND)
     model, tok, bank, info = load_checkpoint(ck)
+    if eval_data is not None:
+        from memcli.eval.explicit import evaluate_checkpoint
+
+        res = evaluate_checkpoint(model, tok, bank, eval_data, eval_samples)
+        if as_json:
+            emit(res, True)
+        else:
+            console.print(kv_table(f"evaluation of {ck} on {eval_data}",
+                                   {k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}))
+        return
     if edit:
         spec = edit
         if len(spec) == 1 and "=" in spec[0]:

@@ -11,6 +11,7 @@ from memcli.checkpoint import load_tensors, save_tensors
 from memcli.errors import MemcliError
 from memcli.explicit import train as X
 from memcli.explicit.ema import EmaAccumulator, ema_update, frozen_rows
+from memcli.eval.explicit import evaluate
 from memcli.explicit.io import build_model, save_checkpoint
 from memcli.training.loop import TrainTask, run_training
 
@@ -148,7 +149,7 @@ def train_explicit(cfg, stage: str) -> dict:
 
     def eval_fn(step):
         return evaluate(mem, tok, bank, omcq_eval[:eval_n] if eval_n else omcq_eval,
-                        val_items[:eval_n] if eval_n else val_items, quick=True)
+                        val_items[:eval_n] if eval_n else val_items)
 
     trainable_named = {n: p for n, p in mem.named_parameters() if p.requires_grad}
 
@@ -203,20 +204,6 @@ def train_explicit(cfg, stage: str) -> dict:
 def _world() -> int:
     d = torch.distributed
     return d.get_world_size() if d.is_available() and d.is_initialized() else 1
-
-
-def evaluate(mem, tok, bank, omcq: list[dict], val_items: list, quick: bool = False) -> dict:
-    was = mem.training
-    mem.eval()
-    out = {}
-    if omcq:
-        out["heldout_memory_on"] = X.mcq_accuracy(mem, tok, omcq, bank, "on")
-        out["heldout_memory_off"] = X.mcq_accuracy(mem, tok, omcq, bank, "off")
-        out["edit_success"] = X.mcq_accuracy(mem, tok, omcq, bank, "edit")
-    if val_items:
-        out.update(X.router_recall(mem, val_items))
-    mem.train(was)
-    return out
 
 
 def save_router(mem, out: Path) -> None:

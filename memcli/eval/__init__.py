@@ -1,0 +1,1 @@
+"""Evaluation shared by training (end-of-run summary) and commands (``inspect-memory --eval``)."""
