@@ -21,6 +21,11 @@ def _use_triton(t) -> bool:
     if m == "reference":
         return False
     if m == "triton":
+        if not _triton_available():
+            from memcli.errors import MemcliError
+
+            raise MemcliError("MEMCLI_KERNELS=triton, but the Triton kernels cannot be imported here "
+                              "(triton missing or memcli.kernels.triton_ops absent); use auto or reference")
         return True
     return t.is_cuda and _triton_available()
 
