@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from memcli import records
+from memcli.config import DatasetConfig
 from memcli.errors import MemcliError
 from memcli.explicit import train as X
 
@@ -25,17 +26,23 @@ def evaluate(mem, tok, bank, omcq: list[dict], val_items: list) -> dict:
     return out
 
 
+def load_eval_data(tok, bank, omcq_path: Path, sft_val: Path, labels: Path, max_length: int):
+    """Held-out questions and, when both files exist, the labelled items router recall is measured on."""
+    omcq = records.read_json_list(omcq_path, records.OMCQ) if omcq_path.is_file() else []
+    items = (X.load_items(tok, bank, sft_val, labels, bank.knowledge_length, max_length)
+             if sft_val.is_file() and labels.is_file() else [])
+    return omcq, items
+
+
 def evaluate_checkpoint(mem, tok, bank, data_dir: str | Path, num_samples: int | None = None,
-                        max_length: int = 128) -> dict:
+                        max_length: int = DatasetConfig.max_length) -> dict:
     """Evaluate a loaded checkpoint on ``data_dir``'s held-out questions (omcq_val.json) and labels."""
     d = Path(data_dir)
     omcq_path = d / "omcq_val.json"
     if not omcq_path.is_file():
         raise MemcliError(f"{omcq_path}: not found (expected the held-out questions written by 'memcli gen-data')")
-    omcq = records.read_json_list(omcq_path, records.OMCQ)[:num_samples]
-    sft_val, labels = d / "sft_val.jsonl", d / "keys" / "val_labeled.jsonl"
-    items = []
-    if sft_val.is_file() and labels.is_file():
-        items = X.load_items(tok, bank, sft_val, labels, bank.knowledge_length, max_length)[:num_samples]
+    omcq, items = load_eval_data(tok, bank, omcq_path, d / "sft_val.jsonl", d / "keys" / "val_labeled.jsonl",
+                                 max_length)
+    omcq, items = omcq[:num_samples], items[:num_samples]
     res = evaluate(mem, tok, bank, omcq, items)
     return dict(res, questions=len(omcq), labelled_items=len(items))

@@ -87,9 +87,13 @@ def build_model(backbone: str, cache_path, keys_path, memory_layers=(1, 3), num_
     return mem, tok, bank
 
 
+def _memory_parts(model: MemoryAugmentedLM):
+    return (("gates", model.gates), ("mem_norms", model.mem_norms), ("fusions", model.fusions))
+
+
 def memory_state_dict(model: MemoryAugmentedLM) -> dict[str, torch.Tensor]:
     out = {}
-    for prefix, mod in (("gates", model.gates), ("mem_norms", model.mem_norms), ("fusions", model.fusions)):
+    for prefix, mod in _memory_parts(model):
         for k, v in mod.state_dict().items():
             out[f"{prefix}.{k}"] = v
     return out
@@ -107,7 +111,7 @@ def load_memory_state_dict(model: MemoryAugmentedLM, sd: dict[str, torch.Tensor]
     for k, v in sd.items():
         if tuple(v.shape) != tuple(own[k].shape):
             raise MemcliError(f"{where}: tensor '{k}' has shape {list(v.shape)}, expected {list(own[k].shape)}")
-    for prefix, mod in (("gates", model.gates), ("mem_norms", model.mem_norms), ("fusions", model.fusions)):
+    for prefix, mod in _memory_parts(model):
         part = {k[len(prefix) + 1:]: v for k, v in sd.items() if k.startswith(prefix + ".")}
         mod.load_state_dict(part, strict=True)
 

@@ -11,7 +11,7 @@ from memcli.checkpoint import load_tensors, save_tensors
 from memcli.errors import MemcliError
 from memcli.explicit import train as X
 from memcli.explicit.ema import EmaAccumulator, ema_update, frozen_rows
-from memcli.eval.explicit import evaluate
+from memcli.eval.explicit import evaluate, load_eval_data
 from memcli.explicit.io import build_model, save_checkpoint
 from memcli.training.loop import TrainTask, run_training
 
@@ -99,9 +99,8 @@ def train_explicit(cfg, stage: str) -> dict:
     # ---- data
     L = bank.knowledge_length
     items = X.load_items(tok, bank, paths["sft"], paths["labeled"], L, cfg.dataset.max_length)
-    val_items = (X.load_items(tok, bank, paths["sft_val"], paths["val_labeled"], L, cfg.dataset.max_length)
-                 if paths["sft_val"].is_file() and paths["val_labeled"].is_file() else [])
-    omcq_eval = records.read_json_list(paths["omcq_eval"], records.OMCQ) if paths["omcq_eval"].is_file() else []
+    omcq_eval, val_items = load_eval_data(tok, bank, paths["omcq_eval"], paths["sft_val"], paths["val_labeled"],
+                                          cfg.dataset.max_length)
     omcq_train = records.read_json_list(paths["omcq_train"], records.OMCQ) if paths["omcq_train"].is_file() else []
     cf_prob = t.counterfactual_prob if stage == "memory" else 0.0
 
