@@ -9,8 +9,10 @@ import torch
 
 from memcli.errors import MemcliError
 
-MODEL_TYPES = ("memory", "lora", "full")
+MODEL_TYPES = ("memory", "lora", "full", "hippo")
 HELP = "/exit quit · /reset clear the history · /memory entries read for the last answer · /help this text"
+HIPPO_HELP = ("/exit quit · /reset_hidden (or reset_hidden) clear the memory state · /state its norm and turn count · "
+              "/help this text")
 
 
 @dataclass
@@ -82,6 +84,61 @@ class ChatSession:
         self.last_memory = []
 
 
+@dataclass
+class HippoChatSession:
+    """The prompt holds only the current message; earlier turns live in the HIPPO state (constant cost per turn).
+
+    Each user message is answered from the state of the turns before it, then written into the state,
+    as in training (the query never sees its own turn in memory).
+    """
+
+    model: object
+    tok: object
+    options: GenOptions
+    max_turn_length: int = 64
+    state: torch.Tensor | None = None
+    turns: int = 0
+
+    def __post_init__(self):
+        self.reset_hidden()
+
+    @torch.no_grad()
+    def reply(self, text: str, streamer=None) -> str:
+        from memcli.hippo.data import prompt_ids
+
+        ids = torch.tensor([prompt_ids(self.tok, text)])
+        out = self.model.generate(ids, torch.ones_like(ids), state=self.state, streamer=streamer,
+                                  **self.options.generate_kwargs(self.tok))
+        answer = self.tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        self.remember(text)
+        return answer
+
+    @torch.no_grad()
+    def remember(self, text: str, role: str = "user") -> None:
+        """Write one turn into the state."""
+        from memcli.hippo.data import turn_ids
+
+        ids = torch.tensor([turn_ids(self.tok, role, text, self.max_turn_length)])
+        self.state = self.model.write_turns(self.state, ids, torch.ones_like(ids))
+        self.turns += 1
+
+    def reset_hidden(self) -> None:
+        self.state = self.model.init_state(1)
+        self.turns = 0
+
+    reset = reset_hidden
+
+    def state_info(self) -> dict:
+        return {"turns": self.turns, "state_norm": round(float(self.state.norm()), 6),
+                "state_shape": list(self.state.shape)}
+
+
+def newest_run_of(model_path, out_dir, kind: str) -> Path:
+    from memcli.explicit.inspect import newest_run
+
+    return Path(model_path) if model_path else newest_run(out_dir, kind)
+
+
 def open_session(model_path: str | Path | None, model_type: str, options: GenOptions, out_dir: str | Path = "out"):
     from memcli.explicit.inspect import newest_run
     from memcli.explicit.io import KIND, load_checkpoint
@@ -89,6 +146,13 @@ def open_session(model_path: str | Path | None, model_type: str, options: GenOpt
     if model_type not in MODEL_TYPES:
         raise MemcliError(f"--model-type '{model_type}': expected one of {', '.join(MODEL_TYPES)}")
     options.check()
+    if model_type == "hippo":
+        from memcli.hippo.io import KIND as HIPPO_KIND
+        from memcli.hippo.io import load_hippo
+
+        path = Path(model_path) if model_path else newest_run(out_dir, HIPPO_KIND)
+        model, tok, _ = load_hippo(path)
+        return HippoChatSession(model, tok, options), path
     path = Path(model_path) if model_path else newest_run(out_dir, KIND)
     model, tok, bank, info = load_checkpoint(path)
     method = info.get("finetuning_method", model.cfg.mode)

@@ -40,6 +40,15 @@ class ModelConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     trust_remote_code: bool = False
+    # HIPPO dialog memory (train hippo); memory_layers are its fusion layers
+    hippo_variant: str = "matrix"  # matrix (light, time-invariant decay) | selective (Mamba-style, input-dependent)
+    hippo_heads: int = 4
+    hippo_state_dim: int = 32  # keys per head (rows of each head's matrix state)
+    hippo_value_dim: int = 64  # values per head (matrix variant; selective uses expand*hidden/heads)
+    hippo_init: str = "s4d_real"  # s4d_real (diagonal A) | legs (HiPPO-LegS, dense A)
+    hippo_expand: int = 2
+    hippo_feature_layer: int = -1  # backbone hidden state that turn features come from
+    hippo_pool: str = "last"  # last | mean over the turn's tokens
 
 
 @dataclass
@@ -52,6 +61,7 @@ class DatasetConfig:
     knowledge_path: Optional[str] = None
     pretrained_router_path: Optional[str] = None
     max_length: int = 128
+    max_turn_length: int = 64  # tokens kept per dialog turn (HIPPO)
 
 
 @dataclass
@@ -82,6 +92,8 @@ class TrainingConfig:
     ema_update_freq: int = 0  # 0: off
     ema_decay: float = 0.9
     freeze_ratio: float = 0.0
+    stage1_epochs: int = 1  # HIPPO: epochs that train the memory encoder and gates only
+    hippo_lr: Optional[float] = None  # HIPPO encoder + gates; None: 5e-5 (a real backbone) or 3e-3 (tiny)
     device: str = "auto"
 
 
@@ -200,6 +212,9 @@ _CHOICES = {
     ("training", "mixed_precision"): ("no", "bf16", "fp16"),
     ("model", "retrieval"): ("auto", "exact", "product"),
     ("training", "zero_stage"): (0, 1, 2, 3),
+    ("model", "hippo_variant"): ("matrix", "selective"),
+    ("model", "hippo_init"): ("s4d_real", "legs"),
+    ("model", "hippo_pool"): ("last", "mean"),
 }
 
 

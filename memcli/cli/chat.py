@@ -13,7 +13,7 @@ from memcli.views import console, emit, table
 
 def chat(
     model_path: Optional[Path] = typer.Option(None, "--model-path", "-m", help="Checkpoint or run directory (default: newest run under out/)."),
-    model_type: str = typer.Option("memory", "--model-type", "-t", help="memory (any explicit-memory checkpoint), lora, or full."),
+    model_type: str = typer.Option("memory", "--model-type", "-t", help="memory (any explicit-memory checkpoint), lora, full, or hippo (dialog memory)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer this one message and exit."),
     out_dir: Path = typer.Option(Path("out"), help="Where to look for the newest run."),
     max_new_tokens: int = typer.Option(64, help="Tokens to generate per answer."),
@@ -25,6 +25,8 @@ def chat(
     """Talk to a trained model; answers stream token by token (KV cache).
 
     Commands in the loop: /exit, /reset, /memory (entries read for the last answer), /help.
+    With --model-type hippo the prompt never carries the history: each turn is written into the
+    memory state; /reset_hidden (or reset_hidden) clears it, /state shows its norm and turn count.
     End of input (Ctrl-D, or the end of a pipe) exits with code 0.
 
     [bold]Examples[/bold]
@@ -32,23 +34,27 @@ def chat(
       memcli chat --prompt "What does Velmora work as?"
       memcli chat --model-type lora --model-path out/memory
       printf 'Where was Velmora born?\\n/memory\\n' | memcli chat
+      printf 'My pet is called Zorvak.\\nWhat is my pet called?\\n/state\\n' | memcli chat -t hippo -m out/hippo
     """
     from transformers import TextStreamer
 
-    from memcli.chat import HELP, GenOptions, open_session
+    from memcli.chat import HELP, HIPPO_HELP, GenOptions, HippoChatSession, open_session
 
     opts = GenOptions(max_new_tokens, temperature, top_p, repetition_penalty)
     session, path = open_session(model_path, model_type, opts, out_dir)
+    hippo = isinstance(session, HippoChatSession)
+    help_text = HIPPO_HELP if hippo else HELP
     if prompt is not None:
         if as_json:
             answer = session.reply(prompt)
-            emit({"checkpoint": str(path), "prompt": prompt, "answer": answer, "memory": session.last_memory}, True)
+            extra = {"state": session.state_info()} if hippo else {"memory": session.last_memory}
+            emit(dict({"checkpoint": str(path), "prompt": prompt, "answer": answer}, **extra), True)
         else:
             session.reply(prompt, streamer=TextStreamer(session.tok, skip_prompt=True, skip_special_tokens=True))
         return
     interactive = sys.stdin.isatty()
     if interactive:
-        console.print(f"memcli chat · {path} · {HELP}")
+        console.print(f"memcli chat · {path} · {help_text}")
     streamer = TextStreamer(session.tok, skip_prompt=True, skip_special_tokens=True)
     while True:
         if interactive:
@@ -62,7 +68,15 @@ def chat(
         if text == "/exit":
             break
         if text == "/help":
-            console.print(HELP)
+            console.print(help_text)
+        elif hippo and text in ("/reset_hidden", "reset_hidden", "/reset"):
+            session.reset_hidden()
+            console.print("memory state cleared")
+        elif hippo and text == "/state":
+            info = session.state_info()
+            console.print(f"state: {info['turns']} turns, norm {info['state_norm']:.4f}, shape {info['state_shape']}")
+        elif hippo and text == "/memory":
+            console.print("a HIPPO model has no entries to show; /state shows the memory state")
         elif text == "/reset":
             session.reset()
             console.print("history cleared")
@@ -74,7 +88,7 @@ def chat(
                 console.print(table("memory read for the last answer", ["row", "share", "entry"],
                                     [(m["row"], m["share"], m["text"]) for m in mem]))
         elif text.startswith("/"):
-            console.print(f"unknown command {text}; {HELP}")
+            console.print(f"unknown command {text}; {help_text}")
         else:
             if interactive:
                 console.print("[bold green]model>[/bold green] ", end="")

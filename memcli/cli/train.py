@@ -30,7 +30,10 @@ def _run(stage: str, config: Optional[Path], overrides: List[str], print_config:
     if print_config:
         console.print(to_yaml(cfg), markup=False)
         return
-    res = train_explicit(cfg, stage)
+    _summary(stage, train_explicit(cfg, stage), as_json)
+
+
+def _summary(stage: str, res: dict, as_json: bool) -> None:
     if not res.get("is_main", True):
         return  # other ranks of a distributed run stay quiet
     summary = {"run": res["run_dir"], "optimizer steps": res["steps"], "world size": res["world_size"],
@@ -90,6 +93,37 @@ def train_fusion(overrides: Optional[List[str]] = _OVR, config: Optional[Path] =
       memcli train fusion dataset.pretrained_router_path=out/router
     """
     _run("fusion", config, overrides, print_config, as_json)
+
+
+HIPPO_DEFAULTS = {"dataset": {"data_dir": "data/dialog"},
+                  "training": {"epochs": 8, "eval_interval": 100, "eval_num_samples": 100}}
+
+
+@train.command("hippo")
+def train_hippo(overrides: Optional[List[str]] = _OVR, config: Optional[Path] = _CFG, print_config: bool = _PRINT,
+                as_json: bool = _JSON):
+    """HIPPO dialog memory: a state written once per turn, gated into the LLM; staged training.
+
+    Reads [cyan]data_train.jsonl[/cyan] / [cyan]data_val.jsonl[/cyan] from dataset.data_dir (rows dialog_history,
+    memory_query, memory_answer; generated with 'memcli gen-data dialog' when absent). Stage 1
+    (training.stage1_epochs) trains the encoder and gates; then the backbone is unfrozen
+    (model.finetuning_method=lora|full) with training.backbone_lr beside training.hippo_lr.
+    Output: <out>/hippo/hippo_model, lora_finetuning or full_parameter_finetuning, checkpoint.json.
+
+    [bold]Examples[/bold]
+
+      memcli train hippo
+      memcli train hippo model.hippo_variant=selective model.hippo_init=legs
+      memcli train hippo model.qwen3_model_path=/models/Qwen3-0.6B model.finetuning_method=lora training.stage1_epochs=1
+    """
+    from memcli.config import load_config, to_yaml
+    from memcli.hippo.train import train_hippo as run
+
+    cfg = load_config(config, overrides or [], defaults=HIPPO_DEFAULTS)
+    if print_config:
+        console.print(to_yaml(cfg), markup=False)
+        return
+    _summary("hippo", run(cfg), as_json)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,62 @@
+"""HIPPO dialog evaluation: exact match of the greedy answer, with the memory state vs without history."""
+
+from __future__ import annotations
+
+import re
+import string
+
+import torch
+
+from memcli.hippo.data import DialogItem, pad_turns
+
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalize(s: str) -> str:
+    return " ".join(_PUNCT.sub(" ", s.lower()).split())
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    att = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s):] = torch.tensor(s)
+        att[i, T - len(s):] = 1
+    return ids, att
+
+
+@torch.no_grad()
+def answer_batch(model, tok, items: list[DialogItem], use_memory: bool, max_new_tokens: int) -> list[str]:
+    dev = next(model.parameters()).device
+    state = None
+    if use_memory:
+        ids, mask, tm = pad_turns([it.turns for it in items], tok.pad_token_id)
+        state = model.encode_dialogs(ids.to(dev), mask.to(dev), tm.to(dev))
+    q, att = left_pad([it.prompt for it in items], tok.pad_token_id)
+    out = model.generate(q.to(dev), att.to(dev), state=state, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    return [tok.decode(o[q.shape[1]:], skip_special_tokens=True).strip() for o in out]
+
+
+@torch.no_grad()
+def exact_match(model, tok, items: list[DialogItem], use_memory: bool = True, batch: int = 32,
+                return_answers: bool = False):
+    """Fraction of items whose greedy answer equals ``memory_answer`` (lower-cased, punctuation dropped)."""
+    was = model.training
+    model.eval()
+    hits, answers = 0, []
+    max_new = max((len(it.answer) for it in items), default=1) + 2
+    for s in range(0, len(items), batch):
+        chunk = items[s: s + batch]
+        got = answer_batch(model, tok, chunk, use_memory, max_new)
+        hits += sum(normalize(g) == normalize(it.answer_text) for g, it in zip(got, chunk))
+        answers += got
+    model.train(was)
+    em = hits / max(1, len(items))
+    return (em, answers) if return_answers else em
+
+
+def evaluate(model, tok, items: list[DialogItem], batch: int = 32) -> dict:
+    return {"exact_match_memory": exact_match(model, tok, items, True, batch),
+            "exact_match_no_history": exact_match(model, tok, items, False, batch)}

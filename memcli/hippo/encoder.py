@@ -1,0 +1,291 @@
+"""HIPPO memory encoders: a state written once per dialog turn and read by every position of the LLM.
+
+Both variants keep a *matrix-valued* state per head, ``S in R^{dk x dv}``, written by key-value outer
+products (DESIGN.md, "A second measured lesson": a summed vector state cannot keep attribute -> value
+bindings apart). In state-space form, per turn ``t`` with turn feature ``x_t``::
+
+    S_t = Abar S_{t-1} + Bbar k(x_t) v(x_t)^T        (h = A h + B x, zero-order hold)
+    y   = C S + D x  with C = q(position)^T          (read by the current position)
+
+``Abar = exp(dt A)``, ``Bbar = A^-1 (exp(dt A) - I)`` (exact ZOH), with ``A`` initialised from
+HiPPO-LegS (dense, lower triangular) or S4D-Real (diagonal, ``A_n = -(n+1)``) and ``dt`` learnable,
+log-uniform in ``[dt_min, dt_max]`` at init. Nothing depends on a sequence length, and the initial
+state is exactly zero.
+
+- ``MatrixMemory``: time-invariant ``dt`` per head; few parameters (the seed's light version).
+- ``SelectiveMemory``: Mamba-style input-dependent ``dt``, keys and values from an expanded,
+  gated projection of the turn (the seed's original, larger version).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memcli.errors import MemcliError
+
+VARIANTS = ("matrix", "selective")
+INITS = ("s4d_real", "legs")
+
+
+@dataclass
+class HippoConfig:
+    variant: str = "matrix"
+    hidden_size: int = 256  # the backbone's
+    num_heads: int = 4
+    state_dim: int = 32  # dk per head
+    value_dim: int = 64  # dv per head
+    init: str = "s4d_real"  # A from S4D-Real (diagonal) or HiPPO-LegS (dense)
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+    expand: int = 2  # selective: inner width = expand * hidden_size
+    fusion_layers: list[int] = field(default_factory=lambda: [1])
+    feature_layer: int = -1  # backbone hidden state the turn features come from (-1: last)
+    pool: str = "last"  # last (causal position that has seen the whole turn) | mean
+    backbone: str = "tiny"
+    tokenizer_fingerprint: str = ""
+
+    def check(self, where: str = "hippo config") -> None:
+        if self.variant not in VARIANTS:
+            raise MemcliError(f"{where}: variant '{self.variant}', expected one of {', '.join(VARIANTS)}")
+        if self.init not in INITS:
+            raise MemcliError(f"{where}: init '{self.init}', expected one of {', '.join(INITS)}")
+        if self.pool not in ("last", "mean"):
+            raise MemcliError(f"{where}: pool '{self.pool}', expected last or mean")
+        for k in ("hidden_size", "num_heads", "state_dim", "value_dim", "expand"):
+            if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
+                raise MemcliError(f"{where}: {k} got {getattr(self, k)!r}, expected a positive integer")
+        if not 0 < self.dt_min <= self.dt_max:
+            raise MemcliError(f"{where}: dt_min/dt_max got {self.dt_min}/{self.dt_max}, expected 0 < dt_min <= dt_max")
+        if not self.fusion_layers:
+            raise MemcliError(f"{where}: fusion_layers is empty, expected at least one decoder layer")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "hippo config") -> "HippoConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise MemcliError(f"{where}: unknown key '{unknown[0]}'")
+        cfg = cls(**d)
+        cfg.check(where)
+        return cfg
+
+
+def legs_matrix(n: int) -> torch.Tensor:
+    """HiPPO-LegS transition: -sqrt(2i+1)sqrt(2j+1) below the diagonal, -(i+1) on it, 0 above."""
+    r = torch.sqrt(2 * torch.arange(n, dtype=torch.float64) + 1)
+    A = -(r[:, None] * r[None, :])
+    A = torch.tril(A, -1) - torch.diag(torch.arange(n, dtype=torch.float64) + 1)
+    return A.float()
+
+
+def s4d_real(n: int) -> torch.Tensor:
+    return -(torch.arange(n, dtype=torch.float32) + 1)
+
+
+def zoh(A: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact zero-order hold of ``x' = A x + u`` over ``dt``: ``(exp(dt A), A^-1 (exp(dt A) - I))``.
+
+    ``A`` is ``[H, N]`` (diagonal) or ``[H, N, N]`` (dense); ``dt`` broadcasts against ``[..., H]``.
+    """
+    if A.dim() == 2:
+        dA = dt[..., None] * A
+        Abar = torch.exp(dA)
+        # (e^x - 1)/x * dt, stable for small x
+        Bbar = torch.special.expm1(dA) / A
+        return Abar, Bbar
+    dA = dt[..., None, None] * A
+    Abar = torch.linalg.matrix_exp(dA)
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    Bbar = torch.linalg.solve(A.expand_as(Abar), Abar - eye)
+    return Abar, Bbar
+
+
+def _init_dt(h: int, dt_min: float, dt_max: float, gen: torch.Generator | None = None) -> torch.Tensor:
+    u = torch.rand(h, generator=gen)
+    return torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+
+
+def _heads(x: torch.Tensor, h: int) -> torch.Tensor:
+    return x.view(*x.shape[:-1], h, x.shape[-1] // h)
+
+
+class _Transition(nn.Module):
+    """Continuous ``A`` (learnable), diagonal (S4D-Real, kept negative via -exp) or dense (LegS)."""
+
+    def __init__(self, cfg: HippoConfig):
+        super().__init__()
+        H, N = cfg.num_heads, cfg.state_dim
+        self.dense = cfg.init == "legs"
+        if self.dense:
+            self.A = nn.Parameter(legs_matrix(N).expand(H, N, N).clone())
+        else:
+            self.A_log = nn.Parameter(torch.log(-s4d_real(N)).expand(H, N).clone())
+
+    def matrix(self) -> torch.Tensor:
+        return self.A if self.dense else -torch.exp(self.A_log)
+
+    def step(self, S: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+        """S [B,H,N,V], k [B,H,N], v [B,H,V], dt [H] or [B,H] -> next S."""
+        Abar, Bbar = zoh(self.matrix(), dt)
+        if self.dense:  # per-head [H, N, N] (time-invariant) or per-dialog [B, H, N, N] (selective)
+            shape = (S.shape[0], *Abar.shape[-3:])
+            Sa = torch.einsum("bhij,bhjv->bhiv", Abar.expand(shape), S)
+            kb = torch.einsum("bhij,bhj->bhi", Bbar.expand(shape), k)
+        else:
+            Sa = Abar[..., None] * S
+            kb = Bbar * k
+        return Sa + kb[..., None] * v[..., None, :]
+
+
+class HippoEncoder(nn.Module):
+    """Interface: ``init_state(B)``, ``write(S, x, mask)`` once per turn, ``read(S, h, layer)`` per position."""
+
+    cfg: HippoConfig
+
+    def init_state(self, batch: int, device=None, dtype=torch.float32) -> torch.Tensor:
+        c = self.cfg
+        return torch.zeros(batch, c.num_heads, c.state_dim, c.value_dim, device=device, dtype=dtype)
+
+    def write(self, S: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        new = self._write(S, x)
+        if mask is None:
+            return new
+        return torch.where(mask.view(-1, 1, 1, 1), new, S)  # padded turns leave the state as it was
+
+    def scan(self, x: torch.Tensor, mask: torch.Tensor | None = None, S: torch.Tensor | None = None) -> torch.Tensor:
+        """Turn features ``x [B, T, D]`` (``mask [B, T]``) -> state after the last turn."""
+        if S is None:
+            S = self.init_state(x.shape[0], x.device, torch.float32)
+        for t in range(x.shape[1]):
+            S = self.write(S, x[:, t], None if mask is None else mask[:, t])
+        return S
+
+    def _read_out(self, S: torch.Tensor, q: torch.Tensor, v_skip: torch.Tensor, norm: nn.Module, D: torch.Tensor):
+        # y = C S + D x: the position's query reads the state; D is a diagonal skip in value space.
+        # The read is normalised per head (written magnitudes scale with dt); an empty state reads 0.
+        y = torch.einsum("bthn,bhnv->bthv", q, S)  # q [B, T, H, N]
+        y = norm(y.float()).to(v_skip.dtype)
+        return y + D * v_skip
+
+
+class _HeadNorm(nn.Module):
+    """RMS norm per head with a learnable scale; exactly zero for a zero input."""
+
+    def __init__(self, h: int, v: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(h, v))
+        self.eps = eps
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class MatrixMemory(HippoEncoder):
+    def __init__(self, cfg: HippoConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, H, N, V = cfg.hidden_size, cfg.num_heads, cfg.state_dim, cfg.value_dim
+        self.trans = _Transition(cfg)
+        self.log_dt = nn.Parameter(torch.log(_init_dt(H, cfg.dt_min, cfg.dt_max)))
+        self.W_k = nn.Linear(D, H * N, bias=False)
+        self.W_v = nn.Linear(D, H * V, bias=False)
+        self.readers = nn.ModuleDict({str(i): _MatrixReader(cfg) for i in cfg.fusion_layers})
+
+    def _write(self, S, x):
+        H = self.cfg.num_heads
+        k = F.normalize(_heads(self.W_k(x), H).float(), dim=-1)
+        v = _heads(self.W_v(x), H).float()
+        return self.trans.step(S, k, v, torch.exp(self.log_dt))
+
+    def read(self, S: torch.Tensor, h: torch.Tensor, layer: int) -> torch.Tensor:
+        r = self.readers[str(layer)]
+        H = self.cfg.num_heads
+        q = F.normalize(_heads(r.W_q(h), H).float(), dim=-1)
+        v_skip = _heads(self.W_v(h), H).float()
+        y = self._read_out(S, q, v_skip, r.norm, r.D)
+        return r.W_o(y.flatten(-2).to(h.dtype))
+
+
+class _MatrixReader(nn.Module):
+    def __init__(self, cfg: HippoConfig):
+        super().__init__()
+        D, H, N, V = cfg.hidden_size, cfg.num_heads, cfg.state_dim, cfg.value_dim
+        self.W_q = nn.Linear(D, H * N, bias=False)
+        self.norm = _HeadNorm(H, V)
+        self.D = nn.Parameter(torch.zeros(H, V))  # skip starts off: at init only the state is read
+        self.W_o = nn.Linear(H * V, D, bias=False)
+
+
+class SelectiveMemory(HippoEncoder):
+    """Input-dependent ``dt`` (softplus of a projection), keys/values from ``silu(in_proj(x))``, output gated by ``silu(z)``."""
+
+    def __init__(self, cfg: HippoConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, H, N = cfg.hidden_size, cfg.num_heads, cfg.state_dim
+        E = cfg.expand * D
+        if E % H:
+            raise MemcliError(f"hippo config: expand*hidden_size ({E}) must be divisible by num_heads ({H})")
+        cfg.value_dim = E // H
+        self.trans = _Transition(cfg)
+        self.in_proj = nn.Linear(D, E, bias=False)
+        self.W_k = nn.Linear(E, H * N, bias=False)  # B(x)
+        self.W_v = nn.Linear(E, E, bias=False)
+        self.dt_proj = nn.Linear(E, H, bias=True)
+        with torch.no_grad():  # softplus(bias) = dt drawn log-uniform, as in Mamba
+            dt = _init_dt(H, cfg.dt_min, cfg.dt_max)
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            self.dt_proj.weight.mul_(0.1)
+        self.readers = nn.ModuleDict({str(i): _SelectiveReader(cfg) for i in cfg.fusion_layers})
+
+    def _write(self, S, x):
+        H = self.cfg.num_heads
+        u = F.silu(self.in_proj(x))
+        k = F.normalize(_heads(self.W_k(u), H).float(), dim=-1)
+        v = _heads(self.W_v(u), H).float()
+        dt = F.softplus(self.dt_proj(u).float())  # [B, H]
+        return self.trans.step(S, k, v, dt)
+
+    def read(self, S: torch.Tensor, h: torch.Tensor, layer: int) -> torch.Tensor:
+        r = self.readers[str(layer)]
+        H = self.cfg.num_heads
+        u, z = r.in_proj(h).chunk(2, dim=-1)
+        u = F.silu(u)
+        q = F.normalize(_heads(r.W_q(u), H).float(), dim=-1)  # C(x)
+        v_skip = _heads(self.W_v(u), H).float()
+        y = self._read_out(S, q, v_skip, r.norm, r.D).flatten(-2)
+        return r.out_proj((y * F.silu(z.float())).to(h.dtype))
+
+
+class _SelectiveReader(nn.Module):
+    def __init__(self, cfg: HippoConfig):
+        super().__init__()
+        D, H, N = cfg.hidden_size, cfg.num_heads, cfg.state_dim
+        E = cfg.expand * D
+        self.in_proj = nn.Linear(D, 2 * E, bias=False)
+        self.W_q = nn.Linear(E, H * N, bias=False)
+        self.norm = _HeadNorm(H, E // H)
+        self.D = nn.Parameter(torch.zeros(H, E // H))
+        self.out_proj = nn.Linear(E, D, bias=False)
+
+
+def build_encoder(cfg: HippoConfig) -> HippoEncoder:
+    cfg.check()
+    return MatrixMemory(cfg) if cfg.variant == "matrix" else SelectiveMemory(cfg)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def describe(cfg: HippoConfig) -> dict[str, Any]:
+    return {"variant": cfg.variant, "heads": cfg.num_heads, "state": f"{cfg.state_dim}x{cfg.value_dim}", "init": cfg.init}
