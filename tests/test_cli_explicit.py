@@ -169,7 +169,7 @@ def test_chat_history_and_greedy_determinism(short_run):
 
 @pytest.mark.parametrize("args,needle", [
     (["chat", "--model-type", "lora", "--out-dir", "{run}", "--prompt", "hi"], "no LoRA adapter"),
-    (["chat", "--model-type", "hippo", "--out-dir", "{run}", "--prompt", "hi"], "--model-type 'hippo'"),
+    (["chat", "--model-type", "hippo", "--out-dir", "{run}", "--prompt", "hi"], "memcli train hippo"),
     (["chat", "--out-dir", "{run}", "--prompt", "hi", "--top-p", "0"], "--top-p"),
     (["chat", "--model-path", "{run}/nope", "--prompt", "hi"], "not found"),
 ])

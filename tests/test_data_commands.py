@@ -66,6 +66,25 @@ def test_gen_dialog_rows(cli, tmp_path):
                           "--min-distance")
 
 
+def test_gen_dialog_curriculum_and_name_pool(cli, tmp_path):
+    code, _, err = cli("gen-data", "dialog", "--out", tmp_path, "--num-train", "300", "--num-val", "20", "--turns", "6",
+                       "--min-turns", "1", "--name-pool", "7")
+    assert code == 0, err
+    train = records.read_jsonl(tmp_path / "data_train.jsonl", records.DIALOG)
+    val = records.read_jsonl(tmp_path / "data_val.jsonl", records.DIALOG)
+    assert {len(r["dialog_history"]) for r in train} == set(range(1, 7))  # lengths 1..6
+    assert {len(r["dialog_history"]) for r in val} == {6}
+    from memcli.data.dialog import ATTRIBUTES, name_pools
+
+    pools = name_pools(7)
+    named = [r for r in train + val if ATTRIBUTES[[a for a, v in ATTRIBUTES.items() if v[1] == r["memory_query"]][0]][2] == "name"]
+    assert named and {r["memory_answer"] for r in named} <= set(pools["name"])
+    for r in train:
+        assert any(r["memory_answer"] in t for t in r["dialog_history"])
+    assert_one_line_error(*cli("gen-data", "dialog", "--out", tmp_path, "--min-turns", "9")[::2], "--min-turns")
+    assert_one_line_error(*cli("gen-data", "dialog", "--out", tmp_path, "--name-pool", "-1")[::2], "--name-pool")
+
+
 def test_convert_omcq_rule_and_skips(cli, tmp_path):
     items = [
         {"target": [{"question": "Q1?", "options": "A:a,B:b,C:c,D:d,E:e", "correct_answer": "B:b", "uuid": "u1"}]},

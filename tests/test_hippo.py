@@ -20,16 +20,22 @@ def tiny():
     return load_backbone("tiny")
 
 
-def _model(tiny, variant="matrix", init="s4d_real", gates=0.0, **kw):
+def _model(tiny, variant="matrix", init="s4d_real", live=False, **kw):
+    """A HippoModel on the shared tiny backbone; ``live``: a non-zero fusion projection, as after training."""
     from memcli.hippo.model import HippoModel
 
     bb, tok = tiny
     torch.manual_seed(0)
     m = HippoModel(bb, HippoConfig(variant=variant, init=init, hidden_size=bb.config.hidden_size, **kw))
-    with torch.no_grad():
-        for g in m.gates.values():
-            g.fill_(gates)
+    if live:
+        _liven(m)
     return m.eval()
+
+
+def _liven(m, std=0.05):
+    with torch.no_grad():
+        for r in m.encoder.readers.values():
+            (r.W_o if hasattr(r, "W_o") else r.out_proj).weight.normal_(0, std)
 
 
 def _remove(m):
@@ -104,9 +110,7 @@ def test_zero_gate_reproduces_base_model_exactly(tiny, variant, init):
     try:
         base = bb(**q).logits
         assert torch.equal(m(q.input_ids, q.attention_mask, state=S).logits, base)
-        with torch.no_grad():
-            for g in m.gates.values():
-                g.fill_(0.5)
+        _liven(m)
         assert not torch.allclose(m(q.input_ids, q.attention_mask, state=S).logits, base)
         # an empty state reads exactly zero (D starts at zero): no history = the base model
         assert torch.allclose(m(q.input_ids, q.attention_mask, state=m.init_state(2)).logits, base, atol=1e-6)
@@ -116,20 +120,24 @@ def test_zero_gate_reproduces_base_model_exactly(tiny, variant, init):
 
 def test_turn_features_ignore_padding(tiny):
     bb, tok = tiny
-    for pool in ("last", "mean"):
+    for pool in ("last", "mean", "tokens"):
         m = _model(tiny, pool=pool)
         a = tok(["I grew up in Pelmor."], return_tensors="pt")
         b = tok(["I grew up in Pelmor.", "My lucky number is 42 and it has been for years."], return_tensors="pt", padding=True)
         fa = m.turn_features(a.input_ids, a.attention_mask)
         fb = m.turn_features(b.input_ids, b.attention_mask)
+        Sa = m.write_turns(m.init_state(1), a.input_ids, a.attention_mask)
+        Sb = m.write_turns(m.init_state(2), b.input_ids, b.attention_mask)
         _remove(m)
-        assert torch.allclose(fa[0], fb[0], atol=1e-5), pool
+        La = a.input_ids.shape[1]
+        assert torch.allclose(fa[0], fb[0, :La] if pool == "tokens" else fb[0], atol=1e-5), pool
+        assert torch.allclose(Sa[0], Sb[0], atol=1e-5), pool  # padded positions write nothing
 
 
 @pytest.mark.parametrize("variant", ["matrix", "selective"])
 def test_cached_generation_equals_recompute_with_memory(tiny, variant):
     bb, tok = tiny
-    m = _model(tiny, variant, gates=1.0)
+    m = _model(tiny, variant, live=True)
     try:
         ids = tok(["My boss is named Quilor."], return_tensors="pt")
         S = m.write_turns(m.init_state(1), ids.input_ids, ids.attention_mask)
@@ -166,13 +174,13 @@ def test_gradient_reaches_encoder_gates_and_backbone_features(tiny):
     try:
         loss = answer_loss(m, collate(items, tok.pad_token_id))
         loss.backward()
-        assert all(g.grad is not None and g.grad.abs().sum() > 0 for g in m.gates.values())
-        # at step 0 the gates are zero, so the encoder gets its signal once the gates move
-        with torch.no_grad():
-            for g in m.gates.values():
-                g.fill_(0.1)
+        # at step 0 the fusion projection is zero: it gets the gradient (a zero per-channel gate on a
+        # random projection would instead leave the memory path without signal)
+        assert m.encoder.readers["1"].W_o.weight.grad.abs().sum() > 0
+        _liven(m)
         m.zero_grad()
         answer_loss(m, collate(items, tok.pad_token_id)).backward()
+        assert all(g.grad is not None and g.grad.abs().sum() > 0 for g in m.gates.values())
         for name, p in m.encoder.named_parameters():
             if name.endswith(".D") or "norm" in name or ".W_q." in name or ".W_o." in name or "log_dt" in name \
                     or "A_log" in name or "W_k" in name or "W_v" in name:
@@ -306,7 +314,7 @@ def test_stage1_only_keeps_backbone_frozen(cli, dialogs, tmp_path):
     base, _ = load_backbone("tiny")
     for (n, p), (_, q) in zip(m.backbone.named_parameters(), base.named_parameters()):
         assert torch.equal(p, q), n
-    assert any(g.abs().sum() > 0 for g in m.gates.values())
+    assert m.encoder.readers["1"].W_o.weight.abs().sum() > 0  # the memory trained (its projection starts at zero)
 
 
 def test_chat_hippo_state_persists_and_resets(hippo_run, monkeypatch, capsys):
@@ -409,7 +417,7 @@ def test_locomo_harness_on_excerpt(tiny):
     turns = LC.conversation_turns(data[0])
     assert turns[0].startswith("[Session 1, ") and turns[1].startswith("Caroline: ")
     assert len(turns) == 2 + len(data[0]["conversation"]["session_1"]) + len(data[0]["conversation"]["session_2"])
-    m = _model(tiny, gates=0.3)
+    m = _model(tiny, live=True)
     bb, tok = tiny
     try:
         # batched turn features + one scan == writing the turns one by one, as chat does
@@ -482,3 +490,20 @@ def test_bench_hippo_quick(cli):
     assert [r["bench"] for r in rows] == ["chat turn 1", "chat turn 1", "chat turn 4", "chat turn 4"]
     assert rows[1]["path"] == "full history in the prompt" and rows[1]["ratio"] == pytest.approx(
         rows[1]["median_ms"] / rows[0]["median_ms"])
+
+
+def test_selective_legs_lora_run_saves_adapter_and_chats(cli, dialogs, tmp_path):
+    code, out, err = cli("train", "hippo", f"dataset.data_dir={dialogs}", f"logging.out_dir={tmp_path}",
+                         "model.hippo_variant=selective", "model.hippo_init=legs", "model.finetuning_method=lora",
+                         "model.hippo_pool=tokens", "model.hippo_feature_layer=2", "training.batch_size=8",
+                         "training.stage1_epochs=0", "training.max_steps=3", "training.eval_num_samples=2",
+                         "logging.tensorboard=false", "--json")
+    assert code == 0, err
+    assert json.loads(out)["optimizer steps"] == 3
+    run = tmp_path / "hippo"
+    assert (run / "lora_finetuning" / "adapter_config.json").is_file() and not (run / "full_parameter_finetuning").exists()
+    cfg = json.loads((run / "hippo_model" / "hippo_config.json").read_text())
+    assert (cfg["variant"], cfg["init"], cfg["pool"], cfg["feature_layer"]) == ("selective", "legs", "tokens", 2)
+    code, out, err = cli("chat", "-t", "hippo", "-m", run, "-p", "I drive a Falcor.", "--json", "--max-new-tokens", "2")
+    assert code == 0, err
+    assert json.loads(out)["state"]["state_shape"] == [1, 4, 32, 128]  # selective: value dim = 2 * 256 / 4

@@ -50,6 +50,8 @@ def gen_dialog(
     turns: int = typer.Option(6, help="Turns per dialog."),
     min_distance: int = typer.Option(2, help="The asked fact is at least this many turns before the end."),
     facts_per_dialog: int = typer.Option(2, help="Attribute statements per dialog (one is asked)."),
+    name_pool: int = typer.Option(0, help="Draw names/places from a fixed pool of this size (0: invent each one)."),
+    min_turns: Optional[int] = typer.Option(None, help="Training dialogs get between this many and --turns turns (validation: --turns)."),
     seed: int = typer.Option(0, help="Random seed."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
@@ -58,10 +60,12 @@ def gen_dialog(
     [bold]Examples[/bold]
 
       memcli gen-data dialog --out data/dialog --turns 12 --min-distance 6
+      memcli gen-data dialog --name-pool 200 --min-turns 1 --num-train 20000
     """
     from memcli.data.pipeline import gen_dialog as run
 
-    _show("gen-data dialog", run(out, num_train, num_val, seed, turns, min_distance, facts_per_dialog), as_json)
+    _show("gen-data dialog", run(out, num_train, num_val, seed, turns, min_distance, facts_per_dialog, name_pool,
+                                     min_turns), as_json)
 
 
 @gen.command("default")

@@ -42,7 +42,26 @@ NOISE = [
 ]
 
 
-def _value(kind: str, rng: random.Random) -> str:
+POOL_SEED = 20_251_122  # names of a pool are the same for every split and seed
+
+
+def name_pools(size: int) -> dict[str, list[str]]:
+    """Fixed pools of ``size`` distinct invented names and places (0: no pool, every mention is new)."""
+    if size <= 0:
+        return {}
+    rng = random.Random(POOL_SEED)
+    out = {}
+    for kind, syl in (("name", (2, 2)), ("place", (2, 3))):
+        seen: dict[str, None] = {}
+        while len(seen) < size:
+            seen.setdefault(invent_word(rng, syl))
+        out[kind] = list(seen)
+    return out
+
+
+def _value(kind: str, rng: random.Random, pools: dict | None = None) -> str:
+    if pools and kind in pools:
+        return rng.choice(pools[kind])
     if kind == "name":
         return invent_word(rng, (2, 2))
     if kind == "place":
@@ -57,12 +76,22 @@ def _value(kind: str, rng: random.Random) -> str:
 
 
 def generate_dialogs(n: int, seed: int, turns: int = 6, min_distance: int = 2, facts_per_dialog: int = 2,
-                     noise_prob: float = 0.5) -> list[dict]:
+                     noise_prob: float = 0.5, name_pool: int = 0, min_turns: int | None = None) -> list[dict]:
     """``n`` dialogs of ``turns`` user turns; the asked fact is at least ``min_distance`` turns before the end.
 
     Other turns state other attributes (distractors) or small talk, so the answer is only in the
-    asked turn. Deterministic for a seed.
+    asked turn. Names and places are invented afresh for every mention (the model must copy them),
+    or drawn from a fixed pool of ``name_pool`` (recall among known names, chance 1/name_pool).
+    With ``min_turns`` each dialog's length is drawn from ``[min_turns, turns]`` (a curriculum: short
+    dialogs teach reading the state, long ones choosing among turns); distance and the number of
+    facts shrink to fit a short dialog. Deterministic for a seed.
     """
+    min_turns = turns if min_turns is None else min_turns
+    if not 1 <= min_turns <= turns:
+        raise MemcliError(f"--min-turns got {min_turns}, expected 1 <= min-turns <= turns ({turns})")
+    if name_pool < 0:
+        raise MemcliError(f"--name-pool got {name_pool}, expected 0 (no pool) or a positive integer")
+    pools = name_pools(name_pool)
     if n < 1:
         raise MemcliError(f"--num got {n}, expected a positive integer")
     if turns < 1:
@@ -74,17 +103,19 @@ def generate_dialogs(n: int, seed: int, turns: int = 6, min_distance: int = 2, f
     rng = random.Random(seed)
     names = list(ATTRIBUTES)
     rows = []
+    max_turns = turns
     for _ in range(n):
-        attrs = rng.sample(names, facts_per_dialog)
+        turns = rng.randint(min_turns, max_turns) if min_turns < max_turns else max_turns
+        attrs = rng.sample(names, min(facts_per_dialog, turns))
         asked = attrs[0]
         # the asked fact goes into a turn at least min_distance before the end
-        ask_pos = rng.randint(0, turns - 1 - min_distance)
+        ask_pos = rng.randint(0, turns - 1 - min(min_distance, turns - 1))
         other_pos = [p for p in range(turns) if p != ask_pos]
         rng.shuffle(other_pos)
         history = [None] * turns
-        history[ask_pos] = ATTRIBUTES[asked][0].format(v=(answer := _value(ATTRIBUTES[asked][2], rng)))
+        history[ask_pos] = ATTRIBUTES[asked][0].format(v=(answer := _value(ATTRIBUTES[asked][2], rng, pools)))
         for a, p in zip(attrs[1:], other_pos):
-            history[p] = ATTRIBUTES[a][0].format(v=_value(ATTRIBUTES[a][2], rng))
+            history[p] = ATTRIBUTES[a][0].format(v=_value(ATTRIBUTES[a][2], rng, pools))
         spare = [a for a in names if a not in attrs]
         for p in range(turns):
             if history[p] is None:
@@ -92,7 +123,7 @@ def generate_dialogs(n: int, seed: int, turns: int = 6, min_distance: int = 2, f
                     history[p] = rng.choice(NOISE)
                 else:
                     a = spare.pop(rng.randrange(len(spare)))
-                    history[p] = ATTRIBUTES[a][0].format(v=_value(ATTRIBUTES[a][2], rng))
+                    history[p] = ATTRIBUTES[a][0].format(v=_value(ATTRIBUTES[a][2], rng, pools))
         rows.append({
             "dialog_history": history,
             "memory_query": ATTRIBUTES[asked][1],

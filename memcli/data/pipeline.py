@@ -55,14 +55,18 @@ def _move_up(staged: Path) -> None:
 
 
 def gen_dialog(out: str | Path, num_train: int = 2000, num_val: int = 200, seed: int = 0, turns: int = 6,
-               min_distance: int = 2, facts_per_dialog: int = 2) -> dict:
-    train = generate_dialogs(num_train, seed, turns, min_distance, facts_per_dialog)
-    val = generate_dialogs(num_val, seed + 10_000, turns, min_distance, facts_per_dialog)
+               min_distance: int = 2, facts_per_dialog: int = 2, name_pool: int = 0,
+               min_turns: int | None = None) -> dict:
+    """Train dialogs (lengths in [min_turns, turns] when given) and validation dialogs of ``turns`` turns."""
+    train = generate_dialogs(num_train, seed, turns, min_distance, facts_per_dialog, name_pool=name_pool,
+                             min_turns=min_turns)
+    val = generate_dialogs(num_val, seed + 10_000, turns, min_distance, facts_per_dialog, name_pool=name_pool)
     with atomic_dir(Path(out) / ".gen-dialog") as tmp:
         write_jsonl(tmp / "data_train.jsonl", train)
         write_jsonl(tmp / "data_val.jsonl", val)
     _move_up(Path(out) / ".gen-dialog")
-    return {"train": len(train), "val": len(val), "turns": turns, "min_distance": min_distance}
+    return {"train": len(train), "val": len(val), "turns": turns, "min_distance": min_distance, "name_pool": name_pool,
+            "min_turns": min_turns if min_turns is not None else turns}
 
 
 def convert_omcq(input_path: str | Path, output_path: str | Path) -> dict:

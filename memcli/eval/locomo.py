@@ -146,12 +146,12 @@ def hippo_state(model, tok, turns: list[str], max_turn_length: int = 64, batch: 
     from memcli.hippo.data import pad_turns, turn_ids
 
     ids = [turn_ids(tok, "user", t, max_turn_length) for t in turns]
-    feats = []
+    S = model.init_state(1)
     for s in range(0, len(ids), batch):
         tid, mask, _ = pad_turns([ids[s: s + batch]], tok.pad_token_id)
-        feats.append(model.turn_features(tid[0], mask[0]))
-    x = torch.cat(feats).unsqueeze(0) if feats else torch.zeros(1, 0, model.cfg.hidden_size)
-    return model.encoder.scan(x)
+        f = model.turn_features(tid[0], mask[0]).unsqueeze(0)
+        S = model.encoder.scan(f, S=S, tok_mask=mask if f.dim() == 4 else None)
+    return S
 
 
 def _window(model) -> int:

@@ -25,7 +25,9 @@ def newest_run(out_dir: str | Path = "out", kind: str | None = None) -> Path:
             if kind is None or k == kind:
                 cands.append(p)
     if not cands:
-        raise MemcliError(f"{root}: no checkpoint found (train one with 'memcli train memory', or pass --checkpoint)")
+        stage = "hippo" if kind == "hippo" else "memory"
+        what = "HIPPO checkpoint" if kind == "hippo" else "checkpoint"
+        raise MemcliError(f"{root}: no {what} found (train one with 'memcli train {stage}', or pass --model-path/--checkpoint)")
     best = max(cands, key=lambda p: p.stat().st_mtime).parent
     return best.parent if best.name == "model" else best
 

@@ -35,9 +35,9 @@ def resolve_paths(cfg) -> dict:
     explicit = any([m.cache_path, m.keys_path, ds.sft_dataset_path])
     if not explicit and not (paths["cache"].exists() and paths["keys"].exists()):
         from memcli.data.pipeline import default_data
-        from memcli.views import console
+        from memcli.views import err_console
 
-        console.print(f"no data in {d}: generating the synthetic default (gen-data -> convert-omcq -> build-cache -> build-keys)")
+        err_console.print(f"no data in {d}: generating the synthetic default (gen-data -> convert-omcq -> build-cache -> build-keys)")
         default_data(d, seed=0)
     return paths
 

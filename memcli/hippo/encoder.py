@@ -31,6 +31,7 @@ from memcli.errors import MemcliError
 
 VARIANTS = ("matrix", "selective")
 INITS = ("s4d_real", "legs")
+POOLS = ("last", "mean", "tokens")
 
 
 @dataclass
@@ -46,7 +47,7 @@ class HippoConfig:
     expand: int = 2  # selective: inner width = expand * hidden_size
     fusion_layers: list[int] = field(default_factory=lambda: [1])
     feature_layer: int = -1  # backbone hidden state the turn features come from (-1: last)
-    pool: str = "last"  # last (causal position that has seen the whole turn) | mean
+    pool: str = "last"  # last (causal position that has seen the whole turn) | mean | tokens (every position writes)
     backbone: str = "tiny"
     tokenizer_fingerprint: str = ""
 
@@ -55,8 +56,8 @@ class HippoConfig:
             raise MemcliError(f"{where}: variant '{self.variant}', expected one of {', '.join(VARIANTS)}")
         if self.init not in INITS:
             raise MemcliError(f"{where}: init '{self.init}', expected one of {', '.join(INITS)}")
-        if self.pool not in ("last", "mean"):
-            raise MemcliError(f"{where}: pool '{self.pool}', expected last or mean")
+        if self.pool not in POOLS:
+            raise MemcliError(f"{where}: pool '{self.pool}', expected one of {', '.join(POOLS)}")
         for k in ("hidden_size", "num_heads", "state_dim", "value_dim", "expand"):
             if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
                 raise MemcliError(f"{where}: {k} got {getattr(self, k)!r}, expected a positive integer")
@@ -133,17 +134,22 @@ class _Transition(nn.Module):
     def matrix(self) -> torch.Tensor:
         return self.A if self.dense else -torch.exp(self.A_log)
 
-    def step(self, S: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
-        """S [B,H,N,V], k [B,H,N], v [B,H,V], dt [H] or [B,H] -> next S."""
+    def step(self, S: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
+        """S [B,H,N,V]; k [B,L,H,N], v [B,L,H,V] (L writers, ``mask [B,L]``); dt [H] or [B,H] -> next S.
+
+        The turn's input is the sum of its writers' outer products ``sum_l k_l v_l^T`` (one writer for
+        pooled features); ZOH's ``Bbar`` is linear, so it applies to the sum.
+        """
         Abar, Bbar = zoh(self.matrix(), dt)
+        if mask is not None:
+            k = k * mask[..., None, None].to(k.dtype)
+        kv = torch.einsum("blhn,blhv->bhnv", k, v)
         if self.dense:  # per-head [H, N, N] (time-invariant) or per-dialog [B, H, N, N] (selective)
             shape = (S.shape[0], *Abar.shape[-3:])
-            Sa = torch.einsum("bhij,bhjv->bhiv", Abar.expand(shape), S)
-            kb = torch.einsum("bhij,bhj->bhi", Bbar.expand(shape), k)
-        else:
-            Sa = Abar[..., None] * S
-            kb = Bbar * k
-        return Sa + kb[..., None] * v[..., None, :]
+            return torch.einsum("bhij,bhjv->bhiv", Abar.expand(shape), S) + \
+                torch.einsum("bhij,bhjv->bhiv", Bbar.expand(shape), kv)
+        return Abar[..., None] * S + Bbar[..., None] * kv
 
 
 class HippoEncoder(nn.Module):
@@ -155,18 +161,24 @@ class HippoEncoder(nn.Module):
         c = self.cfg
         return torch.zeros(batch, c.num_heads, c.state_dim, c.value_dim, device=device, dtype=dtype)
 
-    def write(self, S: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        new = self._write(S, x)
+    def write(self, S: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None,
+              tok_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One turn: ``x [B, D]`` (pooled) or ``[B, L, D]`` (every position writes, ``tok_mask [B, L]``)."""
+        if x.dim() == 2:
+            x, tok_mask = x[:, None], None
+        new = self._write(S, x, tok_mask)
         if mask is None:
             return new
         return torch.where(mask.view(-1, 1, 1, 1), new, S)  # padded turns leave the state as it was
 
-    def scan(self, x: torch.Tensor, mask: torch.Tensor | None = None, S: torch.Tensor | None = None) -> torch.Tensor:
-        """Turn features ``x [B, T, D]`` (``mask [B, T]``) -> state after the last turn."""
+    def scan(self, x: torch.Tensor, mask: torch.Tensor | None = None, S: torch.Tensor | None = None,
+             tok_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Turn features ``x [B, T, D]`` or ``[B, T, L, D]`` (``mask [B, T]``) -> state after the last turn."""
         if S is None:
             S = self.init_state(x.shape[0], x.device, torch.float32)
         for t in range(x.shape[1]):
-            S = self.write(S, x[:, t], None if mask is None else mask[:, t])
+            S = self.write(S, x[:, t], None if mask is None else mask[:, t],
+                           None if tok_mask is None else tok_mask[:, t])
         return S
 
     def _read_out(self, S: torch.Tensor, q: torch.Tensor, v_skip: torch.Tensor, norm: nn.Module, D: torch.Tensor):
@@ -200,11 +212,11 @@ class MatrixMemory(HippoEncoder):
         self.W_v = nn.Linear(D, H * V, bias=False)
         self.readers = nn.ModuleDict({str(i): _MatrixReader(cfg) for i in cfg.fusion_layers})
 
-    def _write(self, S, x):
+    def _write(self, S, x, tok_mask):
         H = self.cfg.num_heads
         k = F.normalize(_heads(self.W_k(x), H).float(), dim=-1)
         v = _heads(self.W_v(x), H).float()
-        return self.trans.step(S, k, v, torch.exp(self.log_dt))
+        return self.trans.step(S, k, v, torch.exp(self.log_dt), tok_mask)
 
     def read(self, S: torch.Tensor, h: torch.Tensor, layer: int) -> torch.Tensor:
         r = self.readers[str(layer)]
@@ -223,6 +235,7 @@ class _MatrixReader(nn.Module):
         self.norm = _HeadNorm(H, V)
         self.D = nn.Parameter(torch.zeros(H, V))  # skip starts off: at init only the state is read
         self.W_o = nn.Linear(H * V, D, bias=False)
+        nn.init.zeros_(self.W_o.weight)  # the fusion starts at exactly zero (see HippoModel)
 
 
 class SelectiveMemory(HippoEncoder):
@@ -247,13 +260,15 @@ class SelectiveMemory(HippoEncoder):
             self.dt_proj.weight.mul_(0.1)
         self.readers = nn.ModuleDict({str(i): _SelectiveReader(cfg) for i in cfg.fusion_layers})
 
-    def _write(self, S, x):
+    def _write(self, S, x, tok_mask):
         H = self.cfg.num_heads
-        u = F.silu(self.in_proj(x))
+        u = F.silu(self.in_proj(x))  # [B, L, E]
         k = F.normalize(_heads(self.W_k(u), H).float(), dim=-1)
         v = _heads(self.W_v(u), H).float()
-        dt = F.softplus(self.dt_proj(u).float())  # [B, H]
-        return self.trans.step(S, k, v, dt)
+        w = torch.ones(u.shape[:2], device=u.device) if tok_mask is None else tok_mask.float()
+        u_turn = (u.float() * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
+        dt = F.softplus(self.dt_proj(u_turn.to(u.dtype)).float())  # [B, H]: one step size per turn
+        return self.trans.step(S, k, v, dt, tok_mask)
 
     def read(self, S: torch.Tensor, h: torch.Tensor, layer: int) -> torch.Tensor:
         r = self.readers[str(layer)]
@@ -276,6 +291,7 @@ class _SelectiveReader(nn.Module):
         self.norm = _HeadNorm(H, E // H)
         self.D = nn.Parameter(torch.zeros(H, E // H))
         self.out_proj = nn.Linear(E, D, bias=False)
+        nn.init.zeros_(self.out_proj.weight)  # the fusion starts at exactly zero (see HippoModel)
 
 
 def build_encoder(cfg: HippoConfig) -> HippoEncoder:

@@ -27,6 +27,12 @@ REAL_LR = {"hippo": 5e-5, "backbone": 1e-5}
 TINY_LR = {"hippo": 3e-3, "backbone": 1e-3}
 
 
+# the data the tiny model learns from in minutes: names from a pool of 200 (chance 0.5%) and dialog
+# lengths 1..6 (short dialogs teach reading the state, long ones choosing among turns)
+DEFAULT_DATA = {"num_train": 18000, "num_val": 200, "turns": 6, "min_distance": 2, "name_pool": 200, "min_turns": 1}
+DEFAULT_DATA_ARGS = "--num-train 18000 --name-pool 200 --min-turns 1"
+
+
 def resolve_paths(cfg) -> tuple[Path, Path]:
     ds = cfg.dataset
     d = Path(ds.data_dir)
@@ -34,10 +40,10 @@ def resolve_paths(cfg) -> tuple[Path, Path]:
     val = Path(ds.sft_val_dataset_path) if ds.sft_val_dataset_path else d / "data_val.jsonl"
     if not ds.sft_dataset_path and not train.exists():
         from memcli.data.pipeline import gen_dialog
-        from memcli.views import console
+        from memcli.views import err_console
 
-        console.print(f"no dialogs in {d}: generating the synthetic default (memcli gen-data dialog)")
-        gen_dialog(d, seed=0)
+        err_console.print(f"no dialogs in {d}: generating the default recipe (memcli gen-data dialog {DEFAULT_DATA_ARGS})")
+        gen_dialog(d, seed=0, **DEFAULT_DATA)
     return train, val
 
 
@@ -45,10 +51,13 @@ def hippo_config(cfg, backbone, tok, spec: str) -> HippoConfig:
     from memcli.data.bank import tokenizer_fingerprint
 
     m = cfg.model
+    tiny = spec == "tiny"
+    layer = m.hippo_feature_layer if m.hippo_feature_layer is not None else (0 if tiny else -1)
+    pool = m.hippo_pool if m.hippo_pool != "auto" else ("mean" if tiny else "last")
     return HippoConfig(variant=m.hippo_variant, hidden_size=backbone.config.hidden_size, num_heads=m.hippo_heads,
                        state_dim=m.hippo_state_dim, value_dim=m.hippo_value_dim, init=m.hippo_init,
-                       expand=m.hippo_expand, fusion_layers=list(m.memory_layers), feature_layer=m.hippo_feature_layer,
-                       pool=m.hippo_pool, backbone=spec, tokenizer_fingerprint=tokenizer_fingerprint(tok))
+                       expand=m.hippo_expand, fusion_layers=list(m.memory_layers), feature_layer=layer,
+                       pool=pool, backbone=spec, tokenizer_fingerprint=tokenizer_fingerprint(tok))
 
 
 def build(cfg, spec: str, method: str):

@@ -1,7 +1,7 @@
 """The one training loop every ``memcli train`` subcommand uses (accelerate-based).
 
 - real gradient accumulation: the optimizer steps once per ``accumulation_steps`` micro-batches;
-- warmup + cosine schedule sized in optimizer steps; parameter groups with their own learning rates;
+- warmup + cosine / linear / constant schedule (``training.lr_scheduler``) sized in optimizer steps; parameter groups with their own learning rates;
 - gradient clipping, fp32 / bf16, DDP (``accelerate launch``) and DeepSpeed ZeRO (``training.zero_stage``);
 - deterministic data order from the seed, so ``training.resume=auto`` continues a killed run exactly;
 - eval every ``eval_interval`` optimizer steps, checkpoints every ``save_interval`` and at the end;
@@ -26,7 +26,7 @@ from memcli.records import atomic_write_text
 if not torch.cuda.is_available():
     _os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns on every import here
 from memcli.training import state as S
-from memcli.views import console, progress
+from memcli.views import console, err_console, progress
 
 
 @dataclass
@@ -50,12 +50,17 @@ class TrainTask:
     info: dict = field(default_factory=dict)
 
 
-def lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
+def lr_lambda(total: int, warmup: int, kind: str = "cosine") -> Callable[[int], float]:
+    """Linear warmup, then cosine decay to 0, linear decay to 0, or constant."""
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / max(1, warmup)
-        prog = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, prog)))
+        prog = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "constant":
+            return 1.0
+        if kind == "linear":
+            return 1.0 - prog
+        return 0.5 * (1 + math.cos(math.pi * prog))
 
     return f
 
@@ -106,7 +111,7 @@ def _trackers(lcfg) -> list[str]:
                 __import__(mod)
                 out.append(name)
             except ImportError:
-                console.print(f"[yellow]logging.{name}=true but {mod} is not installed; skipping it[/yellow]")
+                err_console.print(f"[yellow]logging.{name}=true but {mod} is not installed; skipping it[/yellow]")
     return out
 
 
@@ -129,7 +134,7 @@ def run_training(cfg, task: TrainTask, run_dir: Path, command: str) -> dict:
         [{"params": g["params"], "lr": g["lr"], "name": g["name"]} for g in task.param_groups if g["params"]],
         weight_decay=t.weight_decay,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_opt, warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_opt, warmup, t.lr_scheduler))
     start_micro = 0
     if t.resume and acc.state.deepspeed_plugin is not None:
         raise MemcliError("training.resume is not supported with DeepSpeed ZeRO (its optimizer state is partitioned "
@@ -146,7 +151,7 @@ def run_training(cfg, task: TrainTask, run_dir: Path, command: str) -> dict:
                 task.load_extra_state({k[6:]: v for k, v in other.items() if k.startswith("extra.")})
             start_micro = int(meta["micro_step"])
             if acc.is_main_process:
-                console.print(f"resumed from {st} (optimizer step {meta['step']}, micro-batch {start_micro})")
+                err_console.print(f"resumed from {st} (optimizer step {meta['step']}, micro-batch {start_micro})")
     model, optimizer = acc.prepare(task.model, optimizer)
     if acc.is_main_process and acc.trackers:
         acc.init_trackers(command.replace(" ", "_"), config={"command": command})
@@ -221,7 +226,7 @@ def run_training(cfg, task: TrainTask, run_dir: Path, command: str) -> dict:
                 _save(acc, task, optimizer, scheduler, run_dir, opt_step, micro + 1)
             if cfg.logging.log_interval and opt_step % cfg.logging.log_interval == 0 and acc.is_main_process \
                     and not bar.live.is_started:
-                console.print(f"step {opt_step}/{total_opt} loss {logged['loss']:.4f} lr {logged['lr']:.2e}")
+                err_console.print(f"step {opt_step}/{total_opt} loss {logged['loss']:.4f} lr {logged['lr']:.2e}")
     acc.wait_for_everyone()
     if task.sync_state:
         task.sync_state()
