@@ -1,7 +1,8 @@
 """Pick the implementation of each memory op: Triton on CUDA when available, the reference elsewhere.
 
 ``MEMCLI_KERNELS=reference`` forces the PyTorch path, ``triton`` forces Triton (errors if it cannot
-run), ``auto`` (default) uses Triton only for CUDA tensors.
+run; on CPU tensors only under ``TRITON_INTERPRET=1``), ``auto`` (default) uses Triton only for CUDA
+tensors. The CPU reference uses ``embedding_bag`` and never builds ``[T, k, L, D]``.
 """
 
 from __future__ import annotations
@@ -58,4 +59,8 @@ def token_bag(token_ids, cells, weights, emb, pad_id):
 
 def entry_pool(token_ids, cells, emb, pad_id):
     """Per-candidate pooled entries ``[T, k, D]`` (used by the content re-rank)."""
+    if _use_triton(emb):
+        from memcli.kernels.triton_ops import entry_pool_triton
+
+        return entry_pool_triton(token_ids, cells, emb, pad_id)
     return entry_pool_ref(token_ids, cells, emb, pad_id)

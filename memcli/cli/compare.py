@@ -12,7 +12,7 @@ from memcli.views import console, emit, table
 compare = typer.Typer(help="Put results side by side (benchmarks now; checkpoints and runs in later releases).",
                       no_args_is_help=True, rich_markup_mode="rich")
 
-SUITES = ("explicit", "hippo", "all")
+SUITES = ("explicit", "hippo", "kernels", "all")
 
 
 @compare.command("bench")
@@ -28,7 +28,9 @@ def bench(
     num_candidates 16): product-key top-k vs brute force and the seed's grid, pooled memory read vs
     materialise-then-mean (time and peak memory), vectorised EMA vs a per-entry loop, and generation
     with KV cache vs recomputing every token. Takes about a minute on 2 CPU cores. The hippo suite
-    times chat turns 1, 10 and 50 with the memory state vs the full history in the prompt.
+    times chat turns 1, 10 and 50 with the memory state vs the full history in the prompt. The
+    kernels suite times the Triton kernels (CUDA only) against their PyTorch references and the
+    seed-style paths, forward and forward+backward, with the token bag's achieved bandwidth.
 
     [bold]Examples[/bold]
 
@@ -47,7 +49,11 @@ def bench(
         rows += run_explicit(quick=quick)
     if suite in ("hippo", "all"):
         rows += run_hippo(quick=quick)
-    cols = ["bench", "path", "median ms", "spread ms", "ratio (x slower than memcli)", "note"]
+    if suite in ("kernels", "all"):
+        from memcli.kernels.bench import run_kernels
+
+        rows += run_kernels(quick=quick)
+    cols = ["bench", "path", "median ms", "spread ms", "ratio (time / first row of its bench)", "note"]
     data = [(r["bench"], r["path"], round(r["median_ms"], 2), round(r.get("spread_ms", 0.0), 2), round(r["ratio"], 2),
              r.get("note", "")) for r in rows]
     if markdown is not None:
