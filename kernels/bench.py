@@ -112,8 +112,8 @@ def bench_select(dev=None, T: int | None = None, N: int = 1 << 20, k: int = 16, 
                 note = f"same cells as reference: {same}"
             rows.append(_row(f"{name} {phase}", label, t, sp, times[(ref, phase)][0], note))
     if why is not None:
-        rows.append({"bench": f"{name}", "path": "triton", "median_ms": float("nan"), "spread_ms": 0.0,
-                     "ratio": float("nan"), "note": why})
+        rows.append({"bench": f"{name}", "path": "triton", "median_ms": None, "spread_ms": None,
+                     "ratio": None, "note": why})
     return rows
 
 
@@ -168,8 +168,8 @@ def bench_token_bag(dev=None, D: int = 512, T: int | None = None, N: int = 1 << 
                     note += f", {100 * bw / spec:.0f}% of spec peak"
             rows.append(_row(f"{name} {phase}", label, t, sp, times[(ref, phase)][0], note))
     if why is not None:
-        rows.append({"bench": name, "path": "triton", "median_ms": float("nan"), "spread_ms": 0.0,
-                     "ratio": float("nan"), "note": why})
+        rows.append({"bench": name, "path": "triton", "median_ms": None, "spread_ms": None,
+                     "ratio": None, "note": why})
     return rows
 
 
@@ -197,7 +197,10 @@ def main(which: str = "all") -> None:  # noqa: D103
         return
     print(f"device: {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}; ratio = time / reference (lower is faster)")
     for r in rows:
-        print(f"{r['bench']:<58} {r['path']:<36} {r['median_ms']:>10.3f} ms  x{r['ratio']:.2f}  {r['note']}")
+        if r["median_ms"] is None:
+            print(f"{r['bench']:<58} {r['path']:<36} {'-':>10}     {r['note']}")
+        else:
+            print(f"{r['bench']:<58} {r['path']:<36} {r['median_ms']:>10.3f} ms  x{r['ratio']:.2f}  {r['note']}")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,10 @@ def bench(
 
         rows += run_kernels(quick=quick)
     cols = ["bench", "path", "median ms", "spread ms", "ratio (time / first row of its bench)", "note"]
-    data = [(r["bench"], r["path"], round(r["median_ms"], 2), round(r.get("spread_ms", 0.0), 2), round(r["ratio"], 2),
+    def num(x):
+        return "-" if x is None else round(x, 2)
+
+    data = [(r["bench"], r["path"], num(r["median_ms"]), num(r.get("spread_ms", 0.0)), num(r["ratio"]),
              r.get("note", "")) for r in rows]
     if markdown is not None:
         from memcli.records import atomic_write_text

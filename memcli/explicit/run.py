@@ -14,6 +14,7 @@ from memcli.explicit.ema import EmaAccumulator, ema_update, frozen_rows
 from memcli.eval.explicit import evaluate, load_eval_data
 from memcli.explicit.io import build_model, save_checkpoint
 from memcli.training.loop import TrainTask, run_training
+from memcli.training.state import trainable_io
 
 STAGES = ("router", "fusion", "memory")
 
@@ -152,17 +153,7 @@ def train_explicit(cfg, stage: str) -> dict:
 
     trainable_named = {n: p for n, p in mem.named_parameters() if p.requires_grad}
 
-    def trainable_state():
-        sd = {n: p.detach().cpu().clone() for n, p in trainable_named.items()}
-        return sd
-
-    def load_trainable(sd):
-        missing = set(trainable_named) - set(sd)
-        if missing:
-            raise MemcliError(f"resume state lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]})")
-        with torch.no_grad():
-            for n, p in trainable_named.items():
-                p.copy_(sd[n])
+    trainable_state, load_trainable = trainable_io(trainable_named)
 
     def extra_state():
         return {"bank": mem.bank.cpu(), "usage": mem.usage.cpu(), "last_updated": mem.last_updated.cpu()}

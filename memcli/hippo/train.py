@@ -21,6 +21,7 @@ from memcli.hippo.encoder import HippoConfig
 from memcli.hippo.io import save_hippo
 from memcli.hippo.model import HippoModel
 from memcli.training.loop import TrainTask, run_training
+from memcli.training.state import trainable_io
 
 # learning rates when not configured: the seed's for a pretrained backbone; the tiny model learns from scratch
 REAL_LR = {"hippo": 5e-5, "backbone": 1e-5}
@@ -143,16 +144,7 @@ def train_hippo(cfg) -> dict:
     trainable = {f"memory.{i}": p for i, p in enumerate(mem_params)}
     trainable.update({f"backbone.{n}": p for n, p in bb_named})
 
-    def trainable_state():
-        return {n: p.detach().cpu().clone() for n, p in trainable.items()}
-
-    def load_trainable(sd):
-        missing = set(trainable) - set(sd)
-        if missing:
-            raise MemcliError(f"resume state lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]})")
-        with torch.no_grad():
-            for n, p in trainable.items():
-                p.copy_(sd[n])
+    trainable_state, load_trainable = trainable_io(trainable)
 
     run_dir = Path(cfg.logging.out_dir) / (cfg.logging.run_name or "hippo")
 

@@ -100,3 +100,23 @@ def load_state(path: Path) -> tuple[dict, dict, dict, dict]:
 
 def dump(obj) -> str:
     return json.dumps(obj)
+
+
+def trainable_io(named: dict[str, torch.Tensor]):
+    """(state_fn, load_fn) that snapshot / restore the named trainable tensors for resumable states."""
+
+    def state() -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in named.items()}
+
+    def load(sd: dict[str, torch.Tensor]) -> None:
+        from memcli.errors import MemcliError
+
+        missing = set(named) - set(sd)
+        if missing:
+            raise MemcliError(f"resume state lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]})")
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(sd[n])
+
+    return state, load
+
