@@ -9,7 +9,7 @@ import torch
 
 from memcli.errors import MemcliError
 
-MODEL_TYPES = ("memory", "lora", "full", "hippo")
+MODEL_TYPES = ("memory", "lora", "full", "hippo", "hrpo")
 HELP = "/exit quit · /reset clear the history · /memory entries read for the last answer · /help this text"
 HIPPO_HELP = ("/exit quit · /reset_hidden (or reset_hidden) clear the memory state · /state its norm and turn count · "
               "/help this text")
@@ -133,10 +133,48 @@ class HippoChatSession:
                 "state_shape": list(self.state.shape)}
 
 
+@dataclass
+class HrpoChatSession:
+    """Chat with an HRPO run: hybrid decoding (latent mixing while reasoning, until '####'), with history."""
+
+    model: object
+    tok: object
+    options: GenOptions
+    history: list = field(default_factory=list)
+    last_stats: dict = field(default_factory=dict)
+
+    @torch.no_grad()
+    def reply(self, text: str, streamer=None) -> str:
+        self.history.append({"role": "user", "content": text})
+        enc = self.tok.apply_chat_template(self.history, tokenize=True, add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)
+        ro = self.model.generate(self.tok, enc["input_ids"], enc["attention_mask"], self.options.max_new_tokens,
+                                 temperature=self.options.temperature, streamer=streamer)
+        ids = ro.completion_ids[0][ro.completion_mask[0].bool()]
+        a = ro.a_mean
+        self.last_stats = {"mixed_tokens": int(ro.mix_mask[0].sum()), "gate_a": None if a != a else round(a, 6)}
+        answer = self.tok.decode(ids, skip_special_tokens=True).strip()
+        self.history.append({"role": "assistant", "content": answer})
+        return answer
+
+    def reset(self) -> None:
+        self.history.clear()
+
+
 def newest_run_of(model_path, out_dir, kind: str) -> Path:
     from memcli.explicit.inspect import newest_run
 
     return Path(model_path) if model_path else newest_run(out_dir, kind)
+
+
+def _kind_of(path) -> str | None:
+    import json
+
+    p = Path(path) / "checkpoint.json"
+    try:
+        return json.loads(p.read_text()).get("kind") if p.is_file() else None
+    except (OSError, ValueError):
+        return None
 
 
 def open_session(model_path: str | Path | None, model_type: str, options: GenOptions, out_dir: str | Path = "out"):
@@ -153,6 +191,19 @@ def open_session(model_path: str | Path | None, model_type: str, options: GenOpt
         path = Path(model_path) if model_path else newest_run(out_dir, HIPPO_KIND)
         model, tok, _ = load_hippo(path)
         return HippoChatSession(model, tok, options), path
+    from memcli.hrpo.io import KIND as HRPO_KIND
+
+    if model_type == "hrpo" or (model_type in ("lora", "full") and model_path and _kind_of(model_path) == HRPO_KIND):
+        from memcli.hrpo.io import load_hrpo
+
+        path = Path(model_path) if model_path else newest_run(out_dir, HRPO_KIND)
+        model, tok, info = load_hrpo(path)
+        if model_type in ("lora", "full") and info["finetuning_method"] != model_type:
+            raise MemcliError(f"{path}: --model-type {model_type}, but this HRPO run's backbone was trained "
+                              f"'{info['finetuning_method']}'")
+        if options.top_p != 1.0 or options.repetition_penalty != 1.0:
+            raise MemcliError("--top-p and --repetition-penalty are not supported by HRPO's hybrid decoding; leave them at 1")
+        return HrpoChatSession(model, tok, options), path
     path = Path(model_path) if model_path else newest_run(out_dir, KIND)
     model, tok, bank, info = load_checkpoint(path)
     method = info.get("finetuning_method", model.cfg.mode)

@@ -52,6 +52,10 @@ class ModelConfig:
     # states carry nothing yet: measured, EM stayed at chance for 600 steps with them)
     hippo_feature_layer: Optional[int] = None
     hippo_pool: str = "auto"  # auto | last (causal position) | mean over the turn | tokens (every position writes k v^T)
+    # HRPO latent reasoning (train hrpo)
+    thinking_source: str = "probs"  # probs (p @ W_embed / ||p||) | projection (learnable, of the last hidden state)
+    thinking_r_min: float = 0.99  # initial embedding share a lies in [r_min, r_max]
+    thinking_r_max: float = 0.999
 
 
 @dataclass
@@ -65,6 +69,8 @@ class DatasetConfig:
     pretrained_router_path: Optional[str] = None
     max_length: int = 128
     max_turn_length: int = 64  # tokens kept per dialog turn (HIPPO)
+    train_path: Optional[str] = None  # HRPO: GSM8K-format JSONL (question, answer with '#### n')
+    eval_path: Optional[str] = None  # HRPO: test file for greedy accuracy
 
 
 @dataclass
@@ -98,6 +104,17 @@ class TrainingConfig:
     freeze_ratio: float = 0.0
     stage1_epochs: int = 1  # HIPPO: epochs that train the memory encoder and gates only
     hippo_lr: Optional[float] = None  # HIPPO encoder + gates; None: 5e-5 (a real backbone) or 3e-3 (tiny)
+    # HRPO (GRPO with hybrid latent reasoning); batch_size counts prompts, each sampled group_size times
+    group_size: int = 4
+    temperature: float = 0.5
+    max_completion_length: int = 64
+    beta: float = 0.005  # KL to the reference (k3 estimator); 0 skips the reference forward
+    gate_lr: float = 1e-4  # thinking_residual_gate_r / _gate_i
+    lambda_lr: float = 1e-3  # thinking_residual_Lambda
+    projection_lr: float = 1e-4  # thinking_projection
+    hybrid: bool = True  # False: plain GRPO (token inputs only)
+    reward_fn: str = "memcli.hrpo.rewards:gsm8k_reward"  # module:function(completions, answers, prompts) -> floats
+    log_completions_interval: int = 50  # optimizer steps between tables of sample completions (0: never)
     device: str = "auto"
 
 

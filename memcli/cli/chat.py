@@ -13,7 +13,7 @@ from memcli.views import console, emit, table
 
 def chat(
     model_path: Optional[Path] = typer.Option(None, "--model-path", "-m", help="Checkpoint or run directory (default: newest run under out/)."),
-    model_type: str = typer.Option("memory", "--model-type", "-t", help="memory (any explicit-memory checkpoint), lora, full, or hippo (dialog memory)."),
+    model_type: str = typer.Option("memory", "--model-type", "-t", help="memory (any explicit-memory checkpoint), lora, full, hippo (dialog memory) or hrpo (latent reasoning; lora/full also open an HRPO run given with -m)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer this one message and exit."),
     out_dir: Path = typer.Option(Path("out"), help="Where to look for the newest run."),
     max_new_tokens: int = typer.Option(64, help="Tokens to generate per answer."),
@@ -25,6 +25,7 @@ def chat(
     """Talk to a trained model; answers stream token by token (KV cache).
 
     Commands in the loop: /exit, /reset, /memory (entries read for the last answer), /help.
+    With --model-type hrpo answers use hybrid decoding (latent mixing until '####').
     With --model-type hippo the prompt never carries the history: each turn is written into the
     memory state; /reset_hidden (or reset_hidden) clears it, /state shows its norm and turn count.
     End of input (Ctrl-D, or the end of a pipe) exits with code 0.
@@ -38,16 +39,18 @@ def chat(
     """
     from transformers import TextStreamer
 
-    from memcli.chat import HELP, HIPPO_HELP, GenOptions, HippoChatSession, open_session
+    from memcli.chat import HELP, HIPPO_HELP, GenOptions, HippoChatSession, HrpoChatSession, open_session
 
     opts = GenOptions(max_new_tokens, temperature, top_p, repetition_penalty)
     session, path = open_session(model_path, model_type, opts, out_dir)
     hippo = isinstance(session, HippoChatSession)
-    help_text = HIPPO_HELP if hippo else HELP
+    hrpo = isinstance(session, HrpoChatSession)
+    help_text = HIPPO_HELP if hippo else HELP.replace(" · /memory entries read for the last answer", "") if hrpo else HELP
     if prompt is not None:
         if as_json:
             answer = session.reply(prompt)
-            extra = {"state": session.state_info()} if hippo else {"memory": session.last_memory}
+            extra = ({"state": session.state_info()} if hippo else {"hybrid": session.last_stats} if hrpo
+                     else {"memory": session.last_memory})
             emit(dict({"checkpoint": str(path), "prompt": prompt, "answer": answer}, **extra), True)
         else:
             session.reply(prompt, streamer=TextStreamer(session.tok, skip_prompt=True, skip_special_tokens=True))
@@ -77,6 +80,8 @@ def chat(
             console.print(f"state: {info['turns']} turns, norm {info['state_norm']:.4f}, shape {info['state_shape']}")
         elif hippo and text == "/memory":
             console.print("a HIPPO model has no entries to show; /state shows the memory state")
+        elif hrpo and text == "/memory":
+            console.print("an HRPO model has no memory entries; its latent steps are in the answer's decoding")
         elif text == "/reset":
             session.reset()
             console.print("history cleared")

@@ -12,7 +12,7 @@ from memcli.views import console, emit, table
 compare = typer.Typer(help="Put results side by side (benchmarks now; checkpoints and runs in later releases).",
                       no_args_is_help=True, rich_markup_mode="rich")
 
-SUITES = ("explicit", "hippo", "kernels", "all")
+SUITES = ("explicit", "hippo", "hrpo", "kernels", "all")
 
 
 @compare.command("bench")
@@ -30,7 +30,9 @@ def bench(
     with KV cache vs recomputing every token. Takes about a minute on 2 CPU cores. The hippo suite
     times chat turns 1, 10 and 50 with the memory state vs the full history in the prompt. The
     kernels suite times the Triton kernels (CUDA only) against their PyTorch references and the
-    seed-style paths, forward and forward+backward, with the token bag's achieved bandwidth.
+    seed-style paths, forward and forward+backward, with the token bag's achieved bandwidth. The
+    hrpo suite compares hybrid-rollout tokens/s with HF generate and with a loop that re-decodes the
+    text each step to find '####'.
 
     [bold]Examples[/bold]
 
@@ -49,6 +51,10 @@ def bench(
         rows += run_explicit(quick=quick)
     if suite in ("hippo", "all"):
         rows += run_hippo(quick=quick)
+    if suite in ("hrpo", "all"):
+        from memcli.bench.hrpo import run_hrpo
+
+        rows += run_hrpo(quick=quick)
     if suite in ("kernels", "all"):
         from memcli.kernels.bench import run_kernels
 

@@ -128,5 +128,43 @@ def train_hippo(overrides: Optional[List[str]] = _OVR, config: Optional[Path] = 
     _summary("hippo", run(cfg), as_json)
 
 
+# the tiny default: the built-in arithmetic task, 4 problems x 4 samples per step, short completions
+HRPO_DEFAULTS = {"training": {"batch_size": 4, "max_steps": 60, "eval_interval": 0, "eval_num_samples": 50,
+                              "max_completion_length": 32, "lr_scheduler": "constant", "warmup_ratio": 0.0,
+                              "log_completions_interval": 20},
+                 "logging": {"log_interval": 10}}
+
+
+@train.command("hrpo")
+def train_hrpo(overrides: Optional[List[str]] = _OVR, config: Optional[Path] = _CFG, print_config: bool = _PRINT,
+               as_json: bool = _JSON):
+    """HRPO latent reasoning: GRPO where each reasoning step feeds back a gated token/latent mix.
+
+    Reads GSM8K-format JSONL (question, answer ending in '#### n') from dataset.train_path (the
+    built-in arithmetic task under data/arithmetic when unset) and reports greedy accuracy on
+    dataset.eval_path. Each of training.batch_size problems is sampled training.group_size times at
+    training.temperature; rewards from training.reward_fn (module:function). Output: <out>/hrpo with
+    thinking_residual/, lora/ or backbone/, checkpoint.json.
+
+    [bold]Examples[/bold]
+
+      memcli train hrpo
+      memcli train hrpo dataset.train_path=gsm8k/train.jsonl dataset.eval_path=gsm8k/test.jsonl model.qwen3_model_path=/models/Qwen3-0.6B model.finetuning_method=lora
+      memcli train hrpo model.thinking_source=projection training.group_size=8 training.beta=0
+    """
+    from memcli.config import load_config, to_yaml
+    from memcli.hrpo.train import train_hrpo as run
+
+    cfg = load_config(config, overrides or [], defaults=HRPO_DEFAULTS)
+    if print_config:
+        console.print(to_yaml(cfg), markup=False)
+        return
+    res = run(cfg)
+    if "reward_first" in res:
+        res.setdefault("eval", {})
+        res["eval"] = dict(res["eval"] or {}, reward_first_fifth=res["reward_first"], reward_last_fifth=res["reward_last"])
+    _summary("hrpo", res, as_json)
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(train, name="train")

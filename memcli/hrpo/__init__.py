@@ -1,0 +1,1 @@
+"""HRPO latent reasoning: hybrid token/latent decoding and GRPO training (Yue et al. 2025)."""

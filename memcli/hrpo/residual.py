@@ -1,0 +1,96 @@
+"""The thinking residual: the gated mix of a sampled token's embedding and a latent thinking vector.
+
+``r = sigmoid(thinking_residual_gate_r(e))``, ``i = sigmoid(thinking_residual_gate_i(e))``,
+``a = exp(-c * softplus(-Lambda) * r)`` (c = 8) and the next input is ``a * e + sqrt(1 - a^2) * (i * h)``.
+``Lambda`` starts so that ``a`` lies in ``[r_min, r_max]`` (0.99 / 0.999): the model begins almost
+token-only and learns how much latent signal to let through. ``h`` is the probability-weighted
+embedding ``(p @ W_embed) / ||p||_2`` or, with ``source="projection"``, a learnable
+``thinking_projection`` of the last hidden state rescaled to the embedding rows' mean norm.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from memcli.errors import MemcliError
+
+C = 8.0
+
+
+@dataclass
+class HrpoConfig:
+    hidden_size: int
+    source: str = "probs"  # probs | projection
+    r_min: float = 0.99
+    r_max: float = 0.999
+    marker: str = "####"
+    backbone: str = "tiny"
+    tokenizer_fingerprint: str = ""
+
+    def __post_init__(self):
+        if self.source not in ("probs", "projection"):
+            raise MemcliError(f"key 'model.thinking_source' got '{self.source}', expected probs or projection")
+        if not 0.0 < self.r_min <= self.r_max < 1.0:
+            raise MemcliError(f"keys 'model.thinking_r_min/r_max' got {self.r_min}/{self.r_max}, expected 0 < r_min <= r_max < 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "HrpoConfig":
+        known = set(cls.__dataclass_fields__)
+        bad = sorted(set(d) - known)
+        if bad:
+            raise MemcliError(f"{where}: unknown field '{bad[0]}'")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise MemcliError(f"{where}: {e}") from None
+
+
+class ThinkingResidual(nn.Module):
+    def __init__(self, cfg: HrpoConfig, embed_row_norm: float = 1.0):
+        super().__init__()
+        D = cfg.hidden_size
+        self.cfg = cfg
+        self.thinking_residual_gate_r = nn.Linear(D, D)
+        self.thinking_residual_gate_i = nn.Linear(D, D)
+        # a at r = 1 is uniform in [r_min, r_max]; softplus(-Lambda) = -log(a) / c
+        a0 = torch.empty(D).uniform_(cfg.r_min, cfg.r_max)
+        y = -torch.log(a0) / C
+        self.thinking_residual_Lambda = nn.Parameter(-torch.log(torch.expm1(y)))
+        self.thinking_projection = None
+        if cfg.source == "projection":
+            self.thinking_projection = nn.Linear(D, D, bias=False)
+            nn.init.normal_(self.thinking_projection.weight, std=0.02 / math.sqrt(D))  # small: starts near no-op
+        self.register_buffer("embed_row_norm", torch.tensor(float(embed_row_norm)), persistent=True)
+        self.force_a: float | None = None  # tests: a = 1 gives plain token inputs
+
+    def gate(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ef = e.float()
+        r = torch.sigmoid(self.thinking_residual_gate_r(ef))
+        i = torch.sigmoid(self.thinking_residual_gate_i(ef))
+        a = torch.exp(-C * F.softplus(-self.thinking_residual_Lambda) * r)
+        if self.force_a is not None:
+            a = torch.full_like(a, self.force_a)
+        return a, i
+
+    def mix(self, e: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (mixed input in e's dtype, a)."""
+        a, i = self.gate(e)
+        out = a * e.float() + torch.sqrt((1 - a * a).clamp_min(0.0)) * (i * h.float())
+        return out.to(e.dtype), a
+
+    @staticmethod
+    def probs_vector(p: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``(p @ W) / ||p||_2``: the probability-weighted embedding, rescaled so a one-hot p gives its row."""
+        return (p.float() @ weight.float()) / p.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        h = self.thinking_projection(hidden.float())
+        return h / h.norm(dim=-1, keepdim=True).clamp_min(1e-12) * self.embed_row_norm
