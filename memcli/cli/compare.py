@@ -1,15 +1,16 @@
-"""``memcli compare``: results side by side. This release: ``compare bench`` (benchmark suites)."""
+"""``memcli compare``: checkpoints, runs, HIPPO variants, LoCoMo and benchmark suites side by side."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
+from memcli.errors import MemcliError
 from memcli.views import console, emit, table
 
-compare = typer.Typer(help="Put results side by side (benchmarks now; checkpoints and runs in later releases).",
+compare = typer.Typer(help="Put results side by side: checkpoints, training runs, HIPPO variants, LoCoMo, benchmarks.",
                       no_args_is_help=True, rich_markup_mode="rich")
 
 SUITES = ("explicit", "hippo", "hrpo", "kernels", "all")
@@ -144,3 +145,132 @@ def _write_md(path: Optional[Path], cols: list[str], rows: list[tuple]) -> None:
 
 def register(app: typer.Typer) -> None:
     app.add_typer(compare, name="compare")
+
+
+def _metric_rows(metrics: dict, labels: list[str], diffs: bool = True) -> tuple[list[str], list[tuple]]:
+    """One row per metric, one column per item, the best highlighted; Δ columns against the first item."""
+    from memcli.eval.compare import lower_is_better
+
+    cols = ["metric", *labels] + ([f"Δ {lb} vs {labels[0]}" for lb in labels[1:]] if diffs else [])
+    rows = []
+    for m, vals in metrics.items():
+        nums = [v for v in vals if isinstance(v, (int, float))]
+        best = (min(nums) if lower_is_better(m) else max(nums)) if len(nums) > 1 and len(set(nums)) > 1 else None
+        cells = [_cell(v, best is not None and v == best) for v in vals]
+        if diffs:
+            cells += [(f"{v - vals[0]:+.4g}" if isinstance(v, (int, float)) and isinstance(vals[0], (int, float)) else "-")
+                      for v in vals[1:]]
+        rows.append((m, *cells))
+    return cols, rows
+
+
+def _labels(paths: list) -> list[str]:
+    names = [Path(p).name or str(p) for p in paths]
+    return names if len(set(names)) == len(names) else [str(p) for p in paths]
+
+
+@compare.command("checkpoints")
+def checkpoints(
+    paths: List[Path] = typer.Argument(..., help="Two or more run directories of the same kind."),
+    data: Path = typer.Option(..., "--data", help="Evaluation data: a data directory (explicit memory), a dialog JSONL "
+                                                  "(HIPPO) or a GSM8K JSONL (HRPO)."),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", help="First N evaluation items only."),
+    max_new_tokens: int = typer.Option(64, help="HRPO: completion length for the greedy evaluation."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also write a bar chart (PNG) here."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write the table as Markdown here."),
+):
+    """The same evaluation on every checkpoint, one table, the best value per row highlighted.
+
+    Explicit memory: held-out accuracy with memory on / off / edited and router recall
+    (inspect-memory --eval). HIPPO: exact match with the memory state and without history. HRPO:
+    greedy GSM8K accuracy with hybrid decoding. Checkpoints must be of one kind and share a tokenizer.
+
+    [bold]Examples[/bold]
+
+      memcli compare checkpoints out/memory out/memory_lora --data data/default
+      memcli compare checkpoints out/hippo_matrix out/hippo_selective --data data/dialog/data_val.jsonl --plot em.png
+      memcli compare checkpoints out/hrpo out/hrpo_plain --data gsm8k/test.jsonl --num-samples 200 --json
+    """
+    from memcli.eval.compare import compare_checkpoints, plot_bars
+
+    if num_samples is not None and num_samples < 1:
+        raise MemcliError(f"--num-samples got {num_samples}, expected a positive integer")
+    res = compare_checkpoints(list(paths), data, num_samples, max_new_tokens)
+    labels = _labels(paths)
+    cols, rows = _metric_rows(res["metrics"], labels)
+    _write_md(markdown, cols, rows)
+    if plot is not None:
+        plot_bars(res["metrics"], labels, plot, f"compare checkpoints ({res['kind']}) on {data}")
+        res["plot"] = str(plot)
+    emit(res, as_json, lambda _: table(f"compare checkpoints · {res['kind']} · {data}", cols, rows))
+
+
+@compare.command("runs")
+def runs(
+    dirs: List[Path] = typer.Argument(..., help="Run directories (each with metrics.jsonl)."),
+    metric: Optional[List[str]] = typer.Option(None, "--metric", help="Metric to compare (repeatable; default: loss, "
+                                                                      "reward_mean and every eval/ metric)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also write the curves overlaid (PNG) here."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output (includes the curves)."),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write the table as Markdown here."),
+):
+    """Training curves of runs side by side: last and best value of each metric, curves overlaid with --plot.
+
+    [bold]Examples[/bold]
+
+      memcli compare runs out/memory out/memory_lora --plot curves.png
+      memcli compare runs out/hippo out/hippo_sel --metric loss --metric eval/exact_match_memory
+    """
+    from memcli.eval.compare import compare_runs, plot_curves
+
+    res = compare_runs(list(dirs), list(metric or []))
+    labels = _labels(dirs)
+    cols, rows = _metric_rows(res["metrics"], labels, diffs=len(labels) > 1)
+    _write_md(markdown, cols, rows)
+    if plot is not None:
+        plot_curves(res["curves"], plot, "compare runs")
+        res["plot"] = str(plot)
+    emit(res, as_json, lambda _: table("compare runs", cols, rows))
+
+
+@compare.command("hippo")
+def hippo(
+    checkpoint: Optional[List[Path]] = typer.Option(None, "--checkpoint", "-m", help="Trained HIPPO runs to score "
+                                                                                     "(repeatable; e.g. a matrix and a selective run)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Dialog JSONL for exact match (with --checkpoint)."),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", help="First N dialogs only."),
+    turns: int = typer.Option(50, help="Chat turns timed (latency at turns 1, 5, 10, 20, ... 50 when reached, and the last)."),
+    repeats: int = typer.Option(3, help="Timing repeats (median reported)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also write latency vs turn (PNG) here."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write the table as Markdown here."),
+):
+    """HIPPO encoder variants side by side: matrix vs selective, plus no memory and full history.
+
+    Parameters and fp32 / fp16 bytes of each encoder on the tiny backbone, chat latency per turn
+    (memory state vs the whole history in the prompt), and, with --checkpoint and --data, exact
+    match of each trained run with its state, without history, and with the history in the prompt.
+
+    [bold]Examples[/bold]
+
+      memcli compare hippo
+      memcli compare hippo -m out/hippo -m out/hippo_selective --data data/dialog/data_val.jsonl --plot hippo.png
+    """
+    from memcli.eval.compare import compare_hippo, plot_curves
+
+    if turns < 1 or repeats < 1:
+        raise MemcliError(f"--turns/--repeats got {turns}/{repeats}, expected positive integers")
+    res = compare_hippo(list(checkpoint or []), data, num_samples, turns, repeats)
+    keys = []
+    for r in res["rows"].values():
+        keys += [k for k in r if k not in keys]
+    metrics = {k: [res["rows"][s].get(k) for s in res["setups"]] for k in keys}
+    cols, rows = _metric_rows(metrics, res["setups"], diffs=False)
+    _write_md(markdown, cols, rows)
+    if plot is not None:
+        curves = {"chat turn latency (ms)": {s: [(int(k.split()[1]), v) for k, v in r.items() if k.startswith("turn ")]
+                                             for s, r in res["rows"].items()}}
+        plot_curves(curves, plot, "compare hippo (tiny backbone)", xlabel="chat turn")
+        res["plot"] = str(plot)
+    emit(res, as_json, lambda _: table("compare hippo (tiny backbone)", cols, rows))

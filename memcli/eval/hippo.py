@@ -26,14 +26,23 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, att
 
 
+def full_history_prompt(tok, it: DialogItem) -> list[int]:
+    """The baseline that re-reads everything: every history turn and the query in one chat prompt."""
+    msgs = [{"role": r, "content": t} for r, t in it.history] + [{"role": "user", "content": it.query}]
+    out = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
 @torch.no_grad()
-def answer_batch(model, tok, items: list[DialogItem], use_memory: bool, max_new_tokens: int) -> list[str]:
+def answer_batch(model, tok, items: list[DialogItem], use_memory: bool, max_new_tokens: int,
+                 full_history: bool = False) -> list[str]:
     dev = next(model.parameters()).device
     state = None
     if use_memory:
         ids, mask, tm = pad_turns([it.turns for it in items], tok.pad_token_id)
         state = model.encode_dialogs(ids.to(dev), mask.to(dev), tm.to(dev))
-    q, att = left_pad([it.prompt for it in items], tok.pad_token_id)
+    prompts = [full_history_prompt(tok, it) for it in items] if full_history else [it.prompt for it in items]
+    q, att = left_pad(prompts, tok.pad_token_id)
     out = model.generate(q.to(dev), att.to(dev), state=state, max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     return [tok.decode(o[q.shape[1]:], skip_special_tokens=True).strip() for o in out]
@@ -41,7 +50,7 @@ def answer_batch(model, tok, items: list[DialogItem], use_memory: bool, max_new_
 
 @torch.no_grad()
 def exact_match(model, tok, items: list[DialogItem], use_memory: bool = True, batch: int = 32,
-                return_answers: bool = False):
+                return_answers: bool = False, full_history: bool = False):
     """Fraction of items whose greedy answer equals ``memory_answer`` (lower-cased, punctuation dropped)."""
     was = model.training
     model.eval()
@@ -49,7 +58,7 @@ def exact_match(model, tok, items: list[DialogItem], use_memory: bool = True, ba
     max_new = max((len(it.answer) for it in items), default=1) + 2
     for s in range(0, len(items), batch):
         chunk = items[s: s + batch]
-        got = answer_batch(model, tok, chunk, use_memory, max_new)
+        got = answer_batch(model, tok, chunk, use_memory, max_new, full_history)
         hits += sum(normalize(g) == normalize(it.answer_text) for g, it in zip(got, chunk))
         answers += got
     model.train(was)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -46,6 +46,7 @@ class DialogItem:
     answer: list[int]
     query: str
     answer_text: str
+    history: list = field(default_factory=list)  # (role, text) per turn: the full-history baseline's prompt
 
 
 def load_dialogs(tok, path, max_turn_length: int, max_length: int) -> list[DialogItem]:
@@ -54,7 +55,8 @@ def load_dialogs(tok, path, max_turn_length: int, max_length: int) -> list[Dialo
         turns = [turn_ids(tok, *turn_text(t), max_turn_length) for t in row["dialog_history"]]
         prompt = prompt_ids(tok, row["memory_query"])[-max_length // 2:]
         ans = answer_ids(tok, row["memory_answer"])[: max_length - len(prompt)]
-        items.append(DialogItem(turns, prompt, ans, row["memory_query"], row["memory_answer"]))
+        items.append(DialogItem(turns, prompt, ans, row["memory_query"], row["memory_answer"],
+                                [turn_text(t) for t in row["dialog_history"]]))
     return items
 
 
