@@ -397,7 +397,7 @@ def test_hrpo_bench_quick(cli):
     code, out, err = cli("compare", "bench", "--suite", "hrpo", "--quick", "--json")
     assert code == 0, err
     rows = json.loads(out)
-    assert [r["path"] for r in rows] == ["HF generate (plain sampling)", "memcli hybrid rollout",
+    assert [r["path"] for r in rows][:3] == ["HF generate (plain sampling)", "memcli hybrid rollout",
                                          "seed-style: re-decode text each step"]
     assert rows[0]["ratio"] == 1.0 and all(r["median_ms"] > 0 for r in rows)
 

@@ -58,7 +58,44 @@ def bench_rollout(prompts: int = 2, group: int = 4, new_tokens: int = 512, repea
     return rows
 
 
+def bench_marker_check(lengths=(128, 512, 2048), rows: int = 8) -> list[dict]:
+    """The marker check alone over a whole completion: token-id state machine vs re-decoding the text
+    each step (the seed's way: O(T^2) characters decoded per sequence)."""
+    from memcli.backbone import load_backbone
+    from memcli.hrpo.rollout import marker_table
+
+    _, tok = load_backbone("tiny")
+    table = marker_table(tok)
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for L in lengths:
+        ids = torch.randint(10, len(tok), (rows, L), generator=g)
+
+        def by_ids():
+            st = torch.zeros(rows, dtype=torch.long)
+            for t in range(L):
+                st = table[ids[:, t], st]
+            return st
+
+        def by_text():
+            lst = ids.tolist()
+            for t in range(1, L + 1):
+                _ = ["####" in tok.decode(r[:t]) for r in lst]
+
+        t0 = time.perf_counter()
+        by_ids()
+        a = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        by_text()
+        b = time.perf_counter() - t0
+        out.append({"bench": f"marker check, {rows} seqs x {L} tokens", "path": "memcli token-id state machine",
+                    "median_ms": a * 1e3, "spread_ms": 0.0, "ratio": 1.0, "note": "O(T) per sequence"})
+        out.append({"bench": f"marker check, {rows} seqs x {L} tokens", "path": "seed-style re-decode each step",
+                    "median_ms": b * 1e3, "spread_ms": 0.0, "ratio": b / a, "note": "O(T^2) characters decoded"})
+    return out
+
+
 def run_hrpo(quick: bool = False) -> list[dict]:
     if quick:
-        return bench_rollout(prompts=1, group=2, new_tokens=8, repeats=1)
-    return bench_rollout()
+        return bench_rollout(prompts=1, group=2, new_tokens=8, repeats=1) + bench_marker_check((16,), 2)
+    return bench_rollout() + bench_marker_check()
