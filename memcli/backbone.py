@@ -131,3 +131,36 @@ def decoder_layers(model) -> torch.nn.ModuleList:
             break
         m = nxt
     raise MemcliError(f"{type(model).__name__}: could not find decoder layers (expected model.layers)")
+
+
+def load_run_backbone(spec: str, full_dir: Path | None, lora_dir: Path | None, want_checksum: float | None,
+                      fingerprint: str, hidden_size: int, where: Path):
+    """The backbone a HIPPO / HRPO run was trained on -> ``(model, tokenizer, method)``.
+
+    A full-mode run carries its whole backbone (``full_dir``); otherwise the base is re-loaded from
+    ``spec``, its weights checked against the recorded checksum, and a LoRA adapter applied when present.
+    """
+    from memcli.data.bank import tokenizer_fingerprint
+    from memcli.explicit.io import backbone_checksum
+
+    if full_dir is not None and full_dir.is_dir():
+        bb, tok = load_backbone(str(full_dir))
+        method = "full"
+    else:
+        bb, tok = load_backbone(spec)
+        method = "frozen"
+        if want_checksum is not None:
+            got = backbone_checksum(bb)
+            if abs(got - want_checksum) > 1e-6 * max(1.0, abs(want_checksum)):
+                raise MemcliError(f"{where}: backbone '{spec}' does not have the weights this run was trained on "
+                                  f"(checksum {got:.6g}, expected {want_checksum:.6g})")
+        if lora_dir is not None and lora_dir.is_dir():
+            from peft import PeftModel
+
+            bb = PeftModel.from_pretrained(bb, str(lora_dir))
+            method = "lora"
+    if fingerprint and tokenizer_fingerprint(tok) != fingerprint:
+        raise MemcliError(f"{where}: tokenizer vocabulary differs from the one this run was trained with")
+    if bb.config.hidden_size != hidden_size:
+        raise MemcliError(f"{where}: hidden_size {hidden_size} does not match the backbone's ({bb.config.hidden_size})")
+    return bb, tok, method

@@ -401,3 +401,20 @@ def test_hrpo_bench_quick(cli):
                                          "seed-style: re-decode text each step"]
     assert rows[0]["ratio"] == 1.0 and all(r["median_ms"] > 0 for r in rows)
 
+
+
+def test_lora_run_refuses_a_base_with_other_weights(hrpo_runs, tmp_path):
+    import shutil
+
+    from memcli.errors import MemcliError
+    from memcli.hrpo.io import load_hrpo
+
+    run = tmp_path / "lora"
+    shutil.copytree(hrpo_runs["lora"], run)
+    p = run / "thinking_residual" / "hrpo_config.json"
+    cfg = json.loads(p.read_text())
+    assert "backbone_checksum" in cfg  # a LoRA run records the base it was trained on
+    cfg["backbone_checksum"] += 1.0
+    p.write_text(json.dumps(cfg))
+    with pytest.raises(MemcliError, match="does not have the weights"):
+        load_hrpo(run)

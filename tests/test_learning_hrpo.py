@@ -1,4 +1,4 @@
-"""HRPO learning check (about 2 minutes on 2 cores): GRPO with hybrid decoding raises a reward that a random
+"""HRPO learning check (about 30 s on 2 cores): GRPO with hybrid decoding raises a reward that a random
 tiny policy reaches ~15% of the time (the completion starts with a capital letter) to above 0.8, and
 with the advantage sign flipped (rewards negated: group normalisation is odd in r) it does not rise.
 Fixed seeds, full fine-tuning of the tiny backbone, hybrid mixing on."""

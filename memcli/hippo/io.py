@@ -53,9 +53,7 @@ def _hippo_dir(d: Path) -> Path:
 
 def load_hippo(path: str | Path, device: str = "cpu"):
     """-> (model, tokenizer, info). ``path``: a run directory, or its ``hippo_model/`` alone (base backbone)."""
-    from memcli.backbone import load_backbone
-    from memcli.data.bank import tokenizer_fingerprint
-    from memcli.explicit.io import backbone_checksum
+    from memcli.backbone import load_run_backbone
 
     d = require_dir(Path(path), "checkpoint directory")
     info = {}
@@ -70,26 +68,8 @@ def load_hippo(path: str | Path, device: str = "cpu"):
     cfg = HippoConfig.from_dict(raw, f"{hd}/hippo_config.json")
     full = run / PARTS["full"] if run is not None else None
     lora = run / PARTS["lora"] if run is not None else None
-    if full is not None and full.is_dir():
-        bb, tok = load_backbone(str(full))
-        method = "full"
-    else:
-        bb, tok = load_backbone(cfg.backbone)
-        method = "frozen"
-        if want_sum is not None:
-            got = backbone_checksum(bb)
-            if abs(got - want_sum) > 1e-6 * max(1.0, abs(want_sum)):
-                raise MemcliError(f"{hd}: backbone '{cfg.backbone}' does not have the weights this memory was trained on "
-                                  f"(checksum {got:.6g}, expected {want_sum:.6g})")
-        if lora is not None and lora.is_dir():
-            from peft import PeftModel
-
-            bb = PeftModel.from_pretrained(bb, str(lora))
-            method = "lora"
-    if cfg.tokenizer_fingerprint and tokenizer_fingerprint(tok) != cfg.tokenizer_fingerprint:
-        raise MemcliError(f"{hd}: tokenizer vocabulary differs from the one this memory was trained with")
-    if bb.config.hidden_size != cfg.hidden_size:
-        raise MemcliError(f"{hd}/hippo_config.json: hidden_size {cfg.hidden_size} does not match the backbone's")
+    bb, tok, method = load_run_backbone(cfg.backbone, full, lora, want_sum, cfg.tokenizer_fingerprint,
+                                        cfg.hidden_size, hd)
     model = HippoModel(bb, cfg)
     model.load_memory_state_dict(load_tensors(hd / "hippo_model.safetensors"), hd / "hippo_model.safetensors")
     info = dict(info, finetuning_method=info.get("finetuning_method", method), loaded_as=method)

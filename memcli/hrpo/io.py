@@ -46,9 +46,7 @@ def save_hrpo(model: HrpoModel, tok, out: str | Path, method: str, info: dict | 
 
 def load_hrpo(path: str | Path, device: str = "cpu"):
     """-> (model, tokenizer, info) from a run directory."""
-    from memcli.backbone import load_backbone
-    from memcli.data.bank import tokenizer_fingerprint
-    from memcli.explicit.io import backbone_checksum
+    from memcli.backbone import load_run_backbone
 
     d = require_dir(Path(path), "checkpoint directory")
     info = {}
@@ -62,26 +60,8 @@ def load_hrpo(path: str | Path, device: str = "cpu"):
     raw = read_json_object(rd / "hrpo_config.json", "hrpo config")
     want_sum = raw.pop("backbone_checksum", None)
     cfg = HrpoConfig.from_dict(raw, f"{rd}/hrpo_config.json")
-    if (d / "backbone").is_dir():
-        bb, tok = load_backbone(str(d / "backbone"))
-        method = "full"
-    else:
-        bb, tok = load_backbone(cfg.backbone)
-        method = "frozen"
-        if want_sum is not None:
-            got = backbone_checksum(bb)
-            if abs(got - want_sum) > 1e-6 * max(1.0, abs(want_sum)):
-                raise MemcliError(f"{rd}: backbone '{cfg.backbone}' does not have the weights this run was trained on "
-                                  f"(checksum {got:.6g}, expected {want_sum:.6g})")
-        if (d / "lora").is_dir():
-            from peft import PeftModel
-
-            bb = PeftModel.from_pretrained(bb, str(d / "lora"))
-            method = "lora"
-    if cfg.tokenizer_fingerprint and tokenizer_fingerprint(tok) != cfg.tokenizer_fingerprint:
-        raise MemcliError(f"{rd}: tokenizer vocabulary differs from the one this run was trained with")
-    if bb.config.hidden_size != cfg.hidden_size:
-        raise MemcliError(f"{rd}/hrpo_config.json: hidden_size {cfg.hidden_size} does not match the backbone's")
+    bb, tok, method = load_run_backbone(cfg.backbone, d / "backbone", d / "lora", want_sum, cfg.tokenizer_fingerprint,
+                                        cfg.hidden_size, rd)
     model = HrpoModel(bb, cfg)
     model.load_residual_state_dict(load_tensors(rd / "thinking_residual.safetensors"), rd / "thinking_residual.safetensors")
     info = dict(info, finetuning_method=info.get("finetuning_method", method), loaded_as=method)
