@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import assert_one_line_error
 from memcli.hrpo.grpo import group_advantages, grpo_loss
@@ -418,3 +420,39 @@ def test_lora_run_refuses_a_base_with_other_weights(hrpo_runs, tmp_path):
     p.write_text(json.dumps(cfg))
     with pytest.raises(MemcliError, match="does not have the weights"):
         load_hrpo(run)
+
+
+# --------------------------------------------------------------------------- properties
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=80))
+def test_extract_answer_total_and_normalised(text):
+    got = extract_answer(text)
+    assert got is None or (normalise_number(got) == got and float(got) == float(got))
+    if "####" not in text:
+        assert got is None
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(-10**7, 10**7), st.integers(0, 3), st.booleans())
+def test_reward_accepts_every_spelling_of_the_number(n, zeros, commas):
+    text = f"{n:,}" if commas else str(n)
+    if zeros:
+        text += "." + "0" * zeros
+    assert gsm8k_reward([f"work ... #### {text}"], [f"#### {n}"]) == [1.0]
+    assert gsm8k_reward([f"#### {n + 1}"], [f"#### {n}"]) == [0.0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=200))
+def test_problem_reader_never_crashes(tmp_path_factory, data):
+    from memcli.errors import MemcliError
+    from memcli.hrpo.data import load_problems
+
+    p = tmp_path_factory.mktemp("fuzz") / "g.jsonl"
+    p.write_bytes(data)
+    try:
+        rows = load_problems(p)
+        assert all(extract_answer(r["answer"]) is not None for r in rows)
+    except MemcliError as e:
+        assert "\n" not in str(e) and str(p) in str(e)
