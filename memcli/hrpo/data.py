@@ -60,12 +60,7 @@ def prompt_text(tok, question: str) -> str:
 
 def encode_prompts(tok, questions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompt ids and mask (prompts longer than ``max_length`` keep their end)."""
+    from memcli.eval.hippo import left_pad
+
     ids = [tok(prompt_text(tok, q), add_special_tokens=False)["input_ids"][-max_length:] for q in questions]
-    P = max(len(x) for x in ids)
-    pad = tok.pad_token_id
-    out = torch.full((len(ids), P), pad, dtype=torch.long)
-    mask = torch.zeros((len(ids), P), dtype=torch.long)
-    for r, x in enumerate(ids):
-        out[r, P - len(x):] = torch.tensor(x)
-        mask[r, P - len(x):] = 1
-    return out, mask
+    return left_pad(ids, tok.pad_token_id)
