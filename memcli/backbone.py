@@ -108,6 +108,9 @@ def load_backbone(spec: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.
     try:
         cfg = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as e:
+        if "custom code" in str(e) and not trust_remote_code:
+            raise MemcliError(f"{path}/config.json: asks to run Python code shipped with the model; memcli runs it only "
+                              "with model.trust_remote_code=true (pass it only for a model you trust)") from None
         raise MemcliError(f"{path}/config.json: not a valid model config ({str(e).splitlines()[0][:100]})") from None
     if cfg.model_type not in SUPPORTED_TYPES:
         raise MemcliError(f"{path}/config.json: model_type '{cfg.model_type}', expected one of {', '.join(SUPPORTED_TYPES)}")

@@ -7,6 +7,8 @@ OmegaConf, so unknown keys and wrong types are refused with a one-line message t
 from __future__ import annotations
 
 import difflib
+import math
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
@@ -93,6 +95,10 @@ class TrainingConfig:
     final_eval_num_samples: Optional[int] = None  # items in the end-of-training evaluation; None = all held-out
     save_interval: int = 500
     resume: Optional[str] = None  # auto | PATH
+    on_nonfinite: str = "stop"  # NaN/inf loss or gradients: stop (last good state kept) | skip (drop that optimizer step)
+    max_skipped_steps: int = 10  # with on_nonfinite=skip: stop once this many optimizer steps were dropped
+    deterministic: bool = True  # torch deterministic algorithms: same seed, same weights (measured: no CPU slowdown)
+    dist_timeout_s: int = 600  # a collective waiting longer than this (a rank died or hangs) ends every rank
     zero_stage: int = 0
     router_loss_coef: float = 1.0
     counterfactual_prob: float = 0.5
@@ -237,17 +243,29 @@ _CHOICES = {
     ("model", "hippo_variant"): ("matrix", "selective"),
     ("model", "hippo_init"): ("s4d_real", "legs"),
     ("model", "hippo_pool"): ("auto", "last", "mean", "tokens"),
+    ("training", "on_nonfinite"): ("stop", "skip"),
 }
 
 
 def _check_values(cfg: Any) -> None:
+    lg = getattr(cfg, "logging", None)
+    name = getattr(lg, "run_name", None)
+    # the run directory is out_dir/run_name: a name may not climb out of out_dir or hide as a dot-directory
+    if name is not None and (not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*", str(name)) or len(str(name)) > 128):
+        raise MemcliError(f"key 'logging.run_name' got {name!r}, expected a plain directory name (letters, digits, "
+                          "'_', '-', '.', no path separators)")
     for (sec, key), choices in _CHOICES.items():
         s = getattr(cfg, sec, None)
         if s is not None and hasattr(s, key) and getattr(s, key) not in choices:
             raise MemcliError(f"key '{sec}.{key}' got {getattr(s, key)!r}, expected one of {', '.join(map(str, choices))}")
+    m = getattr(cfg, "model", None)
+    kn = getattr(m, "knowledge_num", None)
+    if kn is not None and not (kn > 0 and math.isqrt(kn) ** 2 == kn):
+        raise MemcliError(f"key 'model.knowledge_num' got {kn}, expected a perfect square (product keys use "
+                          "sqrt(knowledge_num) keys per half), e.g. 1024 or 1048576")
     t = getattr(cfg, "training", None)
     if t is not None:
-        for k in ("batch_size", "accumulation_steps", "epochs"):
+        for k in ("batch_size", "accumulation_steps", "epochs", "dist_timeout_s"):
             if hasattr(t, k) and getattr(t, k) < 1:
                 raise MemcliError(f"key 'training.{k}' got {getattr(t, k)}, expected a positive integer")
         if hasattr(t, "learning_rate") and not t.learning_rate > 0:

@@ -72,6 +72,8 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces ``path`` whole (old content kept on error)."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise MemcliError(f"{path}: expected an output directory, found a file (it is left as it is)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
@@ -272,10 +274,17 @@ def read_json_list(path: str | os.PathLike, fmt: Format) -> list:
     return data
 
 
+# one JSONL row larger than this is refused before it is held in memory whole (a corrupt or hostile file)
+MAX_LINE_BYTES = 64 * 1024 * 1024
+
+
 def iter_jsonl(path: str | os.PathLike, fmt: Format | None = None) -> Iterator[tuple[int, dict]]:
     p = require_file(path, fmt.description if fmt else "JSONL file")
     with open(p, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):
+            if len(raw) > MAX_LINE_BYTES:
+                raise MemcliError(f"{p}:{lineno}: line longer than {MAX_LINE_BYTES // 2**20} MiB, expected one JSON "
+                                  "object per line")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:

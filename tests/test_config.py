@@ -83,3 +83,22 @@ def test_every_valid_key_is_accepted_or_type_checked(key, n):
         assert key in str(e)  # a type or range complaint names the key
     else:
         assert cfg is not None
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.dictionaries(st.sampled_from(["model", "training", "dataset", "logging", "trainig", "x"]),
+                       st.dictionaries(st.sampled_from([k.split(".")[1] for k in valid_keys()] + ["bach_size"]),
+                                       st.none() | st.booleans() | st.integers(-5, 5) | st.floats(allow_nan=True)
+                                       | st.text(max_size=6) | st.lists(st.integers(0, 3), max_size=3), max_size=3)
+                       | st.integers() | st.text(max_size=4), max_size=3))
+def test_any_yaml_config_gives_config_or_one_line_error(tmp_path_factory, data):
+    import yaml
+
+    p = tmp_path_factory.mktemp("yfuzz") / "c.yaml"
+    p.write_text(yaml.safe_dump(data))
+    try:
+        cfg = load_config(config_file=p)
+    except MemcliError as e:
+        assert "\n" not in str(e) and str(p) in str(e) or "key '" in str(e)
+    else:
+        assert isinstance(cfg, Config)

@@ -105,3 +105,69 @@ def test_legacy_pt_state_dict_loads(tmp_path):
     p = tmp_path / "ok.pt"
     torch.save({"w": torch.ones(2)}, p)
     assert torch.equal(load_tensors(p)["w"], torch.ones(2))
+
+
+# structured fuzzing: JSON values built from the formats' own field names, so rows get deep into the validators
+_FIELDS = ["conversations", "role", "content", "query", "target_indices", "target_scores", "dialog_history",
+           "memory_query", "memory_answer", "question", "answer", "target", "sentence", "uuid", "options",
+           "correct_answer", "subject", "user", "assistant", "text"]
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3000) | st.floats(allow_nan=True, allow_infinity=True)
+    | st.sampled_from(["", "user", "assistant", "system", "x", "#### 4"]),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.sampled_from(_FIELDS), c, max_size=4),
+    max_leaves=16)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_json, min_size=0, max_size=4))
+def test_readers_on_structured_rows_accept_only_valid_rows(tmp_path_factory, rows):
+    d = tmp_path_factory.mktemp("sfuzz")
+    p, q = d / "f.jsonl", d / "f.json"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    q.write_text(json.dumps(rows))
+    for fmt in (records.DIALOG, records.CONVERSATION, records.LABELED, records.GSM8K):
+        try:
+            got = records.read_jsonl(p, fmt)
+        except MemcliError as e:
+            assert "\n" not in str(e) and str(p) in str(e)
+            continue
+        assert got and all(isinstance(r, dict) for r in got)
+        if fmt is records.CONVERSATION:  # what the trainers rely on
+            assert all(any(m["role"] == "assistant" for m in r["conversations"]) for r in got)
+        if fmt is records.LABELED:
+            assert all(len(r["target_indices"]) == len(r["target_scores"]) for r in got)
+    for fmt in (records.KNOWLEDGE, records.OMCQ):
+        try:
+            got = records.read_json_list(q, fmt)
+        except MemcliError as e:
+            assert "\n" not in str(e) and str(q) in str(e)
+            continue
+        assert all(isinstance(r["target"][0], dict) for r in got)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=300))
+def test_tensor_reader_never_crashes_on_arbitrary_bytes(tmp_path_factory, data):
+    p = tmp_path_factory.mktemp("tfuzz") / "t.safetensors"
+    p.write_bytes(data)
+    try:
+        load_tensors(p)
+    except MemcliError as e:
+        assert "\n" not in str(e) and str(p) in str(e)
+
+
+@settings(max_examples=80, deadline=None)
+@given(_json)
+def test_resume_pointer_never_leaves_the_states_directory(tmp_path_factory, obj):
+    from memcli.training.state import find_state
+
+    run = tmp_path_factory.mktemp("ptr")
+    (run / "states" / "step-00000001").mkdir(parents=True)
+    (run / "states" / "step-00000001" / "state.json").write_text("{}")
+    (run / "states" / "latest.json").write_text(json.dumps(obj if not isinstance(obj, dict) else {"state": obj.get("text", obj.get("target")), **obj}))
+    try:
+        st_dir = find_state(run, "auto")
+    except MemcliError as e:
+        assert "\n" not in str(e) and "latest.json" in str(e)
+    else:
+        assert st_dir.resolve().parent == (run / "states").resolve()

@@ -80,6 +80,16 @@ class Bank:
         meta = dict(self.meta, index_id=index_id([e.get("uuid") for e in entries]))
         return Bank(ids, entries, meta, self.path)
 
+    def check_tokenizer(self, tok, backbone: str) -> str:
+        """The fingerprint of ``tok``, after checking the bank was tokenised with it."""
+        fp = tokenizer_fingerprint(tok)
+        if self.meta.get("tokenizer_fingerprint") != fp:
+            raise MemcliError(f"{self.path / META_FILE}: bank was tokenised with '{self.meta.get('tokenizer')}' "
+                              f"(tokenizer fingerprint {self.meta.get('tokenizer_fingerprint')}), expected backbone "
+                              f"'{backbone}''s tokenizer (fingerprint {fp}); rebuild the cache with build-cache "
+                              f"--tokenizer {backbone}")
+        return fp
+
     def save(self, path: str | Path) -> None:
         with atomic_dir(path) as tmp:
             save_tensors(tmp / BANK_FILE, {"token_ids": self.token_ids.to(torch.int32)})

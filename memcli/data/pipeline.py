@@ -11,7 +11,7 @@ import torch
 from memcli import records
 from memcli.checkpoint import save_tensors
 from memcli.data import keys as K
-from memcli.data.bank import Bank, build_bank, load_bank, tokenizer_fingerprint
+from memcli.data.bank import Bank, build_bank, load_bank
 from memcli.data.convert import omcq_to_conversations
 from memcli.data.dialog import generate_dialogs
 from memcli.data.knowledge import build_knowledge, synthetic_facts, trex_facts
@@ -114,9 +114,7 @@ def build_keys(cache: str | Path, out: str | Path, embedder: str = "backbone", b
         from memcli.backbone import load_backbone
 
         model, tok = load_backbone(backbone)
-        if tokenizer_fingerprint(tok) != bank.meta.get("tokenizer_fingerprint"):
-            raise MemcliError(f"{cache}: bank was tokenised with '{bank.meta.get('tokenizer')}', "
-                              f"not the tokenizer of backbone '{backbone}' (rebuild the cache with --tokenizer {backbone})")
+        bank.check_tokenizer(tok, backbone)
         emb = K.backbone_entry_embeddings(model, bank.token_ids, bank.pad_id)
 
         def embed_texts(texts):

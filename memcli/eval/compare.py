@@ -126,6 +126,10 @@ def read_run(d: str | Path) -> list[dict]:
     return rows
 
 
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def compare_runs(dirs: list[Path], metrics: list[str] | None = None) -> dict:
     if len(dirs) < 1:
         raise MemcliError("compare runs: give at least one run directory")
@@ -143,13 +147,13 @@ def compare_runs(dirs: list[Path], metrics: list[str] | None = None) -> dict:
     for m in chosen:
         finals, bests = [], []
         for rows in runs.values():
-            vals = [r[m] for r in rows if m in r]
+            vals = [r[m] for r in rows if _num(r.get(m))]  # steps dropped for NaN log a null loss
             finals.append(vals[-1])
             bests.append(min(vals) if lower_is_better(m) else max(vals))
         summary[f"{m} (last)"] = finals
         summary[f"{m} ({'min' if lower_is_better(m) else 'max'})"] = bests
     summary["steps"] = [rows[-1]["step"] for rows in runs.values()]
-    curves = {m: {name: [(r["step"], r[m]) for r in rows if m in r] for name, rows in runs.items()} for m in chosen}
+    curves = {m: {name: [(r["step"], r[m]) for r in rows if _num(r.get(m))] for name, rows in runs.items()} for m in chosen}
     return {"runs": list(runs), "metrics": summary, "curves": curves}
 
 

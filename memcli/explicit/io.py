@@ -60,18 +60,15 @@ def resolve_retrieval(mode: str, knowledge_num: int) -> str:
 def build_model(backbone: str, cache_path, keys_path, memory_layers=(1, 3), num_candidates: int = 16,
                 topk_per_half: int | None = None, gate_rank: int = 0, fusion_rank: int = 0,
                 freeze_keys: bool = False, mode: str = "full", seed: int = 0, rerank: bool = True,
-                retrieval: str = "auto"):
+                retrieval: str = "auto", trust_remote_code: bool = False):
     from memcli.backbone import load_backbone
 
     bank = load_bank(cache_path)
     keys, kmeta = load_keys(keys_path)
     check_bank_keys(bank, keys, kmeta, keys_path)
     torch.manual_seed(seed)
-    model, tok = load_backbone(backbone)
-    fp = tokenizer_fingerprint(tok)
-    if bank.meta.get("tokenizer_fingerprint") != fp:
-        raise MemcliError(f"{cache_path}: bank was tokenised with '{bank.meta.get('tokenizer')}', not the tokenizer "
-                          f"of backbone '{backbone}'")
+    model, tok = load_backbone(backbone, trust_remote_code=trust_remote_code)
+    fp = bank.check_tokenizer(tok, backbone)
     if int(bank.token_ids.max()) >= model.get_input_embeddings().weight.shape[0]:
         raise MemcliError(f"{cache_path}: bank holds token ids beyond the backbone's vocabulary")
     cfg = MemoryConfig(

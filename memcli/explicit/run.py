@@ -34,7 +34,17 @@ def resolve_paths(cfg) -> dict:
     }
     paths["val_labeled"] = paths["labeled"].parent / "val_labeled.jsonl"
     explicit = any([m.cache_path, m.keys_path, ds.sft_dataset_path])
+    if d.exists() and not d.is_dir():
+        raise MemcliError(f"dataset.data_dir={d}: expected a data directory, found a file")
     if not explicit and not (paths["cache"].exists() and paths["keys"].exists()):
+        from memcli.config import DatasetConfig
+
+        # only the built-in default is generated on the fly; any other path missing its data is a typo or a
+        # half-built directory, and training on freshly invented facts there would hide it
+        if Path(DatasetConfig.data_dir) != d or (d.exists() and any(d.iterdir())):
+            missing = [k for k in ("cache", "keys") if not paths[k].exists()]
+            raise MemcliError(f"dataset.data_dir={d}: no {' or '.join(p + '/' for p in missing)} there (expected the "
+                              f"output of 'memcli gen-data default --out {d}' or build-cache + build-keys)")
         from memcli.data.pipeline import default_data
         from memcli.views import err_console
 
@@ -60,7 +70,13 @@ def train_explicit(cfg, stage: str) -> dict:
     spec, method = backbone_spec(cfg)
     mem, tok, bank = build_model(spec, paths["cache"], paths["keys"], m.memory_layers, m.num_candidates,
                                  m.topk_per_half, m.gate_rank, m.fusion_rank, m.freeze_keys, method, t.seed,
-                                 m.rerank, m.retrieval)
+                                 m.rerank, m.retrieval, trust_remote_code=m.trust_remote_code)
+    # the cache and keys decide these sizes; a value given in the config is a statement about them, so check it
+    for key, want, got, src in (("knowledge_num", m.knowledge_num, bank.knowledge_num, paths["cache"]),
+                                ("knowledge_length", m.knowledge_length, bank.knowledge_length, paths["cache"]),
+                                ("knowledge_dim", m.knowledge_dim, mem.cfg.knowledge_dim, paths["keys"])):
+        if want is not None and want != got:
+            raise MemcliError(f"key 'model.{key}' got {want}, but {src} holds {got} (leave it unset to take it from there)")
     if stage != "memory" and method != "frozen":
         method = "frozen"  # router and fusion stages never train the backbone
         mem.cfg.mode = "frozen"

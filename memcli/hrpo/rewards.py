@@ -62,3 +62,24 @@ def load_reward(spec: str) -> Callable:
     if not callable(fn):
         raise MemcliError(f"key 'training.reward_fn' got '{spec}': not callable")
     return fn
+
+
+def check_rewards(values, n: int, spec: str, step: int):
+    """The reward function's output as a float tensor; a wrong length or a NaN/inf is the reward's bug, said so."""
+    import math
+
+    import torch
+
+    try:
+        vals = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise MemcliError(f"training.reward_fn={spec} returned {type(values).__name__} at step {step}, expected "
+                          f"{n} numbers") from None
+    if len(vals) != n:
+        raise MemcliError(f"training.reward_fn={spec} returned {len(vals)} rewards at step {step}, expected {n} "
+                          "(one per completion)")
+    bad = [i for i, v in enumerate(vals) if not math.isfinite(v)]
+    if bad:
+        raise MemcliError(f"training.reward_fn={spec} returned {vals[bad[0]]} for completion {bad[0]} at step {step}, "
+                          "expected finite numbers; stopping, the last good state is kept")
+    return torch.tensor(vals, dtype=torch.float32)

@@ -20,7 +20,7 @@ from memcli.hrpo.grpo import group_advantages, grpo_loss
 from memcli.hrpo.io import save_hrpo
 from memcli.hrpo.model import HrpoModel
 from memcli.hrpo.residual import HrpoConfig
-from memcli.hrpo.rewards import extract_answer, gsm8k_reward, load_reward
+from memcli.hrpo.rewards import check_rewards, extract_answer, gsm8k_reward, load_reward
 from memcli.hrpo.rollout import completion_logps, hybrid_generate, reference_logps
 from memcli.training.loop import TrainTask, run_training
 from memcli.training.state import trainable_io
@@ -146,7 +146,7 @@ def train_hrpo(cfg, reward_fn=None) -> dict:
                              t.max_completion_length, temperature=temp, hybrid=t.hybrid, generator=gen)
         model.train()
         texts = decode(tok, ro)
-        r = torch.tensor(reward(texts, batch["answers"], batch["questions"]), dtype=torch.float32)
+        r = check_rewards(reward(texts, batch["answers"], batch["questions"]), len(texts), t.reward_fn, step)
         adv, stats = group_advantages(r, G)
         logps, mix_stats = completion_logps(model.backbone, model.residual, ro, temp, hybrid=t.hybrid)
         ref_lp = ref_logps_fn(model, ref, method, ro, temp) if t.beta else None

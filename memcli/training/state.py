@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -76,16 +77,27 @@ def save_state(run_dir: Path, step: int, trainable: dict[str, torch.Tensor], opt
     return target
 
 
+def _follow(ptr: Path) -> Path:
+    """The state ``latest.json`` points to; the name must be a ``step-NNNNNNNN`` sibling (no path may escape)."""
+    name = read_json_object(ptr, "latest.json").get("state")
+    if not isinstance(name, str) or not re.fullmatch(r"step-\d{8}", name):
+        raise MemcliError(f"{ptr}: field 'state' is {name!r}, expected a state name like 'step-00000012'")
+    target = ptr.parent / name
+    if not (target / "state.json").is_file():
+        raise MemcliError(f"{ptr}: points to {name}, which has no state.json (expected a complete state directory)")
+    return target
+
+
 def find_state(run_dir: Path, resume: str) -> Path | None:
     """``auto``: the latest state of this run, if any; else a path to a state directory."""
     if resume == "auto":
         ptr = run_dir / "states" / "latest.json"
         if not ptr.is_file():
             return None
-        return run_dir / "states" / read_json_object(ptr, "latest.json")["state"]
+        return _follow(ptr)
     p = Path(resume)
     if (p / "states" / "latest.json").is_file():
-        return p / "states" / read_json_object(p / "states" / "latest.json", "latest.json")["state"]
+        return _follow(p / "states" / "latest.json")
     if not (p / "state.json").is_file():
         raise MemcliError(f"training.resume={resume}: no state.json there (expected 'auto', a run dir or a state dir)")
     return p
