@@ -8,3 +8,9 @@ class MemcliError(Exception):
 
     def __init__(self, message: str):
         super().__init__(message.replace("\n", " "))
+
+
+class RunAborted(MemcliError):
+    """A run ended by a fault outside the user's input (another rank died, the launcher stopped it): exit code 1."""
+
+    exit_code = 1

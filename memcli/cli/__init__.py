@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         app(args=argv, prog_name="memcli", standalone_mode=False)
     except MemcliError as e:
         print(f"memcli: error: {_one_line(str(e))}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.exit_code)
     except NoArgsIsHelpError:
         sys.exit(0)  # help was printed
     except UsageError as e:

@@ -11,18 +11,28 @@
 from __future__ import annotations
 
 import json
+import errno
 import math
 import os as _os
+import re
+import shutil
+import signal
+import tempfile
 import time
+import warnings
+from datetime import timedelta
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from memcli.errors import MemcliError
+from memcli.errors import MemcliError, RunAborted
 from memcli.records import atomic_write_text
 
+# memcli keeps rank-local buffers (bank, usage) out of DDP's sync on purpose: broadcast_buffers=False is the
+# setting that does that in accelerate 1.15, whose deprecation notice points to a replacement that still syncs at init
+warnings.filterwarnings("ignore", message=".*broadcast_buffers.* is deprecated", category=FutureWarning)
 if not torch.cuda.is_available():
     _os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns on every import here
 from memcli.training import state as S
@@ -69,11 +79,21 @@ def make_accelerator(tcfg, run_dir: Path, trackers: list[str]):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
+    if tcfg.deterministic:
+        # some CPU ops (2+ threads) accumulate in a run-dependent order: without this the same seed drifts by
+        # ulps from step 3 and learning checks land a few points apart run to run
+        _os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what cuBLAS needs to be deterministic
+        torch.use_deterministic_algorithms(True, warn_only=True)
     kwargs = {}
     # buffers (the token bank, usage counts) are kept in step by the task itself, not overwritten from rank 0
     handlers = [DistributedDataParallelKwargs(broadcast_buffers=False)]
-    if not torch.cuda.is_available() and int(_os.environ.get("WORLD_SIZE", "1")) > 1:
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))  # CPU runs (CI) use gloo
+    multi = int(_os.environ.get("WORLD_SIZE", "1")) > 1
+    if multi:
+        # a rank that dies or hangs makes the others' next collective fail after this long instead of waiting forever
+        pg = {"timeout": timedelta(seconds=tcfg.dist_timeout_s)}
+        if not torch.cuda.is_available():
+            pg["backend"] = "gloo"  # CPU runs (CI) use gloo
+        handlers.append(InitProcessGroupKwargs(**pg))
     launched_ds = _os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
     if tcfg.zero_stage and "WORLD_SIZE" not in _os.environ:
         raise MemcliError(f"training.zero_stage={tcfg.zero_stage} needs a distributed launcher, e.g. 'accelerate launch "
@@ -84,9 +104,19 @@ def make_accelerator(tcfg, run_dir: Path, trackers: list[str]):
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(zero_stage=tcfg.zero_stage,
                                                      gradient_accumulation_steps=tcfg.accumulation_steps,
                                                      gradient_clipping=tcfg.max_grad_norm)
-    cpu = tcfg.device == "cpu"
+    if (launched_ds or tcfg.zero_stage) and not torch.cuda.is_available():
+        _no_deepspeed_shm_op()
+    # without a GPU, a multi-process launch must say cpu=True: else accelerate (1.15) joins the process group but
+    # reports DistributedType.NO, and every rank trains alone with no gradient sync (seen under torchrun-style env)
+    # (a DeepSpeed launch is left alone: cpu=True would turn DeepSpeed off)
+    cpu = tcfg.device == "cpu" or (multi and not torch.cuda.is_available() and not (launched_ds or tcfg.zero_stage))
     acc = Accelerator(gradient_accumulation_steps=tcfg.accumulation_steps, mixed_precision=tcfg.mixed_precision,
                       kwargs_handlers=handlers, log_with=trackers or None, project_dir=str(run_dir), cpu=cpu, **kwargs)
+    from accelerate.utils import DistributedType
+
+    if acc.num_processes > 1 and acc.distributed_type == DistributedType.NO:
+        raise MemcliError(f"WORLD_SIZE={acc.num_processes} but accelerate set up no distributed training; launch with "
+                          "'accelerate launch' or torchrun")
     ds = acc.state.deepspeed_plugin
     if tcfg.zero_stage and ds is None:
         raise MemcliError(f"training.zero_stage={tcfg.zero_stage} but this process runs without DeepSpeed (for example "
@@ -99,6 +129,18 @@ def make_accelerator(tcfg, run_dir: Path, trackers: list[str]):
             raise MemcliError(f"training.accumulation_steps={tcfg.accumulation_steps} but the DeepSpeed launch config "
                               f"says gradient_accumulation_steps={acc.gradient_accumulation_steps}; make them agree")
     return acc
+
+
+def _no_deepspeed_shm_op() -> None:
+    """Keep DeepSpeed on CPU from JIT-compiling its shared-memory all-reduce op at process-group start.
+
+    Training never calls it (it serves inference_all_reduce), yet every rank builds it under a lock file in
+    ~/.cache/torch_extensions: a rank killed mid-build leaves that lock behind and every later DeepSpeed run waits
+    on it forever (seen as a 600 s hang in CI), and a machine without a C++ compiler cannot build it at all.
+    deepspeed.ops keeps one cached dict of compatible ops, so marking the op incompatible there sticks."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def _trackers(lcfg) -> list[str]:
@@ -115,10 +157,71 @@ def _trackers(lcfg) -> list[str]:
     return out
 
 
+def _nbytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def preflight_output(run_dir: Path, need_bytes: int) -> None:
+    """Refuse an output directory that cannot be written or a disk without room for the checkpoints, before training."""
+    a = run_dir
+    while not a.exists() and a != a.parent:
+        a = a.parent
+    if not a.is_dir():
+        raise MemcliError(f"{run_dir}: cannot be an output directory, {a} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=a):
+            pass
+    except OSError as e:
+        raise MemcliError(f"{run_dir}: output directory is not writable ({e.strerror or e})") from None
+    free = shutil.disk_usage(a).free
+    if free < need_bytes:
+        raise MemcliError(f"{run_dir}: {free / 2**20:.0f} MiB free on this disk, training needs about "
+                          f"{need_bytes / 2**20:.0f} MiB for its states and final checkpoint; free space or set "
+                          "logging.out_dir elsewhere")
+
+
+def _dist_failure(e: BaseException) -> bool:
+    dist_error = getattr(torch.distributed, "DistError", ())
+    if dist_error and isinstance(e, dist_error):
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and any(w in msg for w in ("gloo", "nccl", "connection closed", "connection reset",
+                                                                   "timed out", "timeout", "broken pipe"))
+
+
 def run_training(cfg, task: TrainTask, run_dir: Path, command: str) -> dict:
     t = cfg.training
     acc = make_accelerator(t, run_dir, _trackers(cfg.logging))  # refuses a bad launch before anything is written
+    params = list(task.model.parameters())
+    trainable = [p for g in task.param_groups for p in g["params"]]
+    # final checkpoint (every weight, to be safe) + `keep` resumable states of weights and two AdamW moments each
+    if acc.is_main_process:
+        preflight_output(run_dir, _nbytes(params) + 2 * 3 * _nbytes(trainable))
     run_dir.mkdir(parents=True, exist_ok=True)
+    world = acc.num_processes
+    if world == 1:
+        return _run(cfg, task, run_dir, command, acc)
+    prev = signal.signal(signal.SIGTERM, _on_sigterm)  # a launcher ends the survivors of a dead rank with SIGTERM
+    try:
+        return _run(cfg, task, run_dir, command, acc)
+    except Exception as e:
+        if isinstance(e, MemcliError) or not _dist_failure(e):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:160]  # gloo prefixes its source location
+        raise RunAborted(f"{command}: rank {acc.process_index} lost contact with another rank ({first}); stopping. "
+                         f"The last complete state in {run_dir / 'states'} is kept: rerun with training.resume=auto") from None
+    finally:
+        signal.signal(signal.SIGTERM, prev)
+
+
+def _on_sigterm(signum, frame):
+    raise RunAborted("training stopped by SIGTERM (the launcher ends every rank when one fails); the last complete "
+                     "state is kept: rerun with training.resume=auto")
+
+
+def _run(cfg, task: TrainTask, run_dir: Path, command: str, acc) -> dict:
+    t = cfg.training
     world, rank = acc.num_processes, acc.process_index
     n = len(task.train_items)
     global_batch = t.batch_size * world
@@ -168,6 +271,7 @@ def run_training(cfg, task: TrainTask, run_dir: Path, command: str) -> dict:
         return torch.randperm(n, generator=g).tolist()
 
     history: list[dict] = []
+    skipped, window_bad = 0, False
     opt_step = start_micro // t.accumulation_steps
     t0 = time.time()
     tokens = 0
@@ -184,23 +288,55 @@ def run_training(cfg, task: TrainTask, run_dir: Path, command: str) -> dict:
             batch = {k: (v.to(acc.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
             with acc.accumulate(model):
                 loss, mets = task.step_fn(model, batch, opt_step)
-                if not torch.isfinite(loss):
-                    raise MemcliError(f"{command}: loss is {loss.item()} at optimizer step {opt_step} (micro-batch {micro}); "
-                                      f"stopping, the last good checkpoint is kept in {run_dir}")
-                acc.backward(loss)
-                if acc.sync_gradients and t.max_grad_norm and not t.zero_stage:
-                    acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                bad = _any_rank(acc, not bool(torch.isfinite(loss.detach())))  # every rank takes the same branch
+                if bad and t.on_nonfinite == "stop":
+                    raise MemcliError(f"{command}: loss is {loss.item()} at optimizer step {opt_step + 1} (micro-batch "
+                                      f"{micro}); stopping, the last good state in {run_dir / 'states'} is kept "
+                                      "(training.on_nonfinite=skip drops such steps instead)")
+                window_bad = window_bad or bad
+                if not bad:
+                    acc.backward(loss)
+                if acc.sync_gradients and not window_bad and not t.zero_stage:
+                    if t.max_grad_norm:
+                        gnorm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                    else:
+                        gnorm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+                    if gnorm is not None and not torch.isfinite(torch.as_tensor(gnorm)):
+                        if t.on_nonfinite == "stop":
+                            raise MemcliError(f"{command}: gradient norm is {float(gnorm)} at optimizer step "
+                                              f"{opt_step + 1}; stopping, the last good state in {run_dir / 'states'} "
+                                              "is kept (training.on_nonfinite=skip drops such steps instead)")
+                        window_bad = True
+                if acc.sync_gradients and window_bad:
+                    optimizer.zero_grad(set_to_none=True)  # drop the whole window: no partial update from it
+                else:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
             tokens += task.tokens_in(batch) * world
-            for k, v in dict(mets, loss=loss.detach()).items():
-                running[k] = running.get(k, 0.0) + float(v) / t.accumulation_steps
+            if not bad:
+                for k, v in dict(mets, loss=loss.detach()).items():
+                    running[k] = running.get(k, 0.0) + float(v) / t.accumulation_steps
             if not acc.sync_gradients:
                 continue
-            scheduler.step()
+            with warnings.catch_warnings():
+                # a dropped step still consumes its data and its place in the schedule; torch warns when the
+                # first optimizer step is the one dropped, which is intended here
+                warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step", category=UserWarning)
+                scheduler.step()
             opt_step += 1
             logged = {k: float(acc.reduce(torch.tensor(v, device=acc.device), "mean")) for k, v in running.items()}
             running = {}
+            if window_bad:
+                skipped += 1
+                window_bad = False
+                logged["skipped"] = 1.0
+                logged.setdefault("loss", None)
+                err_console.print(f"[yellow]{command}: non-finite loss or gradient, optimizer step {opt_step} dropped "
+                                  f"({skipped} so far)[/yellow]")
+                if skipped > t.max_skipped_steps:
+                    raise MemcliError(f"{command}: {skipped} optimizer steps dropped for non-finite loss or gradients "
+                                      f"(training.max_skipped_steps={t.max_skipped_steps}); stopping, the last good "
+                                      f"state in {run_dir / 'states'} is kept")
             logged["lr"] = scheduler.get_last_lr()[0]
             el = time.time() - t0
             logged["tokens_per_s"] = tokens / max(el, 1e-9)
@@ -218,15 +354,16 @@ def run_training(cfg, task: TrainTask, run_dir: Path, command: str) -> dict:
                     f.write(json.dumps(rec) + "\n")
                 if acc.trackers:
                     acc.log({k: v for k, v in logged.items()}, step=opt_step)
+            shown = "nan" if logged["loss"] is None else f"{logged['loss']:.3f}"
             bar.update(task_id, completed=opt_step,
-                       info=f"loss {logged['loss']:.3f} lr {logged['lr']:.2e} {logged['tokens_per_s']:.0f} tok/s")
+                       info=f"loss {shown} lr {logged['lr']:.2e} {logged['tokens_per_s']:.0f} tok/s")
             if t.save_interval and opt_step % t.save_interval == 0 and opt_step < total_opt:
                 if task.sync_state:
                     task.sync_state()
                 _save(acc, task, optimizer, scheduler, run_dir, opt_step, micro + 1)
             if cfg.logging.log_interval and opt_step % cfg.logging.log_interval == 0 and acc.is_main_process \
                     and not bar.live.is_started:
-                err_console.print(f"step {opt_step}/{total_opt} loss {logged['loss']:.4f} lr {logged['lr']:.2e}")
+                err_console.print(f"step {opt_step}/{total_opt} loss {shown} lr {logged['lr']:.2e}")
     acc.wait_for_everyone()
     if task.sync_state:
         task.sync_state()
@@ -245,7 +382,23 @@ def run_training(cfg, task: TrainTask, run_dir: Path, command: str) -> dict:
             "elapsed_s": time.time() - t0, "world_size": world, "is_main": acc.is_main_process}
 
 
+def _any_rank(acc, flag: bool) -> bool:
+    if acc.num_processes == 1:
+        return flag
+    return bool(acc.reduce(torch.tensor(float(flag), device=acc.device), "sum") > 0)
+
+
 def _save(acc, task: TrainTask, optimizer, scheduler, run_dir: Path, step: int, micro: int) -> None:
+    try:
+        _save_state(acc, task, optimizer, scheduler, run_dir, step, micro)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG):
+            raise
+        raise MemcliError(f"{run_dir}: could not write the state of step {step} ({e.strerror}); nothing half-written "
+                          "was left, the previous state is kept: free space and rerun with training.resume=auto") from None
+
+
+def _save_state(acc, task: TrainTask, optimizer, scheduler, run_dir: Path, step: int, micro: int) -> None:
     acc.wait_for_everyone()
     if not acc.is_main_process or acc.state.deepspeed_plugin is not None:
         return  # ZeRO partitions the optimizer across ranks; resumable states are written for DDP / 1 process only
