@@ -95,6 +95,7 @@ def make_accelerator(tcfg, run_dir: Path, trackers: list[str]):
             pg["backend"] = "gloo"  # CPU runs (CI) use gloo
         handlers.append(InitProcessGroupKwargs(**pg))
     launched_ds = _os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    use_ds = launched_ds or bool(tcfg.zero_stage)
     if tcfg.zero_stage and "WORLD_SIZE" not in _os.environ:
         raise MemcliError(f"training.zero_stage={tcfg.zero_stage} needs a distributed launcher, e.g. 'accelerate launch "
                           "--config_file examples/accelerate_zero2.yaml -m memcli train memory ...'")
@@ -104,12 +105,12 @@ def make_accelerator(tcfg, run_dir: Path, trackers: list[str]):
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(zero_stage=tcfg.zero_stage,
                                                      gradient_accumulation_steps=tcfg.accumulation_steps,
                                                      gradient_clipping=tcfg.max_grad_norm)
-    if (launched_ds or tcfg.zero_stage) and not torch.cuda.is_available():
+    if use_ds and not torch.cuda.is_available():
         _no_deepspeed_shm_op()
     # without a GPU, a multi-process launch must say cpu=True: else accelerate (1.15) joins the process group but
     # reports DistributedType.NO, and every rank trains alone with no gradient sync (seen under torchrun-style env)
     # (a DeepSpeed launch is left alone: cpu=True would turn DeepSpeed off)
-    cpu = tcfg.device == "cpu" or (multi and not torch.cuda.is_available() and not (launched_ds or tcfg.zero_stage))
+    cpu = tcfg.device == "cpu" or (multi and not torch.cuda.is_available() and not use_ds)
     acc = Accelerator(gradient_accumulation_steps=tcfg.accumulation_steps, mixed_precision=tcfg.mixed_precision,
                       kwargs_handlers=handlers, log_with=trackers or None, project_dir=str(run_dir), cpu=cpu, **kwargs)
     from accelerate.utils import DistributedType
@@ -198,8 +199,7 @@ def run_training(cfg, task: TrainTask, run_dir: Path, command: str) -> dict:
     if acc.is_main_process:
         preflight_output(run_dir, _nbytes(params) + 2 * 3 * _nbytes(trainable))
     run_dir.mkdir(parents=True, exist_ok=True)
-    world = acc.num_processes
-    if world == 1:
+    if acc.num_processes == 1:
         return _run(cfg, task, run_dir, command, acc)
     prev = signal.signal(signal.SIGTERM, _on_sigterm)  # a launcher ends the survivors of a dead rank with SIGTERM
     try:
@@ -307,11 +307,9 @@ def _run(cfg, task: TrainTask, run_dir: Path, command: str, acc) -> dict:
                                               f"{opt_step + 1}; stopping, the last good state in {run_dir / 'states'} "
                                               "is kept (training.on_nonfinite=skip drops such steps instead)")
                         window_bad = True
-                if acc.sync_gradients and window_bad:
-                    optimizer.zero_grad(set_to_none=True)  # drop the whole window: no partial update from it
-                else:
+                if not (acc.sync_gradients and window_bad):  # a bad window is dropped whole: no partial update
                     optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=True)
             tokens += task.tokens_in(batch) * world
             if not bad:
                 for k, v in dict(mets, loss=loss.detach()).items():
