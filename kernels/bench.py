@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import sys
-import time
 
 import torch
+
+from memcli.bench.timer import measure
 
 from memcli.kernels.reference import product_key_select_grid, product_key_select_ref, token_bag_materialised, token_bag_ref
 
@@ -27,22 +27,9 @@ from memcli.kernels.reference import product_key_select_grid, product_key_select
 _PEAK = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100": 2.0e12, "L40S": 0.864e12, "A10": 0.6e12}
 
 
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def _time(fn, dev, repeats: int, warmup: int = 1) -> tuple[float, float]:
-    for _ in range(warmup):
-        fn()
-    _sync(dev)
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        _sync(dev)
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts), max(ts) - min(ts)
+    t = measure(fn, repeats, warmup)
+    return t.median_s, t.spread_s
 
 
 def _triton_ok(dev) -> str | None:

@@ -12,9 +12,16 @@ import os
 from memcli.kernels.reference import entry_pool_ref, product_key_select_ref, token_bag_ref
 
 
+MODES = ("auto", "reference", "triton")
+
+
 def _mode() -> str:
     m = os.environ.get("MEMCLI_KERNELS", "auto").lower()
-    return m if m in ("auto", "reference", "triton") else "auto"
+    if m not in MODES:
+        from memcli.errors import MemcliError
+
+        raise MemcliError(f"MEMCLI_KERNELS={m!r}: expected one of {', '.join(MODES)}")
+    return m
 
 
 def _use_triton(t) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import pickle
@@ -15,7 +14,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from memcli.errors import MemcliError
-from memcli.records import atomic_write_bytes, read_json_object, require_file, write_json
+from memcli.records import atomic_write_bytes, require_file
 
 
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict | None = None) -> None:
@@ -57,20 +56,6 @@ def _load_legacy(p: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def save_component(directory: str | os.PathLike, name: str, tensors: Mapping[str, torch.Tensor], config: dict) -> None:
-    """``<dir>/<name>.safetensors`` + ``<dir>/<name>.json``; the JSON (the part readers check first) is written last."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    save_tensors(d / f"{name}.safetensors", tensors)
-    write_json(d / f"{name}.json", config)
-
-
-def load_component(directory: str | os.PathLike, name: str) -> tuple[dict[str, torch.Tensor], dict]:
-    d = Path(directory)
-    cfg = read_json_object(d / f"{name}.json", f"{name} config")
-    return load_tensors(d / f"{name}.safetensors"), cfg
-
-
 def check_shape(path, name: str, t: torch.Tensor, shape: tuple, dtype_kind: str | None = None) -> None:
     """Raise a one-line error when tensor ``name`` in ``path`` is not of ``shape`` (None = any size)."""
     ok = t.dim() == len(shape) and all(s is None or s == a for s, a in zip(shape, t.shape))
@@ -85,9 +70,3 @@ def check_shape(path, name: str, t: torch.Tensor, shape: tuple, dtype_kind: str 
 
 def is_perfect_square(n: int) -> bool:
     return n > 0 and math.isqrt(n) ** 2 == n
-
-
-def config_hash(obj) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,7 +1,14 @@
-"""Run configuration: dataclass sections ``model``, ``dataset``, ``training``, ``logging``.
+"""One config schema per recipe: ``train router|fusion|memory|hippo|hrpo``.
 
-A YAML file (``--config``) and ``key=value`` overrides are merged into the structured schema with
-OmegaConf, so unknown keys and wrong types are refused with a one-line message that names the key.
+Each recipe is a dataclass tree with sections ``model``, ``dataset``, ``training``, ``logging`` that
+holds only the keys that recipe reads. Shared pieces (backbone, LoRA, the training loop, logging)
+are defined once and composed by inheritance; choices are enums, so OmegaConf refuses a value
+outside them. A YAML file (``--config``) and ``key=value`` overrides are merged into the schema;
+an unknown key is refused with one line that names the closest key *of that recipe*.
+
+Defaults live here. The few that depend on the backbone (the tiny model trained from scratch vs a
+pretrained model) are ``None`` in the dataclass and filled by :func:`resolve` from the recipe's
+``backbone_defaults``, in one place next to the schema; ``--print-config`` shows them resolved.
 """
 
 from __future__ import annotations
@@ -9,9 +16,11 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import typing
 from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, ClassVar, List, Optional, Sequence
 
 import yaml
 from omegaconf import OmegaConf
@@ -20,143 +29,450 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from memcli.errors import MemcliError
 
 
-@dataclass
-class ModelConfig:
-    backbone: str = "tiny"  # "tiny" (built in) or a local HF directory
-    qwen3_model_path: Optional[str] = None  # seed name; when set it is the backbone and the backbone is frozen
-    cache_path: Optional[str] = None  # directory written by build-cache
-    keys_path: Optional[str] = None  # directory written by build-keys
-    memory_layers: List[int] = field(default_factory=lambda: [1])
-    knowledge_num: Optional[int] = None  # taken from the cache when None
-    knowledge_length: Optional[int] = None
-    knowledge_dim: Optional[int] = None  # taken from the keys when None
-    num_candidates: int = 16
-    topk_per_half: Optional[int] = None  # None: num_candidates
-    gate_rank: int = 0  # 0: full-rank query projection
-    fusion_rank: int = 0  # 0: full-rank fusion
-    freeze_keys: bool = False
-    rerank: bool = True  # re-score product-key candidates by content keys W_k(pooled entry)
-    retrieval: str = "auto"  # auto (exact content-key search up to 16,384 entries, else product keys) | exact | product
-    finetuning_method: str = "auto"  # auto (tiny: full, a real Qwen3: frozen) | frozen | lora | full
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    trust_remote_code: bool = False
-    # HIPPO dialog memory (train hippo); memory_layers are its fusion layers
-    hippo_variant: str = "matrix"  # matrix (light, time-invariant decay) | selective (Mamba-style, input-dependent)
-    hippo_heads: int = 4
-    hippo_state_dim: int = 32  # keys per head (rows of each head's matrix state)
-    hippo_value_dim: int = 64  # values per head (matrix variant; selective uses expand*hidden/heads)
-    hippo_init: str = "s4d_real"  # s4d_real (diagonal A) | legs (HiPPO-LegS, dense A)
-    hippo_expand: int = 2
-    # where turn features come from; None / auto: the last position of the last layer for a pretrained
-    # backbone, the mean of the input embeddings for the tiny one (trained from scratch, its deeper
-    # states carry nothing yet: measured, EM stayed at chance for 600 steps with them)
-    hippo_feature_layer: Optional[int] = None
-    hippo_pool: str = "auto"  # auto | last (causal position) | mean over the turn | tokens (every position writes k v^T)
-    # HRPO latent reasoning (train hrpo)
-    thinking_source: str = "probs"  # probs (p @ W_embed / ||p||) | projection (learnable, of the last hidden state)
-    thinking_r_min: float = 0.99  # initial embedding share a lies in [r_min, r_max]
-    thinking_r_max: float = 0.999
+# --------------------------------------------------------------------------- choices
+
+
+class Method(str, Enum):
+    """How the backbone trains: ``auto`` resolves per backbone (tiny: full, pretrained: frozen)."""
+
+    auto = "auto"
+    frozen = "frozen"
+    lora = "lora"
+    full = "full"
+
+
+class Precision(str, Enum):
+    no = "no"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Scheduler(str, Enum):
+    """After the linear warmup (transformers' schedules of the same names)."""
+
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+class OnNonfinite(str, Enum):
+    stop = "stop"
+    skip = "skip"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+
+
+class Retrieval(str, Enum):
+    auto = "auto"  # exact up to EXACT_LIMIT entries, product keys above
+    exact = "exact"
+    product = "product"
+
+
+class Read(str, Enum):
+    """How a retrieved entry reaches the model."""
+
+    additive = "additive"  # pooled token embeddings fused into the memory layer's output (GatedMemoryFusion)
+    prefix = "prefix"  # the entries' token ids placed before the input, where a pretrained model already reads
+
+
+class Query(str, Enum):
+    token = "token"  # each position's own hidden state at the memory layer
+    mean = "mean"  # the causal running mean of the memory layer's states (standardised)
+
+
+class EntryKey(str, Enum):
+    embeddings = "embeddings"  # mean of the entry's input token embeddings (computed every forward)
+    hidden = "hidden"  # mean of the entry's hidden states at the memory layer (base model, standardised)
+
+
+class AnswerFormat(str, Enum):
+    letter = "letter"  # ExplicitLM's multiple choice, answered "C:text" after a chat prompt
+    cloze = "cloze"  # the entry's sentence cut before its object, answered with the object text
+
+
+class BalanceForm(str, Enum):
+    soft = "soft"  # KL(usage || uniform) + Gini on the soft selection weights
+    seed = "seed"  # ExplicitLM's kl_div(log P, U) on hard selection counts (straight-through gradient)
+
+
+class Variant(str, Enum):
+    matrix = "matrix"
+    selective = "selective"
+
+
+class HippoInit(str, Enum):
+    s4d_real = "s4d_real"
+    legs = "legs"
+
+
+class Pool(str, Enum):
+    last = "last"
+    mean = "mean"
+    tokens = "tokens"
+
+
+class ThinkingSource(str, Enum):
+    probs = "probs"
+    projection = "projection"
+
+
+# --------------------------------------------------------------------------- shared sections
 
 
 @dataclass
-class DatasetConfig:
-    data_dir: str = "data/default"
-    sft_dataset_path: Optional[str] = None
-    sft_val_dataset_path: Optional[str] = None
-    labeled_path: Optional[str] = None
-    omcq_eval_path: Optional[str] = None
-    knowledge_path: Optional[str] = None
-    pretrained_router_path: Optional[str] = None
-    max_length: int = 128
-    max_turn_length: int = 64  # tokens kept per dialog turn (HIPPO)
-    train_path: Optional[str] = None  # HRPO: GSM8K-format JSONL (question, answer with '#### n')
-    eval_path: Optional[str] = None  # HRPO: test file for greedy accuracy
+class BackboneFields:
+    backbone: str = "tiny"  # tiny (built in), smollm2-135m (fetched once, memcli download), a local HF directory, a .gguf file
+    qwen3_model_path: Optional[str] = None  # the seeds' name for backbone; when set it is the backbone
+    trust_remote_code: bool = False  # run Python code shipped with a local model (only for models you trust)
 
 
 @dataclass
-class TrainingConfig:
-    seed: int = 42
-    epochs: int = 1
-    max_steps: Optional[int] = None
-    batch_size: int = 32
-    accumulation_steps: int = 1
-    learning_rate: float = 1e-3
-    memory_lr: Optional[float] = None
-    backbone_lr: Optional[float] = None
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.05
-    lr_scheduler: str = "cosine"  # cosine | linear | constant (after the warmup)
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "no"  # no | bf16
-    eval_interval: int = 200
-    eval_num_samples: int = 200
-    final_eval_num_samples: Optional[int] = None  # items in the end-of-training evaluation; None = all held-out
-    save_interval: int = 500
+class LoraFields:
+    """Keys of recipes that can train the backbone."""
+
+    finetuning_method: Method = Method.auto  # auto (tiny: full; pretrained: frozen, hippo and hrpo lora) | frozen | lora | full
+    lora_rank: int = 8  # LoRA adapters on every attention and MLP projection
+    lora_alpha: int = 16  # LoRA scale numerator (scale = alpha / rank)
+    lora_dropout: float = 0.0  # dropout on the LoRA path
+
+
+@dataclass
+class TrainableBackboneFields(BackboneFields, LoraFields):
+    pass
+
+
+@dataclass
+class LoopFields:
+    """The shared training loop (memcli/training/loop.py)."""
+
+    seed: int = 42  # model init, data order, counterfactual draws, sampling
+    epochs: Optional[int] = None  # passes over the training items; None: per backbone
+    max_steps: Optional[int] = None  # optimizer steps; None: as many as the epochs give
+    batch_size: Optional[int] = None  # per process; None: per backbone
+    accumulation_steps: int = 1  # micro-batches per optimizer step
+    weight_decay: float = 0.0  # AdamW's
+    warmup_ratio: float = 0.05  # share of the optimizer steps with a linear warmup
+    lr_scheduler: Scheduler = Scheduler.cosine  # after the warmup: cosine | linear (to 0) | constant
+    max_grad_norm: float = 1.0  # gradient clipping (0: off)
+    mixed_precision: Precision = Precision.no  # no | bf16 | fp16 (accelerate)
+    eval_interval: int = 100  # optimizer steps between evaluations (0: only at the end)
+    eval_num_samples: int = 100  # items per evaluation during training
+    final_eval_num_samples: Optional[int] = None  # items in the end-of-training evaluation; None: all
+    save_interval: int = 500  # optimizer steps between resumable states
     resume: Optional[str] = None  # auto | PATH
-    on_nonfinite: str = "stop"  # NaN/inf loss or gradients: stop (last good state kept) | skip (drop that optimizer step)
+    on_nonfinite: OnNonfinite = OnNonfinite.stop  # NaN/inf loss or gradients: stop | skip that optimizer step
     max_skipped_steps: int = 10  # with on_nonfinite=skip: stop once this many optimizer steps were dropped
-    deterministic: bool = True  # torch deterministic algorithms: same seed, same weights (measured: no CPU slowdown)
+    deterministic: bool = True  # torch deterministic algorithms: same seed, same weights
+    device: Device = Device.auto  # auto (accelerate's choice) | cpu
+
+
+@dataclass
+class DistributedFields:
+    """Keys of recipes that run under `accelerate launch` (DDP, DeepSpeed ZeRO)."""
+
+    zero_stage: int = 0  # DeepSpeed ZeRO stage (0: off; 1-3 under accelerate launch --use_deepspeed)
     dist_timeout_s: int = 600  # a collective waiting longer than this (a rank died or hangs) ends every rank
-    zero_stage: int = 0
-    router_loss_coef: float = 1.0
-    counterfactual_prob: float = 0.5
-    balance_loss_coef: float = 0.01
-    similarity_loss_coef: float = 0.0
-    diversity_loss_coef: float = 0.0
-    ema_update_freq: int = 0  # 0: off
-    ema_decay: float = 0.9
-    freeze_ratio: float = 0.0
-    stage1_epochs: int = 1  # HIPPO: epochs that train the memory encoder and gates only
-    hippo_lr: Optional[float] = None  # HIPPO encoder + gates; None: 5e-5 (a real backbone) or 3e-3 (tiny)
-    # HRPO (GRPO with hybrid latent reasoning); batch_size counts prompts, each sampled group_size times
-    group_size: int = 4
-    temperature: float = 0.5
-    max_completion_length: int = 64
-    beta: float = 0.005  # KL to the reference (k3 estimator); 0 skips the reference forward
+
+
+@dataclass
+class LoggingSection:
+    out_dir: str = "out"  # where run directories are made
+    run_name: Optional[str] = None  # the run directory is out_dir/run_name (default: the recipe's name)
+    log_interval: int = 20  # optimizer steps between console lines (when no progress bar is shown)
+    tensorboard: bool = True  # TensorBoard event files in the run directory (offline)
+    wandb: bool = False  # log to Weights & Biases when installed (keys from the environment)
+    swanlab: bool = False  # log to SwanLab when installed
+
+
+# --------------------------------------------------------------------------- explicit memory
+
+
+@dataclass
+class RouterModel(BackboneFields):
+    cache_path: Optional[str] = None  # directory written by build-cache (default: <data_dir>/cache)
+    keys_path: Optional[str] = None  # directory written by build-keys (default: <data_dir>/keys)
+    memory_layers: Optional[List[int]] = None  # decoder layers that retrieve; None: per backbone
+    knowledge_num: Optional[int] = None  # taken from the cache; a value given here is checked against it
+    knowledge_length: Optional[int] = None  # tokens per entry, taken from the cache (checked when given)
+    knowledge_dim: Optional[int] = None  # query / key width, taken from the keys (checked when given)
+    num_candidates: int = 16  # entries retrieved per query (the read mixes them; recall@k uses k = this)
+    topk_per_half: Optional[int] = None  # product keys: candidates per half; None: num_candidates
+    gate_rank: int = 0  # 0: full-rank query projection; r > 0: two factors of rank r
+    freeze_keys: bool = False  # keep build-keys' product keys fixed
+    rerank: bool = True  # re-score product-key candidates by content keys
+    retrieval: Retrieval = Retrieval.auto  # auto (exact up to 16,384 entries, else product) | exact | product
+    query: Optional[Query] = None  # token (each position's state) | mean (causal running mean); None: per backbone
+    entry_key: Optional[EntryKey] = None  # embeddings (pooled input embeddings) | hidden (its states); None: per backbone
+
+
+@dataclass
+class FusionModel(RouterModel):
+    fusion_rank: int = 0  # 0: full-rank GatedMemoryFusion
+
+
+@dataclass
+class MemoryModel(FusionModel, LoraFields):
+    read: Optional[Read] = None  # additive (fused at the layer) | prefix (entry tokens before the input); None: per backbone
+    prefix_entries: int = 1  # read=prefix: retrieved entries placed before the input
+
+
+@dataclass
+class RouterDataset:
+    data_dir: Optional[str] = None  # None: data/default (tiny) or data/<backbone> (pretrained), built when absent
+    sft_dataset_path: Optional[str] = None  # SFT conversations (default: <data_dir>/sft_train.jsonl)
+    sft_val_dataset_path: Optional[str] = None  # held-out conversations (default: <data_dir>/sft_val.jsonl)
+    labeled_path: Optional[str] = None  # router labels (default: <keys_path>/train_labeled.jsonl)
+    answer_format: Optional[AnswerFormat] = None  # letter (ExplicitLM's C:text) | cloze (object after the cut sentence)
+    max_prompt_length: int = 128  # prompt tokens kept (the end is kept)
+
+
+@dataclass
+class FusionDataset(RouterDataset):
+    omcq_eval_path: Optional[str] = None  # held-out questions (default: <data_dir>/omcq_val.json)
+    pretrained_router_path: Optional[str] = None  # run directory of 'train router' (required by fusion)
+
+
+@dataclass
+class MemoryDataset(FusionDataset):
+    pretrained_fusion_path: Optional[str] = None  # run directory of 'train fusion': its fusion + MemoryNorm, strictly
+    # language-model pretraining on raw text instead of questions (MiniMind's format: {"text": ...} per line)
+    text_path: Optional[str] = None  # set: next-token loss over whole texts, validation loss and perplexity
+    text_val_path: Optional[str] = None  # held-out texts (default: the last 5% of text_path)
+    max_text_length: int = 64  # tokens kept per text (its start)
+
+
+@dataclass
+class RouterTraining(LoopFields, DistributedFields):
+    learning_rate: Optional[float] = None  # memory parameters; None: per backbone
+
+
+@dataclass
+class FusionTraining(RouterTraining):
+    pass
+
+
+@dataclass
+class MemoryTraining(FusionTraining):
+    backbone_lr: Optional[float] = None  # LoRA adapters or the full backbone; None: per backbone
+    router_loss_coef: float = 1.0  # weight of the retrieval loss toward the labelled entries
+    counterfactual_prob: float = 0.5  # share of labelled items whose entry is rewritten (batch-local) per step
+    balance_loss_coef: float = 0.01  # weight of the usage balance term (training.balance_form)
+    balance_form: BalanceForm = BalanceForm.soft  # soft: KL(usage||U) + Gini on soft weights | seed: KL(U||hard counts)
+    similarity_loss_coef: float = 0.0  # 1 - cos(query, key of its chosen entries)
+    diversity_loss_coef: float = 0.0  # mean cosine between one query's candidate keys
+    ema_update_freq: int = 0  # optimizer steps between EMA token updates of the bank; 0: off
+    ema_decay: float = 0.9  # EMA: entry tokens move (1 - decay) toward the states that read them
+    freeze_ratio: float = 0.0  # share of bank rows EMA never touches
+
+
+_EXPLICIT_TINY = {"model": {"memory_layers": [1], "query": "token", "entry_key": "embeddings", "read": "additive"},
+                  "dataset": {"answer_format": "letter"},
+                  "training": {"batch_size": 32, "learning_rate": 3e-3, "backbone_lr": 1e-3}}
+# measured on SmolLM2-135M (README "Explicit memory on a pretrained model"): retrieval from the mean of the
+# layer-8 states, keys from the entries' own layer-8 states, the entry's tokens read as a prefix
+_EXPLICIT_PRETRAINED = {"model": {"memory_layers": [8], "query": "mean", "entry_key": "hidden", "read": "prefix"},
+                        "dataset": {"answer_format": "cloze"},
+                        "training": {"batch_size": 64, "learning_rate": 1e-3, "backbone_lr": 1e-4}}
+
+
+def _explicit_defaults(tiny_epochs: int, pretrained_epochs: int) -> dict:
+    out = {}
+    for kind, base, epochs in (("tiny", _EXPLICIT_TINY, tiny_epochs), ("pretrained", _EXPLICIT_PRETRAINED, pretrained_epochs)):
+        d = {sec: dict(v) for sec, v in base.items()}
+        d["training"]["epochs"] = epochs
+        out[kind] = d
+    return out
+
+
+@dataclass
+class RouterRecipe:
+    command: ClassVar[str] = "train router"
+    backbone_defaults: ClassVar[dict] = _explicit_defaults(8, 12)
+    model: RouterModel = field(default_factory=RouterModel)
+    dataset: RouterDataset = field(default_factory=RouterDataset)
+    training: RouterTraining = field(default_factory=RouterTraining)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+
+@dataclass
+class FusionRecipe:
+    command: ClassVar[str] = "train fusion"
+    backbone_defaults: ClassVar[dict] = _explicit_defaults(8, 4)
+    model: FusionModel = field(default_factory=FusionModel)
+    dataset: FusionDataset = field(default_factory=FusionDataset)
+    training: FusionTraining = field(default_factory=FusionTraining)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+
+@dataclass
+class MemoryRecipe:
+    command: ClassVar[str] = "train memory"
+    # tiny: 600 optimizer steps of 32 on the synthetic base (the learning check's recipe)
+    backbone_defaults: ClassVar[dict] = _explicit_defaults(24, 12)
+    model: MemoryModel = field(default_factory=MemoryModel)
+    dataset: MemoryDataset = field(default_factory=MemoryDataset)
+    training: MemoryTraining = field(default_factory=MemoryTraining)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+
+# --------------------------------------------------------------------------- HIPPO
+
+
+@dataclass
+class HippoModelSection(TrainableBackboneFields):
+    memory_layers: Optional[List[int]] = None  # layers the state is read into (prefix: whose states pick the read)
+    hippo_variant: Variant = Variant.matrix  # matrix (light, time-invariant decay) | selective (Mamba-style)
+    hippo_heads: int = 4  # heads of the matrix state
+    hippo_state_dim: int = 32  # keys per head (rows of each head's matrix state)
+    hippo_value_dim: Optional[int] = None  # matrix: values per head (None: 64); selective: fixed by expand
+    hippo_init: HippoInit = HippoInit.s4d_real  # A from S4D-Real (diagonal) | HiPPO-LegS (dense)
+    hippo_expand: Optional[int] = None  # selective: inner width = expand * hidden (None: 2); matrix: unused
+    hippo_feature_layer: Optional[int] = None  # hidden_states index of the turn features (0: embeddings); None: per backbone
+    hippo_pool: Pool = Pool.mean  # how a turn's states become one vector: mean | last | tokens (one per token)
+    hippo_standardise: Optional[bool] = None  # standardise turn features and read states; None: per backbone
+    hippo_read: Optional[Read] = None  # additive (into memory_layers) | prefix (memory tokens); None: per backbone
+    hippo_memory_tokens: int = 16  # hippo_read=prefix: words kept per turn, read back as memory tokens
+    hippo_prompt_tokens: int = 8  # hippo_read=prefix: learned soft-prompt vectors before them
+
+
+@dataclass
+class HippoDataset:
+    data_dir: str = "data/dialog"  # generated with the default recipe when absent and no train_path is given
+    train_path: Optional[str] = None  # dialogs JSONL (default: <data_dir>/data_train.jsonl)
+    eval_path: Optional[str] = None  # validation dialogs (default: <data_dir>/data_val.jsonl)
+    max_turn_length: int = 64  # tokens kept per dialog turn (its end)
+    max_prompt_length: int = 64  # tokens kept of the query prompt (its end)
+
+
+@dataclass
+class HippoTraining(LoopFields, DistributedFields):
+    learning_rate: Optional[float] = None  # the HIPPO encoder and gates; None: per backbone
+    backbone_lr: Optional[float] = None  # stage 2 (LoRA or full); None: per backbone
+    stage1_epochs: Optional[float] = None  # epochs (fractions allowed) training the encoder and gates only; None: per backbone
+    load_best_model: bool = True  # end with the weights of the lowest validation loss seen at an evaluation (seed's)
+
+
+@dataclass
+class HippoRecipe:
+    command: ClassVar[str] = "train hippo"
+    # tiny: 2 epochs of the default dialogs (1,124 steps of 32), constant rate after warmup (a cosine decay
+    # reaches the recall transition, around step 500, at half the rate, and stalls it)
+    backbone_defaults: ClassVar[dict] = {
+        "tiny": {"model": {"memory_layers": [1], "hippo_feature_layer": 0, "hippo_standardise": False,
+                           "hippo_read": "additive"},
+                 "training": {"epochs": 2, "stage1_epochs": 1, "batch_size": 32, "learning_rate": 3e-3,
+                              "backbone_lr": 1e-3}},
+        # pretrained: the seed's staging (memory first, then the backbone unfrozen, here with LoRA), sized for
+        # 2 CPU cores: 600 steps of 16, the first 0.25 epoch (281 steps of the default 18,000 dialogs) stage 1
+        "pretrained": {"method": "lora",
+                       "model": {"memory_layers": [8], "hippo_feature_layer": 9, "hippo_standardise": True,
+                                 "hippo_read": "prefix"},
+                       "training": {"epochs": 1, "max_steps": 600, "stage1_epochs": 0.25, "batch_size": 16,
+                                    "learning_rate": 1e-3, "backbone_lr": 1e-4}},
+    }
+    model: HippoModelSection = field(default_factory=HippoModelSection)
+    dataset: HippoDataset = field(default_factory=HippoDataset)
+    training: HippoTraining = field(default_factory=lambda: HippoTraining(lr_scheduler=Scheduler.constant,
+                                                                          eval_interval=200))
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+
+# --------------------------------------------------------------------------- HRPO
+
+
+@dataclass
+class HrpoModelSection(TrainableBackboneFields):
+    thinking_source: ThinkingSource = ThinkingSource.probs  # probs (p @ W_embed / ||p||) | projection (learnable)
+    thinking_r_min: float = 0.99  # the initial embedding share a lies in [r_min, r_max]
+    thinking_r_max: float = 0.999  # (see thinking_r_min)
+
+
+@dataclass
+class HrpoDataset:
+    train_path: Optional[str] = None  # GSM8K-format JSONL (default: the built-in arithmetic task, data/arithmetic)
+    eval_path: Optional[str] = None  # problems for greedy accuracy (default: data/arithmetic/test.jsonl)
+    max_prompt_length: int = 512  # prompt tokens kept (the end); longer prompts are counted and reported
+    instruction: Optional[str] = None  # appended to every problem in the prompt; None: per backbone
+
+
+STEP_BY_STEP = "Think step by step, then give the final answer after '####'."
+ONE_LINE = "Solve it in one short line and end with '#### <number>', for example: 2 + 3 = 5 #### 5"
+
+
+@dataclass
+class HrpoTraining(LoopFields):
+    backbone_lr: Optional[float] = None  # the policy (LoRA or full); None: per backbone
     gate_lr: float = 1e-4  # thinking_residual_gate_r / _gate_i
     lambda_lr: float = 1e-3  # thinking_residual_Lambda
     projection_lr: float = 1e-4  # thinking_projection
+    group_size: int = 4  # samples per problem; batch_size counts problems
+    temperature: float = 0.5  # sampling temperature of the rollouts
+    max_completion_length: Optional[int] = None  # None: per backbone
+    beta: float = 0.005  # KL to the reference (k3 estimator); 0 skips the reference forward
     hybrid: bool = True  # False: plain GRPO (token inputs only)
     reward_fn: str = "memcli.hrpo.rewards:gsm8k_reward"  # module:function(completions, answers, prompts) -> floats
-    log_completions_interval: int = 50  # optimizer steps between tables of sample completions (0: never)
-    device: str = "auto"
+    log_completions_interval: int = 20  # optimizer steps between tables of sample completions (0: never)
 
 
 @dataclass
-class LoggingConfig:
-    out_dir: str = "out"
-    run_name: Optional[str] = None
-    log_interval: int = 20
-    tensorboard: bool = True
-    wandb: bool = False
-    swanlab: bool = False
+class HrpoRecipe:
+    command: ClassVar[str] = "train hrpo"
+    # pretrained: LoRA (GRPO moves the policy; the thinking residual alone cannot), and a one-line instruction with
+    # an example: SmolLM2-135M ends 4% of its answers with '#### n' when told to think step by step, 81% with it
+    backbone_defaults: ClassVar[dict] = {
+        "tiny": {"training": {"max_steps": 60, "batch_size": 4, "backbone_lr": 1e-4, "max_completion_length": 32},
+                 "dataset": {"instruction": STEP_BY_STEP}},
+        "pretrained": {"method": "lora",
+                       "training": {"max_steps": 60, "batch_size": 4, "backbone_lr": 1e-4, "max_completion_length": 64},
+                       "dataset": {"instruction": ONE_LINE}},
+    }
+    model: HrpoModelSection = field(default_factory=HrpoModelSection)
+    dataset: HrpoDataset = field(default_factory=HrpoDataset)
+    training: HrpoTraining = field(default_factory=lambda: HrpoTraining(
+        epochs=1, eval_interval=0, eval_num_samples=50, lr_scheduler=Scheduler.constant, warmup_ratio=0.0))
+    logging: LoggingSection = field(default_factory=lambda: LoggingSection(log_interval=10))
 
 
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+RECIPES = {"router": RouterRecipe, "fusion": FusionRecipe, "memory": MemoryRecipe, "hippo": HippoRecipe,
+           "hrpo": HrpoRecipe}
+
+# names a user may bring from another recipe or a seed: the key that means the same thing here
+_SAME_MEANING = {
+    "dataset.train_path": ("dataset.sft_dataset_path",),
+    "dataset.sft_dataset_path": ("dataset.train_path",),
+    "dataset.eval_path": ("dataset.sft_val_dataset_path", "dataset.omcq_eval_path"),
+    "dataset.sft_val_dataset_path": ("dataset.eval_path",),
+    "dataset.max_length": ("dataset.max_prompt_length",),
+    "training.memory_lr": ("training.learning_rate",),
+    "training.hippo_lr": ("training.learning_rate",),
+    "training.learning_rate": ("training.backbone_lr",),
+}
 
 
-def valid_keys(schema: Any = Config, prefix: str = "") -> list[str]:
+# --------------------------------------------------------------------------- loading
+
+
+def valid_keys(schema: Any) -> list[str]:
+    """Dotted leaf keys of a recipe schema (class or instance)."""
     out = []
-    for f in fields(schema):
-        name = f"{prefix}{f.name}"
-        typ = f.type if not isinstance(f.type, str) else None
-        default = f.default_factory() if f.default_factory is not field().default_factory else f.default  # type: ignore
-        if is_dataclass(default):
-            out.extend(valid_keys(type(default), name + "."))
+    obj = schema() if isinstance(schema, type) else schema
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if is_dataclass(v):
+            out.extend(f"{f.name}.{k}" for k in valid_keys(v))
         else:
-            out.append(name)
+            out.append(f.name)
     return out
 
 
 def _suggest(key: str, schema: Any) -> str:
     keys = valid_keys(schema)
+    for alt in _SAME_MEANING.get(key, ()):
+        if alt in keys:
+            return f"; did you mean '{alt}'?"
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
     if not close:  # also try the last component alone (e.g. "learnin_rate" without a section)
         leaf = key.split(".")[-1]
@@ -168,13 +484,15 @@ def _suggest(key: str, schema: Any) -> str:
 
 def _explain(e: OmegaConfBaseException, source: str, schema: Any) -> MemcliError:
     key = getattr(e, "full_key", None) or ""
+    cmd = getattr(schema, "command", "this command")
     if isinstance(e, ConfigKeyError) or "not in" in str(e) or "Key '" in str(e) and "not" in str(e):
-        return MemcliError(f"{source}: unknown key '{key}'{_suggest(key, schema)}")
+        return MemcliError(f"{source}: unknown key '{key}' for {cmd}{_suggest(key, schema)}")
     if isinstance(e, ValidationError):
-        exp = getattr(e, "ref_type", None) or getattr(e, "object_type", None)
         msg = str(e).splitlines()[0]
         want = msg.split("converted to ")[-1] if "converted to" in msg else msg
         val = getattr(e, "value", None) if hasattr(e, "value") else None
+        if "expected one of" in msg:  # an enum: list the choices
+            want = "one of " + msg.split("expected one of")[-1].strip(" []").replace("[", "").replace("]", "")
         return MemcliError(f"{source}: key '{key}' got {val!r}, expected {want.strip().lower()}")
     return MemcliError(f"{source}: {str(e).splitlines()[0]} (key '{key}')")
 
@@ -188,37 +506,16 @@ def parse_overrides(overrides: Sequence[str]) -> list[str]:
     return out
 
 
-def load_config(
-    config_file: str | Path | None = None,
-    overrides: Sequence[str] = (),
-    schema: Any = Config,
-    defaults: dict | None = None,
-):
-    """Schema defaults <- per-command ``defaults`` <- YAML ``config_file`` <- ``key=value`` overrides."""
+def load_config(recipe: str | type, config_file: str | Path | None = None, overrides: Sequence[str] = (),
+                resolved: bool = True):
+    """Schema defaults <- YAML ``config_file`` <- ``key=value`` overrides, then per-backbone defaults."""
+    schema = RECIPES[recipe] if isinstance(recipe, str) else recipe
     base = OmegaConf.structured(schema)
     OmegaConf.set_struct(base, True)
     layers: list[tuple[str, Any]] = []
-    if defaults:
-        layers.append(("command defaults", OmegaConf.create(defaults)))
     if config_file is not None:
-        p = Path(config_file)
-        if not p.is_file():
-            raise MemcliError(f"{p}: config file not found" if not p.exists() else f"{p}: expected a YAML file, found a directory")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            line = getattr(getattr(e, "problem_mark", None), "line", None)
-            where = f"{p}:{line + 1}" if line is not None else str(p)
-            raise MemcliError(f"{where}: invalid YAML ({getattr(e, 'problem', 'parse error')})") from None
-        except UnicodeDecodeError:
-            raise MemcliError(f"{p}: not UTF-8 text, expected a YAML file") from None
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise MemcliError(f"{p}: top level is {type(data).__name__}, expected a mapping of sections")
-        layers.append((str(p), OmegaConf.create(data)))
-    ov = parse_overrides(overrides)
-    for item in ov:
+        layers.append((str(config_file), OmegaConf.create(_read_yaml(Path(config_file)))))
+    for item in parse_overrides(overrides):
         try:
             layers.append((f"override '{item}'", OmegaConf.from_dotlist([item])))
         except (OmegaConfBaseException, yaml.YAMLError) as e:  # the value is parsed as YAML
@@ -230,54 +527,168 @@ def load_config(
         except OmegaConfBaseException as e:
             raise _explain(e, source, schema) from None
     obj = OmegaConf.to_object(cfg)
-    _check_values(obj)
-    return obj
+    return resolve(obj) if resolved else obj
 
 
-_CHOICES = {
-    ("model", "finetuning_method"): ("auto", "frozen", "lora", "full"),
-    ("training", "mixed_precision"): ("no", "bf16", "fp16"),
-    ("model", "retrieval"): ("auto", "exact", "product"),
-    ("training", "zero_stage"): (0, 1, 2, 3),
-    ("training", "lr_scheduler"): ("cosine", "linear", "constant"),
-    ("model", "hippo_variant"): ("matrix", "selective"),
-    ("model", "hippo_init"): ("s4d_real", "legs"),
-    ("model", "hippo_pool"): ("auto", "last", "mean", "tokens"),
-    ("training", "on_nonfinite"): ("stop", "skip"),
-}
+def _read_yaml(p: Path) -> dict:
+    if not p.is_file():
+        raise MemcliError(f"{p}: config file not found" if not p.exists() else f"{p}: expected a YAML file, found a directory")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f"{p}:{line + 1}" if line is not None else str(p)
+        raise MemcliError(f"{where}: invalid YAML ({getattr(e, 'problem', 'parse error')})") from None
+    except UnicodeDecodeError:
+        raise MemcliError(f"{p}: not UTF-8 text, expected a YAML file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise MemcliError(f"{p}: top level is {type(data).__name__}, expected a mapping of sections")
+    return data
 
 
-def _check_values(cfg: Any) -> None:
-    lg = getattr(cfg, "logging", None)
-    name = getattr(lg, "run_name", None)
+# --------------------------------------------------------------------------- resolution
+
+
+def plain(cfg: Any) -> Any:
+    """The config object itself when ``cfg`` is a wrapper (an access recorder in tests)."""
+    return getattr(cfg, "__wrapped__", cfg)
+
+
+def backbone_spec(cfg: Any) -> str:
+    """``model.qwen3_model_path`` (the seeds' name) wins over ``model.backbone`` when set."""
+    m = cfg.model
+    if m.qwen3_model_path and m.backbone not in ("tiny", m.qwen3_model_path):
+        raise MemcliError(f"model.qwen3_model_path={m.qwen3_model_path} and model.backbone={m.backbone} name two "
+                          "backbones; set one of them")
+    return m.qwen3_model_path or m.backbone
+
+
+def backbone_kind(spec: str) -> str:
+    return "tiny" if spec == "tiny" else "pretrained"
+
+
+def resolve(cfg: Any) -> Any:
+    """Fill the ``None`` keys that depend on the backbone (idempotent) and check values; returns ``cfg``."""
+    c = plain(cfg)
+    spec = backbone_spec(c)
+    kind = backbone_kind(spec)
+    for sec, vals in type(c).backbone_defaults.get(kind, {}).items():
+        if sec == "method":
+            continue
+        s = getattr(c, sec)
+        for k, v in vals.items():
+            if hasattr(s, k) and getattr(s, k) is None:
+                setattr(s, k, _coerce(s, k, v))
+    m = c.model
+    if getattr(m, "finetuning_method", None) == Method.auto:
+        chosen = type(c).backbone_defaults.get(kind, {}).get("method")
+        m.finetuning_method = Method(chosen) if chosen else (Method.full if kind == "tiny" else Method.frozen)
+    ds = c.dataset
+    if hasattr(ds, "data_dir") and ds.data_dir is None:
+        ds.data_dir = default_data_dir(spec)
+    if isinstance(c, HippoRecipe):
+        if m.hippo_variant == Variant.matrix and m.hippo_value_dim is None:
+            m.hippo_value_dim = 64
+        if m.hippo_variant == Variant.selective and m.hippo_expand is None:
+            m.hippo_expand = 2
+    _check_values(c)
+    return cfg
+
+
+def _coerce(section: Any, name: str, v):
+    """A per-backbone default as the field's type (an enum field takes its enum)."""
+    hint = typing.get_type_hints(type(section))[name]
+    for arg in (hint, *typing.get_args(hint)):
+        if isinstance(arg, type) and issubclass(arg, Enum):
+            return arg(v)
+    return list(v) if isinstance(v, list) else v
+
+
+def default_data_dir(spec: str) -> str:
+    """``data/default`` for tiny; ``data/<backbone name>`` for a pretrained backbone (its tokenizer's bank)."""
+    if spec == "tiny":
+        return "data/default"
+    name = Path(spec).name if ("/" in spec or spec.endswith(".gguf")) else spec
+    name = re.sub(r"\.gguf$", "", name)
+    return "data/" + (re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "backbone")
+
+
+def _check_values(c: Any) -> None:
+    lg = c.logging
+    name = lg.run_name
     # the run directory is out_dir/run_name: a name may not climb out of out_dir or hide as a dot-directory
     if name is not None and (not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*", str(name)) or len(str(name)) > 128):
         raise MemcliError(f"key 'logging.run_name' got {name!r}, expected a plain directory name (letters, digits, "
                           "'_', '-', '.', no path separators)")
-    for (sec, key), choices in _CHOICES.items():
-        s = getattr(cfg, sec, None)
-        if s is not None and hasattr(s, key) and getattr(s, key) not in choices:
-            raise MemcliError(f"key '{sec}.{key}' got {getattr(s, key)!r}, expected one of {', '.join(map(str, choices))}")
-    m = getattr(cfg, "model", None)
+    m, t = c.model, c.training
     kn = getattr(m, "knowledge_num", None)
     if kn is not None and not (kn > 0 and math.isqrt(kn) ** 2 == kn):
         raise MemcliError(f"key 'model.knowledge_num' got {kn}, expected a perfect square (product keys use "
                           "sqrt(knowledge_num) keys per half), e.g. 1024 or 1048576")
-    t = getattr(cfg, "training", None)
-    if t is not None:
-        for k in ("batch_size", "accumulation_steps", "epochs", "dist_timeout_s"):
-            if hasattr(t, k) and getattr(t, k) < 1:
-                raise MemcliError(f"key 'training.{k}' got {getattr(t, k)}, expected a positive integer")
-        if hasattr(t, "learning_rate") and not t.learning_rate > 0:
-            raise MemcliError(f"key 'training.learning_rate' got {t.learning_rate}, expected a positive number")
-        for k in ("counterfactual_prob", "freeze_ratio"):
-            if hasattr(t, k) and not 0.0 <= getattr(t, k) <= 1.0:
-                raise MemcliError(f"key 'training.{k}' got {getattr(t, k)}, expected a value in [0, 1]")
+    for k in ("batch_size", "accumulation_steps", "epochs", "dist_timeout_s"):
+        v = getattr(t, k, 1)
+        if v is not None and v < 1:
+            raise MemcliError(f"key 'training.{k}' got {v}, expected a positive integer")
+    zs = getattr(t, "zero_stage", 0)
+    if zs not in (0, 1, 2, 3):
+        raise MemcliError(f"key 'training.zero_stage' got {zs}, expected one of 0, 1, 2, 3")
+    for k in ("learning_rate", "backbone_lr", "gate_lr", "lambda_lr", "projection_lr"):
+        v = getattr(t, k, None)
+        if v is not None and not v > 0:
+            raise MemcliError(f"key 'training.{k}' got {v}, expected a positive number")
+    for k in ("counterfactual_prob", "freeze_ratio"):
+        if hasattr(t, k) and not 0.0 <= getattr(t, k) <= 1.0:
+            raise MemcliError(f"key 'training.{k}' got {getattr(t, k)}, expected a value in [0, 1]")
+    if getattr(m, "prefix_entries", 1) < 1:
+        raise MemcliError(f"key 'model.prefix_entries' got {m.prefix_entries}, expected a positive integer")
+    if getattr(m, "read", None) == Read.prefix and len(m.memory_layers) != 1:
+        raise MemcliError(f"key 'model.memory_layers' got {m.memory_layers}: model.read=prefix retrieves at one "
+                          "layer, expected a list of one layer index")
+    if getattr(m, "hippo_variant", None) == Variant.selective and m.hippo_value_dim is not None:
+        raise MemcliError("key 'model.hippo_value_dim' applies to hippo_variant=matrix; the selective encoder's "
+                          "values are expand * hidden / heads wide (set model.hippo_expand)")
+    if getattr(m, "hippo_variant", None) == Variant.matrix and m.hippo_expand is not None:
+        raise MemcliError("key 'model.hippo_expand' applies to hippo_variant=selective; the matrix encoder's "
+                          "values are model.hippo_value_dim wide")
 
 
-def to_yaml(cfg: Any) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+# --------------------------------------------------------------------------- output
 
 
 def to_dict(cfg: Any) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
+    """Plain nested dict (enums as their names), the form saved as config.yaml."""
+    return OmegaConf.to_container(OmegaConf.structured(plain(cfg)), enum_to_str=True)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# keys that may differ between a run and its resumption: they change how it is watched, not what it computes
+RESUME_MAY_CHANGE = ("logging.out_dir", "logging.run_name", "training.resume", "training.eval_interval", "training.eval_num_samples",
+                     "training.final_eval_num_samples", "training.save_interval", "training.on_nonfinite",
+                     "training.max_skipped_steps", "training.dist_timeout_s", "logging.log_interval",
+                     "logging.tensorboard", "logging.wandb", "logging.swanlab")
+
+
+def resume_conflict(saved: dict, now: dict) -> str | None:
+    """The first key (dotted) whose value differs between a saved run config and this one, if any."""
+    a, b = flat(saved), flat(now)
+    for k in sorted(set(a) | set(b)):
+        if k in RESUME_MAY_CHANGE:
+            continue
+        if a.get(k, "<absent>") != b.get(k, "<absent>"):
+            return f"{k}: {a.get(k, '<absent>')!r} in the run, {b.get(k, '<absent>')!r} now"
+    return None

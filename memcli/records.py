@@ -226,6 +226,11 @@ def validate_dialog(row: Any, where: str) -> None:
     _check_field(row, "memory_answer", str, where, nonempty=True)
 
 
+def validate_text(row: Any, where: str) -> None:
+    row = _require_object(row, where)
+    _check_field(row, "text", str, where, nonempty=True)
+
+
 def validate_gsm8k(row: Any, where: str) -> None:
     row = _require_object(row, where)
     _check_field(row, "question", str, where, nonempty=True)
@@ -245,6 +250,7 @@ CONVERSATION = Format("conversation", validate_conversation, "SFT conversations 
 LABELED = Format("labeled", validate_labeled, "router labels JSONL (train_labeled.jsonl)")
 DIALOG = Format("dialog", validate_dialog, "HIPPO dialogs JSONL")
 GSM8K = Format("gsm8k", validate_gsm8k, "GSM8K-format JSONL")
+TEXT = Format("text", validate_text, "pretraining text JSONL ({\"text\": ...} per line)")
 
 
 # --------------------------------------------------------------------------- readers
@@ -315,3 +321,45 @@ def read_json_object(path: str | os.PathLike, what: str = "JSON file") -> dict:
     if not isinstance(data, dict):
         raise MemcliError(f"{p}: top level is {type(data).__name__}, expected a JSON object ({what})")
     return data
+
+
+def read_rows(spec: str | os.PathLike, fmt: Format) -> list[dict]:
+    """Training rows from a JSONL file, a Hugging Face dataset saved with ``save_to_disk``, or a hub dataset id
+    (``org/name`` or ``org/name:split``, through ``datasets`` where a hub is reachable); each row validated."""
+    p = Path(spec)
+    if p.is_file():
+        return read_jsonl(p, fmt)
+    if p.is_dir():
+        if not any((p / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+            raise MemcliError(f"{p}: a directory without a saved Hugging Face dataset, expected {fmt.description} "
+                              "(a JSONL file) or a directory written by datasets' save_to_disk")
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(str(p))
+        except Exception as e:  # datasets raises several types for unreadable directories
+            raise MemcliError(f"{p}: not a readable Hugging Face dataset ({type(e).__name__}: {str(e)[:100]})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise MemcliError(f"{p}: a dataset with splits {sorted(ds)}, expected a 'train' split (or save one split)")
+            ds = ds["train"]
+        where = str(p)
+    else:
+        name, _, split = str(spec).partition(":")
+        if "/" not in name or p.suffix:
+            raise MemcliError(f"{p}: {fmt.description} not found")
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(name, split=split or "train")
+        except Exception as e:
+            raise MemcliError(f"{spec}: not a local file and the dataset hub gave no such dataset here ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:100]})") from None
+        where = str(spec)
+    rows = []
+    for i, row in enumerate(ds):
+        fmt.validate(row, f"{where}: row {i}")
+        rows.append(dict(row))
+    if not rows:
+        raise MemcliError(f"{where}: no rows, expected at least one {fmt.name} row")
+    return rows

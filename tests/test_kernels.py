@@ -150,6 +150,11 @@ def test_dispatcher_switch(monkeypatch):
     assert not dispatch._use_triton(s1)
     monkeypatch.setenv("MEMCLI_KERNELS", "auto")
     assert not dispatch._use_triton(s1)  # auto keeps CPU tensors on the reference
+    from memcli.errors import MemcliError
+
+    monkeypatch.setenv("MEMCLI_KERNELS", "triron")  # a typo is an error, not a silent auto
+    with pytest.raises(MemcliError, match="MEMCLI_KERNELS='triron': expected one of auto, reference, triton"):
+        dispatch.product_key_select(s1, s2, 4)
 
 
 @pytest.mark.parametrize("rerank", [True, False])

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from memcli import records
-from memcli.checkpoint import load_tensors, save_component, load_component, save_tensors
+from memcli.checkpoint import load_tensors, save_tensors
 from memcli.errors import MemcliError
 
 
@@ -74,9 +74,9 @@ def test_reader_never_crashes_on_arbitrary_bytes(tmp_path_factory, data):
 
 def test_safetensors_roundtrip_and_nan_refused(tmp_path):
     t = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int32)}
-    save_component(tmp_path, "comp", t, {"x": 1})
-    back, cfg = load_component(tmp_path, "comp")
-    assert cfg == {"x": 1} and torch.equal(back["a"], t["a"]) and torch.equal(back["b"], t["b"])
+    save_tensors(tmp_path / "comp.safetensors", t)
+    back = load_tensors(tmp_path / "comp.safetensors")
+    assert torch.equal(back["a"], t["a"]) and torch.equal(back["b"], t["b"])
     save_tensors(tmp_path / "nan.safetensors", {"w": torch.tensor([1.0, float("nan")])})
     with pytest.raises(MemcliError, match="'w' holds NaN"):
         load_tensors(tmp_path / "nan.safetensors")

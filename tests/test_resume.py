@@ -20,9 +20,9 @@ def _cmd(data, out, *extra):
 
 
 def _weights(run):
-    sd = load_tensors(run / "model" / "memory.safetensors")
-    sd.update({f"bb.{k}": v for k, v in load_tensors(run / "model" / "backbone" / "model.safetensors").items()})
-    sd["bank"] = load_tensors(run / "model" / "bank" / "memory_bank.safetensors")["token_ids"]
+    sd = load_tensors(run / "memory" / "memory.safetensors")
+    sd.update({f"bb.{k}": v for k, v in load_tensors(run / "backbone" / "model.safetensors").items()})
+    sd["bank"] = load_tensors(run / "bank" / "memory_bank.safetensors")["token_ids"]
     return sd
 
 
@@ -41,7 +41,7 @@ def test_kill_minus_9_then_resume_matches_uninterrupted(default_data, tmp_path):
     assert p.poll() is None, "run ended before it could be killed"
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
-    assert not (b / "memory" / "model").exists()  # killed before the end: no final model
+    assert not (b / "memory" / "checkpoint.json").exists()  # killed before the end: no final model
     # every state on disk is complete (written whole or not at all)
     for st in (b / "memory" / "states").glob("step-*"):
         assert {f.name for f in st.iterdir()} == {"trainable.safetensors", "optimizer.safetensors", "state.json"}
@@ -56,3 +56,23 @@ def test_kill_minus_9_then_resume_matches_uninterrupted(default_data, tmp_path):
     assert [m["step"] for m in mb] == list(range(1, 13))  # max_steps counts optimizer steps, each logged once
     assert torch.allclose(torch.tensor([m["loss"] for m in mb]), torch.tensor([m["loss"] for m in ma]),
                           atol=1e-4, rtol=0)  # same curve across the kill
+
+
+def test_resume_refuses_a_changed_config_naming_the_key(default_data, tmp_path, cli):
+    """The resolved config is saved as config.yaml; a resume whose config differs (in a key that changes what is
+    computed) is refused in one line that names the key, while watch-only keys may change."""
+    import yaml
+
+    from conftest import assert_one_line_error
+
+    common = [f"dataset.data_dir={default_data}", f"logging.out_dir={tmp_path}", "training.max_steps=4",
+              "training.batch_size=8", "training.save_interval=2", "training.eval_interval=0",
+              "training.final_eval_num_samples=4", "logging.tensorboard=false"]
+    assert cli("train", "memory", *common)[0] == 0
+    saved = yaml.safe_load((tmp_path / "memory" / "config.yaml").read_text())
+    assert saved["training"]["batch_size"] == 8 and saved["model"]["read"] == "additive"  # resolved values
+    code, _, err = cli("train", "memory", *common, "training.resume=auto", "training.learning_rate=0.5")
+    assert_one_line_error(code, err, "training.learning_rate", "0.003", "0.5", "may change on resume")
+    code, _, err = cli("train", "memory", *common, "training.resume=auto", "training.eval_num_samples=7",
+                       "logging.log_interval=3")
+    assert code == 0, err

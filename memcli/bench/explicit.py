@@ -10,27 +10,21 @@ import gc
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
+from memcli.bench.timer import measure
+
 from memcli.kernels.reference import (product_key_select_bruteforce, product_key_select_grid,
-                                      product_key_select_ref, token_bag_materialised, token_bag_ref)
+                                      product_key_select_ref)
 
 
 def timeit(fn, repeats: int = 5, warmup: int = 1) -> tuple[float, float]:
-    """Median and spread (max - min) of wall time in seconds."""
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts), max(ts) - min(ts)
+    """Median and spread (max - min) of wall time in seconds (memcli.bench.timer)."""
+    t = measure(fn, repeats, warmup)
+    return t.median_s, t.spread_s
 
 
 def bench_product_key(N: int = 1 << 20, T: int = 64, k: int = 16, dim: int = 512, repeats: int = 5) -> list[dict]:
@@ -87,11 +81,9 @@ def rss(field):
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
 base = rss("VmRSS")
 fn = token_bag_ref if which == 0 else token_bag_materialised
-ts = []
-for _ in range(5):
-    t = time.perf_counter(); fn(bank, cells, w, emb, 0); ts.append(time.perf_counter() - t)
-ts.sort()
-print(ts[len(ts) // 2], rss("VmHWM") - base)
+from memcli.bench.timer import measure
+t = measure(lambda: fn(bank, cells, w, emb, 0), repeats=5, warmup=0)
+print(t.median_s, rss("VmHWM") - base)
 """
 
 
@@ -118,16 +110,14 @@ def bench_ema(N: int = 1 << 20, L: int = 16, D: int = 256, V: int = 8192, R: int
     emb = torch.randn(V, D, generator=g)
     acc = EmaAccumulator(N, D)
     rows = torch.randperm(N, generator=g)[:R]
-    acc.sum[rows] = torch.randn(R, D, generator=g)
-    acc.count[rows] = 1.0
+    sums = torch.randn(R, D, generator=g)
     frozen = torch.zeros(N, dtype=torch.bool)
-    sums = acc.sum[rows].clone()
     saved = bank[rows].clone()
+    one_hot = torch.eye(R)[:, :1].expand(R, 1)
 
     def vec():
-        acc.sum[rows] = sums  # re-arm the accumulator (touched rows only) and restore the bank rows
-        acc.count[rows] = 1.0
-        bank[rows] = saved
+        acc.add(rows[:, None], one_hot, sums, torch.ones(R))  # re-arm the accumulator (touched rows only)
+        bank[rows] = saved  # and restore the bank rows
         ema_update(bank, emb, emb, acc, 0.9, frozen, 0)
 
     full_sums = torch.zeros(N, D)
@@ -152,7 +142,7 @@ def bench_ema(N: int = 1 << 20, L: int = 16, D: int = 256, V: int = 8192, R: int
 
 def bench_generation(new_tokens: int = 256, batch: int = 4, prompt_len: int = 64) -> list[dict]:
     """HF generate with KV cache vs recomputing the whole sequence each token, memory on, tiny model."""
-    from memcli.backbone import load_backbone, tiny_config
+    from memcli.backbone import load_backbone
     from memcli.explicit.model import MemoryAugmentedLM, MemoryConfig
 
     model, tok = load_backbone("tiny")

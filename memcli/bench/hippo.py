@@ -8,23 +8,24 @@ the turn number; the full-history path prefills every earlier turn and grows lin
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
+
+from memcli.bench.timer import measure
 
 
 def _dialog(turns: int) -> list[str]:
     from memcli.data.dialog import generate_dialogs
 
     rows = generate_dialogs(1 + turns // 6, seed=0, turns=6)
-    return [t for r in rows for t in r["dialog_history"]][:turns]
+    return [t["content"] for r in rows for t in r["dialog_history"]][:turns]
 
 
 @torch.no_grad()
 def bench_turns(turns: int = 50, new_tokens: int = 16, marks=(1, 10, 50), repeats: int = 3,
                 variant: str = "matrix") -> list[dict]:
     from memcli.backbone import load_backbone
-    from memcli.chat import GenOptions, HippoChatSession
+    from memcli.hippo.data import content_ids, prompt_ids, turn_ids
     from memcli.hippo.encoder import HippoConfig
     from memcli.hippo.model import HippoModel
 
@@ -32,35 +33,37 @@ def bench_turns(turns: int = 50, new_tokens: int = 16, marks=(1, 10, 50), repeat
     bb, tok = load_backbone("tiny")
     model = HippoModel(bb, HippoConfig(variant=variant, hidden_size=bb.config.hidden_size)).eval()
     texts = _dialog(turns)
-    opts = GenOptions(max_new_tokens=new_tokens)
-    kw = dict(opts.generate_kwargs(tok), min_new_tokens=new_tokens)
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
+              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     marks = [m for m in marks if m <= turns]
 
     def hippo_run() -> list[float]:
-        s = HippoChatSession(model, tok, opts)
+        state = {"S": model.init_state(1)}
         out = []
         for text in texts:
-            t = time.perf_counter()
-            from memcli.hippo.data import prompt_ids
+            def turn(text=text):  # answer from the state, then write the message into it (as memcli chat -t hippo)
+                ids = torch.tensor([prompt_ids(tok, text)])
+                model.generate(ids, torch.ones_like(ids), state=state["S"], **kw)
+                t = torch.tensor([turn_ids(tok, "user", text, 64)])
+                w = torch.tensor([content_ids(tok, text)])
+                state["S"] = model.write_turns(state["S"], t, torch.ones_like(t), None, w, torch.ones_like(w))
 
-            ids = torch.tensor([prompt_ids(tok, text)])
-            model.generate(ids, torch.ones_like(ids), state=s.state, **kw)
-            s.remember(text)
-            out.append(time.perf_counter() - t)
+            out.append(measure(turn, repeats=1, warmup=0).median_s)
         return out
 
     def full_run() -> list[float]:
         history: list[dict] = []
         out = []
         for text in texts:
-            t = time.perf_counter()
-            history.append({"role": "user", "content": text})
-            enc = tok.apply_chat_template(history, tokenize=True, add_generation_prompt=True, return_tensors="pt",
-                                          return_dict=True)
-            g = bb.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **kw)
-            history.append({"role": "assistant", "content": tok.decode(g[0, enc["input_ids"].shape[1]:],
-                                                                       skip_special_tokens=True)})
-            out.append(time.perf_counter() - t)
+            def turn(text=text):
+                history.append({"role": "user", "content": text})
+                enc = tok.apply_chat_template(history, tokenize=True, add_generation_prompt=True, return_tensors="pt",
+                                              return_dict=True)
+                g = bb.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **kw)
+                history.append({"role": "assistant", "content": tok.decode(g[0, enc["input_ids"].shape[1]:],
+                                                                           skip_special_tokens=True)})
+
+            out.append(measure(turn, repeats=1, warmup=0).median_s)
         return out
 
     hippo_run()  # warm-up

@@ -3,10 +3,9 @@ batch) and vs a seed-style loop that re-decodes the whole completion each step t
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
+
+from memcli.bench.timer import measure
 
 
 @torch.no_grad()
@@ -42,14 +41,8 @@ def bench_rollout(prompts: int = 2, group: int = 4, new_tokens: int = 512, repea
     res = {}
     for name, fn in (("HF generate (plain sampling)", hf), ("memcli hybrid rollout", hybrid),
                      ("seed-style: re-decode text each step", redecode)):
-        fn()  # warm-up
-        ts, toks = [], 0
-        for _ in range(repeats):
-            t = time.perf_counter()
-            toks = fn()
-            ts.append(time.perf_counter() - t)
-        med = statistics.median(ts)
-        res[name] = (med, max(ts) - min(ts), toks / med)
+        t = measure(fn, repeats, warmup=1)
+        res[name] = (t.median_s, t.spread_s, t.result / t.median_s)
     ref = res["HF generate (plain sampling)"]
     for name, (med, sp, tps) in res.items():
         rows.append({"bench": f"HRPO rollout {B} seqs x {new_tokens} tokens", "path": name, "median_ms": med * 1e3,
@@ -82,12 +75,8 @@ def bench_marker_check(lengths=(128, 512, 2048), rows: int = 8) -> list[dict]:
             for t in range(1, L + 1):
                 _ = ["####" in tok.decode(r[:t]) for r in lst]
 
-        t0 = time.perf_counter()
-        by_ids()
-        a = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        by_text()
-        b = time.perf_counter() - t0
+        a = measure(by_ids, repeats=1, warmup=0).median_s
+        b = measure(by_text, repeats=1, warmup=0).median_s
         out.append({"bench": f"marker check, {rows} seqs x {L} tokens", "path": "memcli token-id state machine",
                     "median_ms": a * 1e3, "spread_ms": 0.0, "ratio": 1.0, "note": "O(T) per sequence"})
         out.append({"bench": f"marker check, {rows} seqs x {L} tokens", "path": "seed-style re-decode each step",

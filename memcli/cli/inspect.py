@@ -11,7 +11,8 @@ from memcli.views import console, emit, kv_table, table
 
 
 def inspect_memory(
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint directory (default: newest run under out/)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--model-path", "-m", "--checkpoint", "-c",
+                                              help="Explicit-memory run directory (default: the newest under out/)."),
     out_dir: Path = typer.Option(Path("out"), help="Where to look for the newest run."),
     rows: Optional[str] = typer.Option(None, "--rows", help="Rows to show, START:END (default 0:20)."),
     search: Optional[str] = typer.Option(None, "--search", help="Entries whose text contains this."),
@@ -36,16 +37,20 @@ def inspect_memory(
       memcli inspect-memory --edit "12=Velmora was born in Tarsk ."
       memcli inspect-memory --eval data/default --eval-samples 200
     """
-    from memcli.explicit import inspect as I
-    from memcli.explicit.io import KIND, edit_entry, load_checkpoint, save_bank_edit
     from memcli.errors import MemcliError
+    from memcli.explicit import inspect as I
+    from memcli.explicit.io import KIND, edit_entry, save_bank_edit
+    from memcli.rundir import newest_run, require_kind
+    from memcli.runs import load_run
 
-    ck = checkpoint or I.newest_run(out_dir, KIND)
-    model, tok, bank, info = load_checkpoint(ck)
+    ck = checkpoint or newest_run(out_dir, KIND)
+    require_kind(ck, KIND)
+    run = load_run(ck)
+    model, tok, bank, info = run.model, run.tok, run.bank, run.info
     if eval_data is not None:
-        from memcli.eval.explicit import evaluate_checkpoint
+        from memcli.eval.explicit import evaluate_run
 
-        res = evaluate_checkpoint(model, tok, bank, eval_data, eval_samples)
+        res = evaluate_run(model, tok, bank, eval_data, info.get("answer_format", "letter"), eval_samples)
         if as_json:
             emit(res, True)
         else:
@@ -82,7 +87,9 @@ def inspect_memory(
     if stats:
         s = I.stats_view(model)
         if plot is not None:
-            I.plot_usage(model, plot)
+            from memcli.views import plot_usage
+
+            plot_usage(model.usage[model.valid].cpu().numpy(), plot)
             s["plot"] = str(plot)
         if as_json:
             emit(s, True)

@@ -2,34 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 
 from memcli.errors import MemcliError
 from memcli.explicit.losses import usage_stats
-
-
-def newest_run(out_dir: str | Path = "out", kind: str | None = None) -> Path:
-    """The most recently written checkpoint under ``out_dir`` (a run dir holding checkpoint.json)."""
-    import json
-
-    root = Path(out_dir)
-    cands = []
-    if root.is_dir():
-        for p in list(root.glob("*/checkpoint.json")) + list(root.glob("*/model/checkpoint.json")):
-            try:
-                k = json.loads(p.read_text()).get("kind")
-            except (OSError, ValueError):
-                continue
-            if kind is None or k == kind:
-                cands.append(p)
-    if not cands:
-        stage = "hippo" if kind == "hippo" else "memory"
-        what = "HIPPO checkpoint" if kind == "hippo" else "checkpoint"
-        raise MemcliError(f"{root}: no {what} found (train one with 'memcli train {stage}', or pass --model-path/--checkpoint)")
-    best = max(cands, key=lambda p: p.stat().st_mtime).parent
-    return best.parent if best.name == "model" else best
 
 
 def parse_rows(spec: str, n: int) -> range:
@@ -66,12 +43,20 @@ def search_rows(bank, tok, needle: str, limit: int = 50) -> list[int]:
 
 @torch.no_grad()
 def query_view(model, bank, tok, query: str, top: int = 5) -> list[dict]:
-    """Per query token and memory layer: the top entries retrieved, with their softmax weights."""
+    """Per query token and memory layer: the top entries retrieved, with their softmax weights
+    (``read=prefix``: one retrieval for the whole text)."""
     enc = tok(query, return_tensors="pt", add_special_tokens=False)
     if enc["input_ids"].numel() == 0:
         raise MemcliError("--query is empty")
+    ids = enc["input_ids"]
+    if model.cfg.read == "prefix":  # one query for the whole text: the mean of its states at the memory layer
+        rec = model.retrieve(model.prompt_features(ids, torch.ones_like(ids)))
+        rows = rec["cells"][0, :top].tolist()
+        return [{"layer": rec["layer"], "position": "all", "token": query,
+                 "entries": [{"row": r, "weight": round(float(x), 4), "text": t}
+                             for r, x, t in zip(rows, rec["weights"][0, :top].tolist(), bank.decode(tok, rows))]}]
     model(**enc, collect=True)
-    pieces = [tok.decode([t]) for t in enc["input_ids"][0].tolist()]
+    pieces = [tok.decode([t]) for t in ids[0].tolist()]
     out = []
     for rec in model.ctx["records"]:
         cells, w = rec["cells"], rec["weights"]
@@ -91,38 +76,3 @@ def stats_view(model) -> dict:
     hist, edges = torch.histogram(counts.float().cpu(), bins=10)
     s["histogram"] = {"counts": [int(c) for c in hist.tolist()], "edges": [round(float(e), 4) for e in edges.tolist()]}
     return s
-
-
-def plot_usage(model, path: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    u = model.usage[model.valid].cpu().numpy()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    axes[0].hist(u, bins=40, color="#3b75af")
-    axes[0].set_xlabel("usage (summed selection weight)")
-    axes[0].set_ylabel("entries")
-    axes[0].set_title("Usage histogram")
-    axes[1].plot(sorted(u, reverse=True), color="#c44e52")
-    axes[1].set_yscale("symlog")
-    axes[1].set_xlabel("entry rank")
-    axes[1].set_ylabel("usage")
-    axes[1].set_title("Usage by rank")
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def save_figure(fig, path: str | Path) -> None:
-    """PNG written atomically (a half-written picture is never left behind)."""
-    import io
-
-    import matplotlib.pyplot as plt
-
-    from memcli.records import atomic_write_bytes
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import errno
-import math
 import os as _os
 import re
 import shutil
@@ -23,7 +22,7 @@ import warnings
 from datetime import timedelta
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -35,8 +34,8 @@ from memcli.records import atomic_write_text
 warnings.filterwarnings("ignore", message=".*broadcast_buffers.* is deprecated", category=FutureWarning)
 if not torch.cuda.is_available():
     _os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns on every import here
+from memcli.console import err_console, progress
 from memcli.training import state as S
-from memcli.views import console, err_console, progress
 
 
 @dataclass
@@ -60,19 +59,21 @@ class TrainTask:
     info: dict = field(default_factory=dict)
 
 
-def lr_lambda(total: int, warmup: int, kind: str = "cosine") -> Callable[[int], float]:
-    """Linear warmup, then cosine decay to 0, linear decay to 0, or constant."""
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        prog = min(1.0, (step - warmup) / max(1, total - warmup))
-        if kind == "constant":
-            return 1.0
-        if kind == "linear":
-            return 1.0 - prog
-        return 0.5 * (1 + math.cos(math.pi * prog))
+def make_scheduler(optimizer, kind: str, total: int, warmup: int):
+    """Linear warmup, then cosine / linear decay to 0 or constant (transformers' schedules)."""
+    from transformers import get_scheduler
 
-    return f
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[kind]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MiB)."""
+    import resource
+    import sys
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 2**20 if sys.platform == "darwin" else r / 1024
 
 
 def make_accelerator(tcfg, run_dir: Path, trackers: list[str]):
@@ -88,21 +89,23 @@ def make_accelerator(tcfg, run_dir: Path, trackers: list[str]):
     # buffers (the token bank, usage counts) are kept in step by the task itself, not overwritten from rank 0
     handlers = [DistributedDataParallelKwargs(broadcast_buffers=False)]
     multi = int(_os.environ.get("WORLD_SIZE", "1")) > 1
+    # a rank that dies or hangs makes the others' next collective fail after this long instead of waiting forever
+    timeout = getattr(tcfg, "dist_timeout_s", 600)
     if multi:
-        # a rank that dies or hangs makes the others' next collective fail after this long instead of waiting forever
-        pg = {"timeout": timedelta(seconds=tcfg.dist_timeout_s)}
+        pg = {"timeout": timedelta(seconds=timeout)}
         if not torch.cuda.is_available():
             pg["backend"] = "gloo"  # CPU runs (CI) use gloo
         handlers.append(InitProcessGroupKwargs(**pg))
+    zero_stage = getattr(tcfg, "zero_stage", 0)  # recipes that run on one process only have no such key
     launched_ds = _os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-    use_ds = launched_ds or bool(tcfg.zero_stage)
-    if tcfg.zero_stage and "WORLD_SIZE" not in _os.environ:
-        raise MemcliError(f"training.zero_stage={tcfg.zero_stage} needs a distributed launcher, e.g. 'accelerate launch "
+    use_ds = launched_ds or bool(zero_stage)
+    if zero_stage and "WORLD_SIZE" not in _os.environ:
+        raise MemcliError(f"training.zero_stage={zero_stage} needs a distributed launcher, e.g. 'accelerate launch "
                           "--config_file examples/accelerate_zero2.yaml -m memcli train memory ...'")
-    if tcfg.zero_stage and not launched_ds:  # a launcher's DeepSpeed config (file or flags) takes precedence
+    if zero_stage and not launched_ds:  # a launcher's DeepSpeed config (file or flags) takes precedence
         from accelerate.utils import DeepSpeedPlugin
 
-        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(zero_stage=tcfg.zero_stage,
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(zero_stage=zero_stage,
                                                      gradient_accumulation_steps=tcfg.accumulation_steps,
                                                      gradient_clipping=tcfg.max_grad_norm)
     if use_ds and not torch.cuda.is_available():
@@ -111,7 +114,7 @@ def make_accelerator(tcfg, run_dir: Path, trackers: list[str]):
     # reports DistributedType.NO, and every rank trains alone with no gradient sync (seen under torchrun-style env)
     # (a DeepSpeed launch is left alone: cpu=True would turn DeepSpeed off)
     cpu = tcfg.device == "cpu" or (multi and not torch.cuda.is_available() and not use_ds)
-    acc = Accelerator(gradient_accumulation_steps=tcfg.accumulation_steps, mixed_precision=tcfg.mixed_precision,
+    acc = Accelerator(gradient_accumulation_steps=tcfg.accumulation_steps, mixed_precision=tcfg.mixed_precision.value,
                       kwargs_handlers=handlers, log_with=trackers or None, project_dir=str(run_dir), cpu=cpu, **kwargs)
     from accelerate.utils import DistributedType
 
@@ -119,8 +122,8 @@ def make_accelerator(tcfg, run_dir: Path, trackers: list[str]):
         raise MemcliError(f"WORLD_SIZE={acc.num_processes} but accelerate set up no distributed training; launch with "
                           "'accelerate launch' or torchrun")
     ds = acc.state.deepspeed_plugin
-    if tcfg.zero_stage and ds is None:
-        raise MemcliError(f"training.zero_stage={tcfg.zero_stage} but this process runs without DeepSpeed (for example "
+    if zero_stage and ds is None:
+        raise MemcliError(f"training.zero_stage={zero_stage} but this process runs without DeepSpeed (for example "
                           "ACCELERATE_USE_CPU=true turns it off); launch with 'accelerate launch --use_deepspeed' "
                           "or examples/accelerate_zero2.yaml")
     if ds is not None:
@@ -220,6 +223,52 @@ def _on_sigterm(signum, frame):
                      "state is kept: rerun with training.resume=auto")
 
 
+def _save_config(cfg, run_dir: Path, resuming: bool, write: bool = True) -> dict:
+    """Write the resolved config as config.yaml; a resume must match the run's saved one (but for watch-only keys).
+    ``write=False`` only checks (a resume rewrites it once its state has loaded, so a failed resume changes nothing)."""
+    import yaml
+
+    from memcli.config import RESUME_MAY_CHANGE, resume_conflict, to_dict, to_yaml
+    from memcli.rundir import CONFIG
+
+    now = to_dict(cfg)
+    saved_path = run_dir / CONFIG
+    if resuming and saved_path.is_file():
+        saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+        diff = resume_conflict(saved, now)
+        if diff:
+            raise MemcliError(f"training.resume: {run_dir} was trained with another config ({diff}); only "
+                              f"{', '.join(k for k in RESUME_MAY_CHANGE)} may change on resume (or start a new "
+                              "logging.run_name)")
+    if write:
+        atomic_write_text(saved_path, to_yaml(cfg))
+    return now
+
+
+def _tracker_config(d: dict) -> dict:
+    """Flat scalars for trackers (TensorBoard's hparams take no lists or None)."""
+    from memcli.config import flat
+
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flat(d).items()}
+
+
+# the terms that tell whether a run learns, in the order the console shows them
+_SHOWN = ("loss", "lm", "router", "recall", "reward_mean", "reward_std", "kl", "completion_len", "eval/heldout_memory_on",
+          "eval/heldout_memory_off", "eval/edit_success", "eval/recall", "eval/exact_match", "eval/accuracy")
+
+
+def step_line(logged: dict, groups: list[str], lrs: list[float]) -> str:
+    parts = []
+    for key in _SHOWN:
+        for k, v in logged.items():
+            if (k == key or k.startswith(key + "_") or k.startswith(key + "@")) and v is not None:
+                parts.append(f"{k} {v:.3f}" if abs(v) >= 1e-3 or v == 0 else f"{k} {v:.2e}")
+    if logged.get("loss") is None:
+        parts.insert(0, "loss nan")
+    shown = [f"{g} {lr:.1e}" for g, lr in zip(groups, lrs)]
+    return " ".join(parts) + (" lr " + " ".join(shown) if shown else "")
+
+
 def _run(cfg, task: TrainTask, run_dir: Path, command: str, acc) -> dict:
     t = cfg.training
     world, rank = acc.num_processes, acc.process_index
@@ -232,32 +281,35 @@ def _run(cfg, task: TrainTask, run_dir: Path, command: str, acc) -> dict:
     total_micro -= total_micro % t.accumulation_steps  # a ragged last window would never step
     total_opt = max(1, total_micro // t.accumulation_steps)
     warmup = int(t.warmup_ratio * total_opt)
+    max_skipped, on_nonfinite = t.max_skipped_steps, t.on_nonfinite.value
+    zero_stage = getattr(t, "zero_stage", 0)
 
-    optimizer = torch.optim.AdamW(
-        [{"params": g["params"], "lr": g["lr"], "name": g["name"]} for g in task.param_groups if g["params"]],
-        weight_decay=t.weight_decay,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_opt, warmup, t.lr_scheduler))
+    live = [g for g in task.param_groups if g["params"]]
+    optimizer = torch.optim.AdamW([{"params": g["params"], "lr": g["lr"], "name": g["name"]} for g in live],
+                                  weight_decay=t.weight_decay)
+    scheduler = make_scheduler(optimizer, t.lr_scheduler.value, total_opt, warmup)
     start_micro = 0
     if t.resume and acc.state.deepspeed_plugin is not None:
         raise MemcliError("training.resume is not supported with DeepSpeed ZeRO (its optimizer state is partitioned "
                           "across ranks and memcli does not write it); resume a DDP run instead")
-    if t.resume:
-        st = S.find_state(run_dir, t.resume)
-        if st is not None:
-            meta, trainable, other, opt_sd = S.load_state(st)
-            task.load_trainable(trainable)
-            optimizer.load_state_dict(opt_sd)
-            scheduler.load_state_dict(meta["scheduler"])
-            S.set_rng_state(other, meta["rng"])
-            if task.load_extra_state:
-                task.load_extra_state({k[6:]: v for k, v in other.items() if k.startswith("extra.")})
-            start_micro = int(meta["micro_step"])
-            if acc.is_main_process:
-                err_console.print(f"resumed from {st} (optimizer step {meta['step']}, micro-batch {start_micro})")
+    st = S.find_state(run_dir, t.resume) if t.resume else None
+    resolved = _save_config(cfg, run_dir, st is not None, write=st is None) if acc.is_main_process else {}
+    if st is not None:
+        meta, trainable, other, opt_sd = S.load_state(st)
+        task.load_trainable(trainable)
+        optimizer.load_state_dict(opt_sd)
+        scheduler.load_state_dict(meta["scheduler"])
+        S.set_rng_state(other, meta["rng"])
+        if acc.is_main_process:
+            _save_config(cfg, run_dir, False)
+        if task.load_extra_state:
+            task.load_extra_state({k[6:]: v for k, v in other.items() if k.startswith("extra.")})
+        start_micro = int(meta["micro_step"])
+        if acc.is_main_process:
+            err_console.print(f"resumed from {st} (optimizer step {meta['step']}, micro-batch {start_micro})")
     model, optimizer = acc.prepare(task.model, optimizer)
     if acc.is_main_process and acc.trackers:
-        acc.init_trackers(command.replace(" ", "_"), config={"command": command})
+        acc.init_trackers(command.replace(" ", "_"), config=_tracker_config(dict(resolved, command=command)))
     metrics_path = run_dir / "metrics.jsonl"
     if acc.is_main_process and metrics_path.exists():
         # a fresh run starts a new log; a resumed one keeps the lines up to the state it resumed from
@@ -276,6 +328,8 @@ def _run(cfg, task: TrainTask, run_dir: Path, command: str, acc) -> dict:
     t0 = time.time()
     tokens = 0
     last_eval: dict = {}
+    eval_s = 0.0  # time spent in evaluations during training (not counted in s/step)
+    names = [g["name"] for g in live]
     model.train()
     with progress(transient=False, info=True) as bar:
         task_id = bar.add_task(command, total=total_opt, completed=opt_step, info="")
@@ -289,20 +343,20 @@ def _run(cfg, task: TrainTask, run_dir: Path, command: str, acc) -> dict:
             with acc.accumulate(model):
                 loss, mets = task.step_fn(model, batch, opt_step)
                 bad = _any_rank(acc, not bool(torch.isfinite(loss.detach())))  # every rank takes the same branch
-                if bad and t.on_nonfinite == "stop":
+                if bad and on_nonfinite == "stop":
                     raise MemcliError(f"{command}: loss is {loss.item()} at optimizer step {opt_step + 1} (micro-batch "
                                       f"{micro}); stopping, the last good state in {run_dir / 'states'} is kept "
                                       "(training.on_nonfinite=skip drops such steps instead)")
                 window_bad = window_bad or bad
-                if not bad:
+                if not bad and loss.requires_grad:
                     acc.backward(loss)
-                if acc.sync_gradients and not window_bad and not t.zero_stage:
+                if acc.sync_gradients and not window_bad and not zero_stage:
                     if t.max_grad_norm:
                         gnorm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
                     else:
                         gnorm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
                     if gnorm is not None and not torch.isfinite(torch.as_tensor(gnorm)):
-                        if t.on_nonfinite == "stop":
+                        if on_nonfinite == "stop":
                             raise MemcliError(f"{command}: gradient norm is {float(gnorm)} at optimizer step "
                                               f"{opt_step + 1}; stopping, the last good state in {run_dir / 'states'} "
                                               "is kept (training.on_nonfinite=skip drops such steps instead)")
@@ -331,19 +385,24 @@ def _run(cfg, task: TrainTask, run_dir: Path, command: str, acc) -> dict:
                 logged.setdefault("loss", None)
                 err_console.print(f"[yellow]{command}: non-finite loss or gradient, optimizer step {opt_step} dropped "
                                   f"({skipped} so far)[/yellow]")
-                if skipped > t.max_skipped_steps:
+                if skipped > max_skipped:
                     raise MemcliError(f"{command}: {skipped} optimizer steps dropped for non-finite loss or gradients "
-                                      f"(training.max_skipped_steps={t.max_skipped_steps}); stopping, the last good "
+                                      f"(training.max_skipped_steps={max_skipped}); stopping, the last good "
                                       f"state in {run_dir / 'states'} is kept")
-            logged["lr"] = scheduler.get_last_lr()[0]
+            lrs = scheduler.get_last_lr()
+            logged["lr"] = lrs[0]
+            logged.update({f"lr_{nm}": lr for nm, lr in zip(names, lrs)} if len(names) > 1 else {})
             el = time.time() - t0
             logged["tokens_per_s"] = tokens / max(el, 1e-9)
+            logged["peak_rss_mb"] = round(peak_rss_mb(), 1)
             if task.after_step:
                 task.after_step(opt_step)
             if t.eval_interval and opt_step % t.eval_interval == 0 and opt_step < total_opt and task.eval_fn:
+                e0 = time.time()
                 model.eval()
                 last_eval = task.eval_fn(opt_step) if acc.is_main_process else {}
                 model.train()
+                eval_s += time.time() - e0
                 logged.update({f"eval/{k}": v for k, v in last_eval.items() if isinstance(v, (int, float))})
             rec = {"step": opt_step, **logged}
             history.append(rec)
@@ -352,32 +411,38 @@ def _run(cfg, task: TrainTask, run_dir: Path, command: str, acc) -> dict:
                     f.write(json.dumps(rec) + "\n")
                 if acc.trackers:
                     acc.log({k: v for k, v in logged.items()}, step=opt_step)
-            shown = "nan" if logged["loss"] is None else f"{logged['loss']:.3f}"
-            bar.update(task_id, completed=opt_step,
-                       info=f"loss {shown} lr {logged['lr']:.2e} {logged['tokens_per_s']:.0f} tok/s")
+            line = step_line(logged, names, lrs)
+            bar.update(task_id, completed=opt_step, info=f"{line} {logged['tokens_per_s']:.0f} tok/s")
             if t.save_interval and opt_step % t.save_interval == 0 and opt_step < total_opt:
                 if task.sync_state:
                     task.sync_state()
                 _save(acc, task, optimizer, scheduler, run_dir, opt_step, micro + 1)
             if cfg.logging.log_interval and opt_step % cfg.logging.log_interval == 0 and acc.is_main_process \
                     and not bar.live.is_started:
-                err_console.print(f"step {opt_step}/{total_opt} loss {shown} lr {logged['lr']:.2e}")
+                err_console.print(f"step {opt_step}/{total_opt} {line}")
     acc.wait_for_everyone()
     if task.sync_state:
         task.sync_state()
+    train_s = time.time() - t0 - eval_s
+    done = max(1, opt_step - start_micro // t.accumulation_steps)
     final_eval = {}
     if acc.is_main_process:
         model.eval()
         fe = task.final_eval_fn or task.eval_fn
+        e0 = time.time()
         final_eval = fe(opt_step) if fe else {}
         info = dict(task.info, step=opt_step, command=command, final_loss=history[-1]["loss"] if history else None,
-                    eval=final_eval, world_size=world, elapsed_s=round(time.time() - t0, 1))
+                    eval=final_eval, world_size=world, elapsed_s=round(time.time() - t0, 1),
+                    train_s=round(train_s, 1), eval_s=round(eval_s + time.time() - e0, 1),
+                    s_per_step=round(train_s / done, 3), peak_rss_mb=round(peak_rss_mb(), 1))
         task.save_fn(run_dir, info)
     _save(acc, task, optimizer, scheduler, run_dir, opt_step, total_micro)
     if acc.trackers:
         acc.end_training()
     return {"steps": opt_step, "history": history, "eval": final_eval, "run_dir": str(run_dir),
-            "elapsed_s": time.time() - t0, "world_size": world, "is_main": acc.is_main_process}
+            "elapsed_s": time.time() - t0, "world_size": world, "is_main": acc.is_main_process,
+            "s_per_step": round(train_s / done, 3),
+            "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
 def _any_rank(acc, flag: bool) -> bool:
