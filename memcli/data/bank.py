@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from memcli.backbone import tokenizer_fingerprint
 from memcli.checkpoint import check_shape, is_perfect_square, load_tensors, save_tensors
 from memcli.errors import MemcliError
 from memcli.records import atomic_dir, read_json_object, require_dir, write_json, write_jsonl, iter_jsonl
@@ -27,11 +28,6 @@ from memcli.records import atomic_dir, read_json_object, require_dir, write_json
 BANK_FILE = "memory_bank.safetensors"
 ENTRIES_FILE = "entries.jsonl"
 META_FILE = "meta.json"
-
-
-def tokenizer_fingerprint(tok) -> str:
-    vocab = sorted(tok.get_vocab().items())
-    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
 
 
 def index_id(uuids: list) -> str:

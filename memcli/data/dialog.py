@@ -42,6 +42,9 @@ NOISE = [
 ]
 
 
+REPLIES = ["Got it.", "Thanks for telling me.", "Good to know.", "I will remember that.", "Okay, noted.",
+           "That sounds nice.", "I see.", "Interesting!"]
+
 POOL_SEED = 20_251_122  # names of a pool are the same for every split and seed
 
 
@@ -76,8 +79,12 @@ def _value(kind: str, rng: random.Random, pools: dict | None = None) -> str:
 
 
 def generate_dialogs(n: int, seed: int, turns: int = 6, min_distance: int = 2, facts_per_dialog: int = 2,
-                     noise_prob: float = 0.5, name_pool: int = 0, min_turns: int | None = None) -> list[dict]:
+                     noise_prob: float = 0.5, name_pool: int = 0, min_turns: int | None = None,
+                     assistant_prob: float = 0.0) -> list[dict]:
     """``n`` dialogs of ``turns`` user turns; the asked fact is at least ``min_distance`` turns before the end.
+
+    Turns are ``{"role", "content"}`` objects; with ``assistant_prob`` a user turn is followed by a short
+    assistant reply with that probability (a chat writes both sides into the memory state).
 
     Other turns state other attributes (distractors) or small talk, so the answer is only in the
     asked turn. Names and places are invented afresh for every mention (the model must copy them),
@@ -98,6 +105,8 @@ def generate_dialogs(n: int, seed: int, turns: int = 6, min_distance: int = 2, f
         raise MemcliError(f"--turns got {turns}, expected a positive integer")
     if not 0 <= min_distance < turns:
         raise MemcliError(f"--min-distance got {min_distance}, expected 0 <= min-distance < turns ({turns})")
+    if not 0.0 <= assistant_prob <= 1.0:
+        raise MemcliError(f"--assistant-turns got {assistant_prob}, expected a probability in [0, 1]")
     if facts_per_dialog < 1 or facts_per_dialog > min(turns, len(ATTRIBUTES)):
         raise MemcliError(f"--facts-per-dialog got {facts_per_dialog}, expected 1..{min(turns, len(ATTRIBUTES))}")
     rng = random.Random(seed)
@@ -124,8 +133,13 @@ def generate_dialogs(n: int, seed: int, turns: int = 6, min_distance: int = 2, f
                 else:
                     a = spare.pop(rng.randrange(len(spare)))
                     history[p] = ATTRIBUTES[a][0].format(v=_value(ATTRIBUTES[a][2], rng, pools))
+        dialog = []
+        for p, text in enumerate(history):
+            dialog.append({"role": "user", "content": text})
+            if assistant_prob and rng.random() < assistant_prob:
+                dialog.append({"role": "assistant", "content": rng.choice(REPLIES)})
         rows.append({
-            "dialog_history": history,
+            "dialog_history": dialog,
             "memory_query": ATTRIBUTES[asked][1],
             "memory_answer": answer,
             "distance": turns - ask_pos,

@@ -16,14 +16,18 @@ import torch
 import torch.nn.functional as F
 
 from memcli.errors import MemcliError
-from memcli.views import progress
+from memcli.console import progress
 
 
 # --------------------------------------------------------------------------- embedders
 
 
-def backbone_entry_embeddings(model, token_ids: torch.Tensor, pad_id: int, batch: int = 65536) -> torch.Tensor:
-    """Mean of the backbone's input embeddings over each entry's real tokens (padding excluded)."""
+def backbone_entry_embeddings(model, token_ids: torch.Tensor, pad_id: int, batch: int = 65536,
+                              layer: int | None = None) -> torch.Tensor:
+    """Mean of the backbone's input embeddings over each entry's real tokens (padding excluded), or of its
+    hidden states after decoder layer ``layer``."""
+    if layer is not None:
+        return _layer_means(model, token_ids, pad_id, layer)
     emb = model.get_input_embeddings().weight.detach().float()
     out = torch.zeros(token_ids.shape[0], emb.shape[1])
     with progress() as bar:
@@ -37,7 +41,25 @@ def backbone_entry_embeddings(model, token_ids: torch.Tensor, pad_id: int, batch
     return out
 
 
-def backbone_text_embeddings(model, tok, texts: list[str]) -> torch.Tensor:
+@torch.no_grad()
+def _layer_means(model, token_ids: torch.Tensor, pad_id: int, layer: int, batch: int = 64) -> torch.Tensor:
+    from memcli.backbone import layer_output
+
+    out = torch.zeros(token_ids.shape[0], model.config.hidden_size)
+    with progress() as bar:
+        task = bar.add_task(f"entry states at layer {layer}", total=token_ids.shape[0])
+        for s in range(0, token_ids.shape[0], batch):
+            ids = token_ids[s: s + batch].long()
+            mask = (ids != pad_id).long()
+            mask[:, 0] = 1
+            h = layer_output(model, ids, mask, layer).float()
+            w = mask.unsqueeze(-1).float()
+            out[s: s + batch] = (h * w).sum(1) / w.sum(1)
+            bar.advance(task, ids.shape[0])
+    return out
+
+
+def backbone_text_embeddings(model, tok, texts: list[str], layer: int | None = None) -> torch.Tensor:
     ids = tok(texts, add_special_tokens=False)["input_ids"]
     L = max(1, max(len(x) for x in ids))
     pad = tok.pad_token_id
@@ -45,7 +67,7 @@ def backbone_text_embeddings(model, tok, texts: list[str]) -> torch.Tensor:
     for i, x in enumerate(ids):
         if x:
             t[i, : len(x)] = torch.tensor(x)
-    return backbone_entry_embeddings(model, t, pad)
+    return backbone_entry_embeddings(model, t, pad, layer=layer)
 
 
 def sentence_embedder(spec: str):

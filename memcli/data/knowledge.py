@@ -130,20 +130,39 @@ def read_templates(trex_dir: Path) -> dict[str, str]:
     return out
 
 
-def trex_facts(trex_dir: str | Path, num_facts: int | None, seed: int, relations: list[str] | None = None):
-    """Facts from LPAQA-layout T-REx: ``triples/P*.jsonl`` + ``templates/P*.txt``."""
-    trex_dir = require_dir(Path(trex_dir), "T-REx directory")
-    templates = read_templates(trex_dir)
-    tri_dir = require_dir(trex_dir / "triples", "T-REx triples directory")
+TREX_BUILTIN = Path(__file__).resolve().parent.parent / "assets" / "trex"  # the slice shipped with memcli
+
+
+def trex_dir(spec: str | Path) -> Path:
+    """``builtin`` (the T-REx slice shipped with memcli) or an LPAQA-layout directory."""
+    return TREX_BUILTIN if str(spec) == "builtin" else Path(spec)
+
+
+def usable(sub: str, obj: str) -> bool:
+    """A triple whose question has one readable answer: subject and object differ and neither contains the other
+    ("Arlon is the capital of Arlon ." tells nothing; "Paris FC is located in Paris" gives the answer away)."""
+    a, b = sub.casefold(), obj.casefold()
+    return a != b and a not in b and b not in a
+
+
+def trex_facts(trex: str | Path, num_facts: int | None, seed: int, relations: list[str] | None = None):
+    """Facts from LPAQA-layout T-REx: ``triples/P*.jsonl`` + ``templates/P*.txt`` -> (facts, pools, report).
+
+    Dropped and counted in ``report``: triples whose subject and object are the same or contain each
+    other, and ambiguous subjects (one label with several objects in a relation: no single answer).
+    """
+    trex = require_dir(trex_dir(trex), "T-REx directory")
+    templates = read_templates(trex)
+    tri_dir = require_dir(trex / "triples", "T-REx triples directory")
     rows_by_rel: dict[str, list[dict]] = {}
+    report = {"same_or_contained": 0, "ambiguous_subject": 0}
     for p in sorted(tri_dir.glob("P*.jsonl")):
         pid = p.stem
         if relations and pid not in relations:
             continue
         if pid not in templates:
             continue
-        seen = set()
-        rows = []
+        by_subject: dict[str, list[dict]] = {}
         with open(p, "rb") as f:
             for lineno, raw in enumerate(f, 1):
                 if not raw.strip():
@@ -157,11 +176,16 @@ def trex_facts(trex_dir: str | Path, num_facts: int | None, seed: int, relations
                 for k in ("sub_label", "obj_label"):
                     if not isinstance(row.get(k), str) or not row.get(k):
                         raise MemcliError(f"{p}:{lineno}: missing or empty field '{k}' (expected a string)")
-                key = row["sub_label"]
-                if key in seen:
-                    continue  # one fact per (subject, relation) so the question has one answer
-                seen.add(key)
-                rows.append(row)
+                if not usable(row["sub_label"], row["obj_label"]):
+                    report["same_or_contained"] += 1
+                    continue
+                by_subject.setdefault(row["sub_label"], []).append(row)
+        rows = []
+        for sub_rows in by_subject.values():  # one fact per (subject, relation), so the question has one answer
+            if len({r["obj_label"] for r in sub_rows}) > 1:
+                report["ambiguous_subject"] += len(sub_rows)
+                continue
+            rows.append(sub_rows[0])
         if rows:
             rows_by_rel[pid] = rows
     if not rows_by_rel:
@@ -178,7 +202,7 @@ def trex_facts(trex_dir: str | Path, num_facts: int | None, seed: int, relations
         sent = fill(tmpl, r["sub_label"], r["obj_label"])
         q = "Fill in the blank: " + fill(tmpl, r["sub_label"], "___")
         facts.append(Fact(_uuid(rng), r["sub_label"], pid, r["obj_label"], sent, q))
-    return facts, pools
+    return facts, pools, report
 
 
 def make_question(fact: Fact, pool: list[str], rng: random.Random, answer_slot: int) -> dict | None:

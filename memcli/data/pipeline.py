@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -11,7 +10,7 @@ import torch
 from memcli import records
 from memcli.checkpoint import save_tensors
 from memcli.data import keys as K
-from memcli.data.bank import Bank, build_bank, load_bank
+from memcli.data.bank import build_bank, load_bank
 from memcli.data.convert import omcq_to_conversations
 from memcli.data.dialog import generate_dialogs
 from memcli.data.knowledge import build_knowledge, synthetic_facts, trex_facts
@@ -27,9 +26,13 @@ KEYS_FILE = "keys.safetensors"
 
 def gen_knowledge(out: str | Path, num_facts: int = 1024, seed: int = 0, heldout_fraction: float = 0.2,
                   trex: str | Path | None = None, relations: list[str] | None = None) -> dict:
-    """Write the knowledge base, all questions and the train / held-out question split into ``out``."""
+    """Write the knowledge base, all questions and the train / held-out question split into ``out``.
+
+    ``trex``: an LPAQA-layout T-REx directory, or ``builtin`` (the slice shipped with memcli); None: synthetic.
+    """
+    filtered = {}
     if trex is not None:
-        facts, pools = trex_facts(trex, num_facts, seed, relations)
+        facts, pools, filtered = trex_facts(trex, num_facts, seed, relations)
     else:
         facts, pools = synthetic_facts(num_facts, seed)
     kb = build_knowledge(facts, pools, seed, heldout_fraction)
@@ -41,7 +44,7 @@ def gen_knowledge(out: str | Path, num_facts: int = 1024, seed: int = 0, heldout
     _move_up(Path(out) / ".gen-knowledge")
     return {"facts": len(kb["knowledge"]), "questions": len(kb["omcq"]), "train_questions": len(kb["omcq_train"]),
             "heldout_questions": len(kb["omcq_val"]), "skipped_no_distractors": kb["skipped"],
-            "source": "trex" if trex else "synthetic"}
+            **{f"filtered_{k}": v for k, v in filtered.items()}, "source": "trex" if trex else "synthetic"}
 
 
 def _move_up(staged: Path) -> None:
@@ -56,17 +59,18 @@ def _move_up(staged: Path) -> None:
 
 def gen_dialog(out: str | Path, num_train: int = 2000, num_val: int = 200, seed: int = 0, turns: int = 6,
                min_distance: int = 2, facts_per_dialog: int = 2, name_pool: int = 0,
-               min_turns: int | None = None) -> dict:
+               min_turns: int | None = None, assistant_prob: float = 0.0) -> dict:
     """Train dialogs (lengths in [min_turns, turns] when given) and validation dialogs of ``turns`` turns."""
     train = generate_dialogs(num_train, seed, turns, min_distance, facts_per_dialog, name_pool=name_pool,
-                             min_turns=min_turns)
-    val = generate_dialogs(num_val, seed + 10_000, turns, min_distance, facts_per_dialog, name_pool=name_pool)
+                             min_turns=min_turns, assistant_prob=assistant_prob)
+    val = generate_dialogs(num_val, seed + 10_000, turns, min_distance, facts_per_dialog, name_pool=name_pool,
+                           assistant_prob=assistant_prob)
     with atomic_dir(Path(out) / ".gen-dialog") as tmp:
         write_jsonl(tmp / "data_train.jsonl", train)
         write_jsonl(tmp / "data_val.jsonl", val)
     _move_up(Path(out) / ".gen-dialog")
     return {"train": len(train), "val": len(val), "turns": turns, "min_distance": min_distance, "name_pool": name_pool,
-            "min_turns": min_turns if min_turns is not None else turns}
+            "min_turns": min_turns if min_turns is not None else turns, "assistant_turns": assistant_prob}
 
 
 def convert_omcq(input_path: str | Path, output_path: str | Path) -> dict:
@@ -89,21 +93,19 @@ def build_cache(knowledge_path: str | Path, out: str | Path, tokenizer: str = "t
     return {"knowledge_num": bank.knowledge_num, "knowledge_length": bank.knowledge_length, **rep}
 
 
-@dataclass
-class KeysResult:
-    keys: torch.Tensor
-    bank: Bank
-    entry_emb: torch.Tensor
-    meta: dict
-
-
 def _first_user(row: dict) -> str:
     return next(m["content"] for m in row["conversations"] if m["role"] == "user")
 
 
 def build_keys(cache: str | Path, out: str | Path, embedder: str = "backbone", backbone: str = "tiny",
-               sft: str | Path | None = None, sft_val: str | Path | None = None, top_k: int = 8, seed: int = 0, recall_k: tuple[int, ...] = (1, 16)) -> dict:
-    """Product keys over the bank, the bank reordered into cell order, labels for SFT files."""
+               sft: str | Path | None = None, sft_val: str | Path | None = None, top_k: int = 8, seed: int = 0,
+               recall_k: tuple[int, ...] = (1, 16), layer: int | None = None) -> dict:
+    """Product keys over the bank, the bank reordered into cell order, labels for SFT files.
+
+    ``embedder=backbone`` embeds an entry by the mean of the backbone's input embeddings of its tokens, or,
+    with ``layer``, by the mean of its hidden states after that decoder layer (the keys a pretrained model's
+    own states find; ``model.entry_key=hidden``).
+    """
     bank = load_bank(cache)
     named = {"train_labeled.jsonl": sft, "val_labeled.jsonl": sft_val}
     sft_rows = {name: records.read_jsonl(p, records.CONVERSATION) for name, p in named.items() if p}  # validate first
@@ -115,10 +117,12 @@ def build_keys(cache: str | Path, out: str | Path, embedder: str = "backbone", b
 
         model, tok = load_backbone(backbone)
         bank.check_tokenizer(tok, backbone)
-        emb = K.backbone_entry_embeddings(model, bank.token_ids, bank.pad_id)
+        if layer is not None and not 0 <= layer < model.config.num_hidden_layers:
+            raise MemcliError(f"--layer got {layer}, expected a decoder layer in [0, {model.config.num_hidden_layers})")
+        emb = K.backbone_entry_embeddings(model, bank.token_ids, bank.pad_id, layer=layer)
 
         def embed_texts(texts):
-            return K.backbone_text_embeddings(model, tok, texts)
+            return K.backbone_text_embeddings(model, tok, texts, layer=layer)
     else:
         st = K.sentence_embedder(embedder)
         dim_fn = getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension
@@ -129,8 +133,9 @@ def build_keys(cache: str | Path, out: str | Path, embedder: str = "backbone", b
         def embed_texts(texts):
             return K.st_embed(st, texts)
 
-    # centre: pooled embeddings share a large common component (frequent tokens) that carries no identity
-    emb = torch.where(valid.unsqueeze(1), emb - emb[valid].mean(0, keepdim=True), emb)
+    # centre: pooled embeddings share a large common component (frequent tokens) that carries no identity;
+    # hidden states are also scaled per dimension (a few dimensions dominate their raw norms)
+    emb = torch.where(valid.unsqueeze(1), _standardise(emb, emb[valid], scale=layer is not None), emb)
     keys, cell = K.build_product_keys(emb, valid, seed)
     order = torch.argsort(cell).tolist()
     new_bank = bank.permuted(order)
@@ -147,6 +152,8 @@ def build_keys(cache: str | Path, out: str | Path, embedder: str = "backbone", b
     for name, rows in sft_rows.items():
         queries = [_first_user(r) for r in rows]
         q_emb = embed_texts([q.split("\n")[0] for q in queries])
+        if layer is not None:
+            q_emb = _standardise(q_emb, q_emb, scale=True)
         true_rows = [row_of.get(r.get("uuid")) if r.get("uuid") else None for r in rows]
         idx, sc = K.label_queries(q_emb, new_emb, new_valid, top_k, true_rows)
         labels[name] = [dict({"query": q, "target_indices": i, "target_scores": s}, **({"uuid": r["uuid"]} if r.get("uuid") else {}))
@@ -159,6 +166,7 @@ def build_keys(cache: str | Path, out: str | Path, embedder: str = "backbone", b
         "knowledge_dim": int(keys.shape[0] * keys.shape[2]),
         "embedder": embedder,
         "backbone": backbone if embedder == "backbone" else None,
+        "layer": layer if embedder == "backbone" else None,
         "index_id": new_bank.meta["index_id"],
         "tokenizer_fingerprint": bank.meta.get("tokenizer_fingerprint"),
         "seed": seed,
@@ -178,15 +186,48 @@ def build_keys(cache: str | Path, out: str | Path, embedder: str = "backbone", b
     return meta
 
 
+def _standardise(x: torch.Tensor, ref: torch.Tensor, scale: bool) -> torch.Tensor:
+    x = x - ref.mean(0, keepdim=True)
+    return x / ref.std(0, keepdim=True).clamp_min(1e-4) if scale and ref.shape[0] > 1 else x
+
+
+def write_texts(d: str | Path) -> dict:
+    """The knowledge base's sentences as pretraining text (MiniMind's ``{"text": ...}`` lines): ``text_train.jsonl``
+    and, for the held-out facts (their entries exist only in the bank), ``text_val.jsonl``."""
+    d = Path(d)
+    kb = records.read_json_list(d / KB_FILE, records.KNOWLEDGE)
+    held = {item["target"][0].get("uuid") for item in records.read_json_list(d / OMCQ_VAL, records.OMCQ)}
+    rows = [(item["target"][0]["sentence"], item["target"][0]["uuid"] in held) for item in kb]
+    write_jsonl(d / "text_train.jsonl", [{"text": t} for t, h in rows if not h])
+    write_jsonl(d / "text_val.jsonl", [{"text": t} for t, h in rows if h])
+    return {"train_texts": sum(not h for _, h in rows), "val_texts": sum(h for _, h in rows)}
+
+
+def default_source(backbone: str) -> str:
+    """Facts of the default data: the synthetic base for the tiny model trained from scratch (nothing to know
+    beforehand); the shipped T-REx slice for a pretrained model (real entities it reads fluently; held-out facts
+    exist only in memory, and edit success measures reading apart from knowing)."""
+    return "synthetic" if backbone == "tiny" else "builtin"
+
+
 def default_data(data_dir: str | Path = "data/default", seed: int = 0, num_facts: int = 1024, quiet: bool = False,
-                 trex: str | Path | None = None, knowledge_length: int = 16) -> dict:
-    """gen-data knowledge -> convert-omcq -> build-cache -> build-keys (synthetic default, or T-REx with ``trex``)."""
+                 source: str | Path = "synthetic", backbone: str = "tiny", knowledge_length: int | None = None,
+                 layer: int | None = None) -> dict:
+    """gen-data knowledge -> convert-omcq -> build-cache -> build-keys, for ``backbone``'s tokenizer.
+
+    ``source``: ``synthetic``, ``builtin`` (the shipped T-REx slice) or a T-REx directory. ``knowledge_length``
+    defaults to 16 tokens (synthetic) or 32 (T-REx: 99% of its sentences fit in 23 SmolLM2 tokens).
+    ``layer``: build hidden-state keys at that decoder layer (pretrained backbones).
+    """
     d = Path(data_dir)
+    trex = None if str(source) == "synthetic" else source
+    L = knowledge_length or (16 if trex is None else 32)
     out = {}
     out["gen-data"] = gen_knowledge(d, num_facts=num_facts, seed=seed, trex=trex)
+    out["texts"] = write_texts(d)
     out["convert-omcq train"] = convert_omcq(d / OMCQ_TRAIN, d / "sft_train.jsonl")
     out["convert-omcq val"] = convert_omcq(d / OMCQ_VAL, d / "sft_val.jsonl")
-    out["build-cache"] = build_cache(d / KB_FILE, d / "cache", knowledge_length=knowledge_length)
-    out["build-keys"] = build_keys(d / "cache", d / "keys", sft=d / "sft_train.jsonl",
-                                    sft_val=d / "sft_val.jsonl", seed=seed)
+    out["build-cache"] = build_cache(d / KB_FILE, d / "cache", tokenizer=backbone, knowledge_length=L)
+    out["build-keys"] = build_keys(d / "cache", d / "keys", backbone=backbone, sft=d / "sft_train.jsonl",
+                                   sft_val=d / "sft_val.jsonl", seed=seed, layer=layer)
     return out
