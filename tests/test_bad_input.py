@@ -15,7 +15,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from conftest import assert_one_line_error, run_cli
 from memcli.checkpoint import load_tensors, save_tensors
@@ -41,7 +40,7 @@ def ws(default_data, tmp_path_factory):
          "training.stage1_epochs=0"],
         ["train", "hrpo", f"dataset.train_path={GSM / 'train.jsonl'}", f"dataset.eval_path={GSM / 'test.jsonl'}",
          "training.max_steps=1", "training.group_size=2", "training.batch_size=2",
-         "training.max_completion_length=4", "dataset.max_length=96"],
+         "training.max_completion_length=4"],
     ):
         code, _, err = run_cli([*argv, f"logging.out_dir={runs}", *TINY_TRAIN])
         assert code == 0, err
@@ -212,6 +211,7 @@ CASES = [
                                            f"training.resume={t / 'nostate'}", f"logging.out_dir={t / 'o'}"],
      ["training.resume", "nostate"]),
     ("train-resume-truncated-state", lambda w, t: ["train", "memory", f"dataset.data_dir={w.data}", "training.resume=auto",
+                                                   "training.max_steps=2", "training.batch_size=4", *TINY_TRAIN,
                                                    f"logging.out_dir={_truncated_state(w, t)}"],
      ["trainable.safetensors", "not a valid safetensors file"]),
     ("train-resume-pointer-escapes", lambda w, t: ["train", "memory", f"dataset.data_dir={w.data}", "training.resume=auto",
@@ -235,14 +235,14 @@ CASES = [
     ("chat-other-kind", lambda w, t: ["chat", "-m", w.hippo, "-t", "memory", "-p", "hi"], ["hippo", "memory"]),
     ("chat-hrpo-as-hippo", lambda w, t: ["chat", "-m", w.hrpo, "-t", "hippo", "-p", "hi"], ["hrpo", "hippo"]),
     ("chat-broken-checkpoint-json", lambda w, t: ["chat", "-m", _memory_run_with(w, t, lambda r: (
-        r / "model" / "checkpoint.json").write_text('{"kind": "explicit-memory",')), "-p", "hi"],
+        r / "checkpoint.json").write_text('{"kind": "explicit-memory",')), "-p", "hi"],
      ["checkpoint.json:1:", "invalid JSON"]),
     ("chat-truncated-weights", lambda w, t: ["chat", "-m", _memory_run_with(w, t, lambda r: _truncate(
-        r / "model" / "memory.safetensors")), "-p", "hi"], ["memory.safetensors", "not a valid safetensors file"]),
+        r / "memory" / "memory.safetensors")), "-p", "hi"], ["memory.safetensors", "not a valid safetensors file"]),
     ("chat-nan-weights", lambda w, t: ["chat", "-m", _memory_run_with(w, t, lambda r: _retensor(
-        r / "model" / "memory.safetensors", _nan_first_float)), "-p", "hi"], ["memory.safetensors", "NaN"]),
+        r / "memory" / "memory.safetensors", _nan_first_float)), "-p", "hi"], ["memory.safetensors", "NaN"]),
     ("chat-wrong-shape", lambda w, t: ["chat", "-m", _memory_run_with(w, t, lambda r: _retensor(
-        r / "model" / "memory.safetensors", _shrink_first_matrix)), "-p", "hi"], ["memory.safetensors", "shape"]),
+        r / "memory" / "memory.safetensors", _shrink_first_matrix)), "-p", "hi"], ["memory.safetensors", "shape"]),
     ("chat-hippo-nan", lambda w, t: ["chat", "-t", "hippo", "-m", _hippo_run_with(w, t), "-p", "hi"],
      ["NaN"]),
     ("chat-bad-temperature", lambda w, t: ["chat", "-m", w.memory, "-p", "hi", "--temperature", "-1"],
@@ -254,7 +254,7 @@ CASES = [
     ("inspect-edit-out-of-range", lambda w, t: ["inspect-memory", "-c", w.memory, "--edit", "99999=new text"],
      ["99999", "1024"]),
     ("inspect-bank-float", lambda w, t: ["inspect-memory", "-c", _memory_run_with(w, t, lambda r: _retensor(
-        r / "model" / "bank" / "memory_bank.safetensors", lambda x: {"token_ids": x["token_ids"].double()})),
+        r / "bank" / "memory_bank.safetensors", lambda x: {"token_ids": x["token_ids"].double()})),
         "--rows", "0:2"], ["memory_bank.safetensors", "integer"]),
     ("inspect-eval-missing", lambda w, t: ["inspect-memory", "-c", w.memory, "--eval", t / "nodata"], ["nodata"]),
     # --- compare
@@ -315,8 +315,8 @@ def test_malformed_input(ws, tmp_path, capsys, name, argv, needles):
     (tmp_path / "o.jsonl").write_text("an earlier output the failed command must not touch\n")
     before = _digest(ws.root, tmp_path)
     capsys.readouterr()
-    if args[0] == "train":  # a check that fails to fire must not turn into minutes of training
-        args = [*args, "training.max_steps=1"]
+    if args[0] == "train" and not any(str(a).startswith("training.max_steps=") for a in args):
+        args = [*args, "training.max_steps=1"]  # a check that fails to fire must not turn into minutes of training
     code, _, err = run_cli(args, capsys)
     assert_one_line_error(code, err, *needles)
     assert _digest(ws.root, tmp_path) == before, "a failed command changed, added or removed files"

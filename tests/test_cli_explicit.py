@@ -22,13 +22,14 @@ def short_run(default_data, tmp_path_factory):
 
 def test_train_memory_writes_checkpoint_and_metrics(short_run):
     run = short_run / "memory"
-    assert (run / "model" / "checkpoint.json").is_file()
-    info = json.loads((run / "model" / "checkpoint.json").read_text())
+    assert (run / "checkpoint.json").is_file() and (run / "config.yaml").is_file()
+    info = json.loads((run / "checkpoint.json").read_text())
     assert info["kind"] == "explicit-memory" and info["step"] == 4 and info["finetuning_method"] == "full"
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(l)["step"] for l in lines] == [1, 2, 3, 4]
     assert (run / "states" / "latest.json").is_file()
-    assert (run / "model" / "backbone" / "config.json").is_file()  # tiny trained in full: weights saved
+    assert (run / "backbone" / "config.json").is_file()  # tiny trained in full: weights saved
+    assert info["s_per_step"] > 0 and info["peak_rss_mb"] > 0
 
 
 def test_inspect_memory_on_trained_checkpoint(cli, short_run):
@@ -51,7 +52,7 @@ def test_inspect_memory_edit_persists(cli, short_run, tmp_path):
     import shutil
 
     ck = tmp_path / "ck"
-    shutil.copytree(short_run / "memory" / "model", ck)
+    shutil.copytree(short_run / "memory", ck)
     code, out, err = cli("inspect-memory", "-c", ck, "--edit", "7=Velmora was born in Tarsk .", "--json")
     assert code == 0, err
     r = json.loads(out)
@@ -63,7 +64,7 @@ def test_inspect_memory_edit_persists(cli, short_run, tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["inspect-memory", "-c", "{missing}"], "not found"),
     (["inspect-memory", "-c", "{tmp}"], "checkpoint.json"),
-    (["inspect-memory", "--out-dir", "{tmp}"], "no checkpoint found"),
+    (["inspect-memory", "--out-dir", "{tmp}"], "no explicit-memory run found"),
     (["train", "memory", "training.learnin_rate=1"], "did you mean 'training.learning_rate'"),
     (["train", "memory", "training.batch_size=big"], "training.batch_size"),
     (["train", "fusion", "dataset.data_dir={data}", "logging.out_dir={tmp}"], "pretrained_router_path"),
@@ -89,7 +90,7 @@ def test_router_then_fusion_chain_strictly(cli, default_data, tmp_path):
     from memcli.checkpoint import load_tensors
 
     r = load_tensors(tmp_path / "router" / "router" / "router.safetensors")
-    f = load_tensors(tmp_path / "fusion" / "model" / "memory.safetensors")
+    f = load_tensors(tmp_path / "fusion" / "memory" / "memory.safetensors")
     import torch
 
     assert torch.equal(r["1.query.weight"], f["gates.1.query.weight"])
@@ -97,6 +98,16 @@ def test_router_then_fusion_chain_strictly(cli, default_data, tmp_path):
     code, _, err = cli("train", "fusion", *common, "model.memory_layers=[0]",
                        f"dataset.pretrained_router_path={tmp_path / 'router'}")
     assert_one_line_error(code, err, "memory layers")
+    # the whole chain: router -> fusion -> memory, the fusion stage's weights loaded strictly as the start of memory's
+    code, _, err = cli("train", "memory", *common, "training.max_steps=1", "training.learning_rate=1e-12",
+                       f"dataset.pretrained_router_path={tmp_path / 'router'}",
+                       f"dataset.pretrained_fusion_path={tmp_path / 'fusion'}")
+    assert code == 0, err
+    m = load_tensors(tmp_path / "memory" / "memory" / "memory.safetensors")
+    fz = {k: v for k, v in f.items() if k.startswith("fusions.")}
+    assert fz and all(torch.allclose(v, m[k], atol=1e-6) for k, v in fz.items())  # one tiny step away from fusion's
+    code, _, err = cli("train", "memory", *common, f"dataset.pretrained_fusion_path={tmp_path / 'router'}")
+    assert_one_line_error(code, err, "'router' run", "train fusion")
 
 
 def test_bench_harness_quick(cli):
@@ -122,15 +133,15 @@ def test_frozen_backbone_from_local_hf_directory(cli, default_data, tmp_path):
     model.save_pretrained(hf)
     tok.save_pretrained(hf)
     code, _, err = cli("train", "memory", f"dataset.data_dir={default_data}", f"logging.out_dir={tmp_path}",
-                       f"model.qwen3_model_path={hf}", "training.max_steps=2", "training.batch_size=4",
+                       f"model.qwen3_model_path={hf}", "model.memory_layers=[1]", "training.max_steps=2", "training.batch_size=4",
                        "training.eval_num_samples=4", "logging.tensorboard=false")
     assert code == 0, err
-    info = json.loads((tmp_path / "memory" / "model" / "checkpoint.json").read_text())
+    info = json.loads((tmp_path / "memory" / "checkpoint.json").read_text())
     assert info["finetuning_method"] == "frozen"
-    assert not (tmp_path / "memory" / "model" / "backbone").exists()  # memory saved apart, like an adapter
-    from memcli.explicit.io import load_checkpoint
+    assert not (tmp_path / "memory" / "backbone").exists()  # memory saved apart, like an adapter
+    from memcli.explicit.io import load_memory
 
-    mem, _, _, _ = load_checkpoint(tmp_path / "memory")
+    mem, _, _, _ = load_memory(tmp_path / "memory")
     base, _ = load_backbone(str(hf))
     for (n, p), (_, q) in zip(mem.backbone.named_parameters(), base.named_parameters()):
         assert torch.equal(p, q), n
@@ -179,18 +190,18 @@ def test_chat_bad_input(cli, short_run, args, needle):
 
 def test_lora_run_saves_adapter_and_chats(cli, default_data, tmp_path):
     from memcli.checkpoint import load_tensors
-    from memcli.explicit.io import load_checkpoint
+    from memcli.explicit.io import load_memory
 
     code, _, err = cli("train", "memory", f"dataset.data_dir={default_data}", f"logging.out_dir={tmp_path}",
                        "model.finetuning_method=lora", "training.max_steps=3", "training.batch_size=8",
                        "training.eval_interval=0", "training.final_eval_num_samples=4", "logging.tensorboard=false")
     assert code == 0, err
-    ck = tmp_path / "memory" / "model"
+    ck = tmp_path / "memory"
     assert not (ck / "backbone").exists()  # base weights are not duplicated, only the adapter
     adapter = load_tensors(ck / "lora" / "adapter_model.safetensors")
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
     assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: it trained
-    mem, tok, _, info = load_checkpoint(ck)
+    mem, tok, _, info = load_memory(ck)
     assert info["finetuning_method"] == "lora" and "backbone_checksum" in info
     ids = tok("Where was Velmora born?", return_tensors="pt")["input_ids"]
     with torch.no_grad():
@@ -237,10 +248,10 @@ def test_stages_chain_on_trex_slice(cli, tmp_path):
         assert code == 0, err
         s = json.loads(out)
         assert {"heldout_memory_on", "heldout_memory_off", "edit_success"} <= set(s)
-        mem = load_tensors(tmp_path / stage / "model" / "memory.safetensors")
+        mem = load_tensors(tmp_path / stage / "memory" / "memory.safetensors")
         if stage == "fusion":  # gate frozen: exactly the router's
             assert all(torch.equal(v, mem[f"gates.{k}"]) for k, v in router.items())
-    info = json.loads((tmp_path / "memory" / "model" / "checkpoint.json").read_text())
+    info = json.loads((tmp_path / "memory" / "checkpoint.json").read_text())
     assert info["stage"] == "memory" and info["step"] == 3
 
 
@@ -248,9 +259,11 @@ def test_inspect_eval_reproduces_end_of_training_numbers(cli, short_run, default
     code, out, err = cli("inspect-memory", "--out-dir", short_run, "--eval", default_data, "--json")
     assert code == 0, err
     got = json.loads(out)
-    recorded = json.loads((short_run / "memory" / "model" / "checkpoint.json").read_text())["eval"]
-    assert {"heldout_memory_on", "heldout_memory_off", "edit_success"} <= set(got)
-    for k, v in recorded.items():  # same checkpoint, same data: the numbers printed at the end of training
-        assert got[k] == pytest.approx(v, abs=1e-9), k
+    recorded = json.loads((short_run / "memory" / "checkpoint.json").read_text())["eval"]
+    assert {"heldout_memory_on", "heldout_memory_off", "edit_success", "heldout_in_context", "cloze_edit_success"} <= set(got)
+    shared = set(recorded) & set(got)
+    assert len(shared) >= 10
+    for k in shared:  # same run, same data: the numbers printed at the end of training
+        assert got[k] == pytest.approx(recorded[k], abs=1e-9), k
     code, _, err = cli("inspect-memory", "--out-dir", short_run, "--eval", default_data / "nope")
     assert_one_line_error(code, err, "omcq_val.json")

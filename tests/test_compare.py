@@ -58,7 +58,7 @@ def test_checkpoints_of_different_kinds_are_refused(hippo_pair, cli, tmp_path):
     _, runs = hippo_pair
     code, _, err = run_cli(["train", "hrpo", f"dataset.train_path={GSM / 'train.jsonl'}", f"logging.out_dir={tmp_path}",
                             "training.max_steps=1", "training.group_size=2", "training.batch_size=2",
-                            "training.max_completion_length=3", "dataset.max_length=64", "logging.tensorboard=false",
+                            "training.max_completion_length=3", "logging.tensorboard=false",
                             "training.log_completions_interval=0",
                             f"dataset.eval_path={tmp_path / 'none.jsonl'}"])
     assert code == 0, err
@@ -67,13 +67,13 @@ def test_checkpoints_of_different_kinds_are_refused(hippo_pair, cli, tmp_path):
 
 
 def test_checkpoints_with_different_tokenizers_are_refused(cli, tmp_path):
-    from memcli.data.bank import tokenizer_fingerprint
+    from memcli.backbone import tokenizer_fingerprint
     from memcli.hrpo.io import load_hrpo
 
     for name in ("a", "b"):
         code, _, err = run_cli(["train", "hrpo", f"dataset.train_path={GSM / 'train.jsonl'}", f"logging.out_dir={tmp_path}",
                                 f"logging.run_name={name}", "training.max_steps=1", "training.group_size=2",
-                                "training.batch_size=2", "training.max_completion_length=3", "dataset.max_length=64",
+                                "training.batch_size=2", "training.max_completion_length=3",
                                 "logging.tensorboard=false", f"dataset.eval_path={tmp_path / 'none.jsonl'}",
                                 "training.log_completions_interval=0"])
         assert code == 0, err
@@ -81,8 +81,9 @@ def test_checkpoints_with_different_tokenizers_are_refused(cli, tmp_path):
     _, tok, _ = load_hrpo(tmp_path / "b")
     tok.add_tokens(["<extra_token_for_test>"])
     tok.save_pretrained(str(tmp_path / "b" / "backbone"))
-    cfgp = tmp_path / "b" / "thinking_residual" / "hrpo_config.json"
+    cfgp = tmp_path / "b" / "checkpoint.json"  # where every run records its tokenizer
     cfg = json.loads(cfgp.read_text())
+    assert "tokenizer_fingerprint" in cfg
     cfg["tokenizer_fingerprint"] = tokenizer_fingerprint(tok)
     cfgp.write_text(json.dumps(cfg))
     code, _, err = cli("compare", "checkpoints", str(tmp_path / "a"), str(tmp_path / "b"), "--data",
@@ -145,8 +146,8 @@ def test_compare_hippo_variants(hippo_pair, cli, tmp_path):
 
 
 def test_checkpoints_explicit_memory_numbers_from_inspect_eval(default_data, cli, tmp_path, capsys):
-    from memcli.eval.explicit import evaluate_checkpoint
-    from memcli.explicit.io import load_checkpoint
+    from memcli.eval.explicit import evaluate_run
+    from memcli.explicit.io import load_memory
 
     for name, extra in (("full", []), ("lora", ["model.finetuning_method=lora"])):
         code, _, err = run_cli(["train", "memory", f"dataset.data_dir={default_data}", f"logging.out_dir={tmp_path}",
@@ -161,8 +162,8 @@ def test_checkpoints_explicit_memory_numbers_from_inspect_eval(default_data, cli
     res = json.loads(out)
     assert res["kind"] == "explicit-memory"
     for i, name in enumerate(("full", "lora")):
-        model, tok, bank, _ = load_checkpoint(tmp_path / name)
-        direct = evaluate_checkpoint(model, tok, bank, default_data, 20)
+        model, tok, bank, _ = load_memory(tmp_path / name)
+        direct = evaluate_run(model, tok, bank, default_data, "letter", 20)
         for k, vals in res["metrics"].items():
             assert vals[i] == direct[k], (name, k)
     assert res["metrics"]["questions"] == [20, 20]

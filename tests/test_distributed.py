@@ -36,7 +36,7 @@ def _losses(run):
 
 
 def _bank(run):
-    return load_tensors(run / "model" / "bank" / "memory_bank.safetensors")["token_ids"]
+    return load_tensors(run / "bank" / "memory_bank.safetensors")["token_ids"]
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +51,15 @@ def test_ddp_two_processes_match_one(single, default_data, tmp_path):
     _run([*LAUNCH, "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
           "--dynamo_backend", "no", *_args(default_data, out, 4)], {"ACCELERATE_USE_CPU": "true"})
     run = out / "memory"
-    info = json.loads((run / "model" / "checkpoint.json").read_text())
+    info = json.loads((run / "checkpoint.json").read_text())
     assert info["world_size"] == 2 and info["step"] == 6
     one, two = _losses(single), _losses(run)
     assert len(two) == 6
     # ranks average per-rank token means, one process averages over all tokens: close, not bit-equal
     assert torch.allclose(one, two, rtol=1e-2, atol=0), (one, two)
     assert (_bank(single) == _bank(run)).float().mean() > 0.999  # EMA statistics all-reduced over ranks
-    u1 = load_tensors(run / "model" / "usage.safetensors")
-    u0 = load_tensors(single / "model" / "usage.safetensors")
+    u1 = load_tensors(run / "memory" / "usage.safetensors")
+    u0 = load_tensors(single / "memory" / "usage.safetensors")
     assert torch.allclose(u1["usage"].sum(), u0["usage"].sum(), rtol=1e-3)  # usage counted on both ranks' shards
 
 
@@ -75,7 +75,7 @@ def test_zero2_two_processes_match_one(single, default_data, tmp_path):
               *_args(default_data, out, 4), "training.zero_stage=2"], {"TORCH_EXTENSIONS_DIR": str(ext)})
     assert "deepspeed_shm_comm" not in r.stdout + r.stderr
     run = out / "memory"
-    info = json.loads((run / "model" / "checkpoint.json").read_text())
+    info = json.loads((run / "checkpoint.json").read_text())
     assert info["world_size"] == 2
     one, two = _losses(single), _losses(run)
     assert torch.allclose(one, two, rtol=1e-2, atol=0), (one, two)

@@ -7,7 +7,7 @@ import torch
 
 from memcli.explicit import losses
 from memcli.explicit.ema import EmaAccumulator, ema_update, ema_update_reference, frozen_rows
-from memcli.explicit.io import build_model, edit_entry, load_checkpoint, save_checkpoint, save_bank_edit
+from memcli.explicit.io import build_model, edit_entry, load_memory, save_bank_edit, save_memory
 from memcli.kernels.reference import (product_key_select_bruteforce, product_key_select_ref, token_bag_materialised,
                                       token_bag_ref)
 from memcli.errors import MemcliError
@@ -172,13 +172,42 @@ def test_ema_update_matches_slow_reference():
         acc.add(cells, torch.softmax(torch.randn(10, 4, generator=g), -1), torch.randn(10, D, generator=g),
                 torch.rand(10, generator=g) > 0.2)
     frozen = frozen_rows(N, 0.2, seed=1)
-    ref = ema_update_reference(bank, emb, emb, acc.sum.clone(), acc.count.clone(), 0.5, frozen, pad)
+    rows, sums, counts = acc.touched()
+    dense_s, dense_c = torch.zeros(N, D).index_add_(0, rows, sums), torch.zeros(N).index_add_(0, rows, counts)
+    ref = ema_update_reference(bank, emb, emb, dense_s, dense_c, 0.5, frozen, pad)
     new = bank.clone()
     rows = ema_update(new, emb, emb, acc, 0.5, frozen, pad)
     assert torch.equal(new, ref)
     assert not frozen[rows].any() and (new[frozen] == bank[frozen]).all()
     assert (new[:, 5] == pad).all() and not torch.equal(new, bank)
-    assert acc.count.sum() == 0  # accumulator reset
+    assert acc.count.numel() == 0 and (acc.slot < 0).all()  # accumulator reset
+
+
+def test_ema_accumulator_is_sparse_and_bounded():
+    """At the seed's 1M entries x 2,560 a dense accumulator is 10.7 GB; the sparse one holds only touched rows."""
+    N, D = 1 << 20, 2560
+    acc = EmaAccumulator(N, D)
+    cells = torch.tensor([[5, 900_000], [5, 77]])
+    acc.add(cells, torch.ones(2, 2), torch.randn(2, D), torch.ones(2, dtype=torch.bool))
+    rows, sums, counts = acc.touched()
+    assert sorted(rows.tolist()) == [5, 77, 900_000] and sums.shape == (3, D)
+    assert counts[rows.tolist().index(5)] == 2
+    assert acc.nbytes() < 4 * N + 4 * 3 * D + 64 * 3  # the row index plus three rows, not N x D
+    acc.reset()
+    assert acc.touched()[1].shape == (0, D)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: the accumulator-on-device check needs one")
+def test_ema_accumulator_follows_the_model_device():
+    dev = torch.device("cuda")
+    acc = EmaAccumulator(64, 8)  # made before the model was moved, as in training
+    acc.add(torch.tensor([[1, 2]], device=dev), torch.ones(1, 2, device=dev), torch.randn(1, 8, device=dev),
+            torch.ones(1, dtype=torch.bool, device=dev))
+    assert acc.sum.device.type == "cuda" and acc.slot.device.type == "cuda"
+    bank = torch.randint(1, 10, (64, 3), device=dev)
+    emb = torch.randn(10, 8, device=dev)
+    rows = ema_update(bank, emb, emb, acc, 0.5, torch.zeros(64, dtype=torch.bool, device=dev), 0)
+    assert sorted(rows.tolist()) == [1, 2]
 
 
 def test_editing_changes_what_is_read(mem, default_data, tmp_path):
@@ -196,8 +225,8 @@ def test_editing_changes_what_is_read(mem, default_data, tmp_path):
         after_logits = model(**prompt).logits
     assert not torch.allclose(before_logits, after_logits)
     # the edit persists through an atomic save and a strict reload
-    save_checkpoint(model, tok, bank.entries, bank.meta, tmp_path / "ck", {"step": 1})
-    m2, _, b2, _ = load_checkpoint(tmp_path / "ck")
+    save_memory(model, tok, bank, tmp_path / "ck", {"step": 1})
+    m2, _, b2, _ = load_memory(tmp_path / "ck")
     assert torch.equal(m2.bank[row], model.bank[row])
     assert b2.entries[row]["sentence"].startswith("Completely different")
     with torch.no_grad():
@@ -209,21 +238,21 @@ def test_editing_changes_what_is_read(mem, default_data, tmp_path):
 def test_checkpoint_roundtrip_is_strict(mem, tmp_path):
     model, tok, bank = mem
     _randomise_fusion(model, 4)
-    save_checkpoint(model, tok, bank.entries, bank.meta, tmp_path / "ck", {"step": 3})
-    m2, _, _, info = load_checkpoint(tmp_path / "ck")
+    save_memory(model, tok, bank, tmp_path / "ck", {"step": 3})
+    m2, _, _, info = load_memory(tmp_path / "ck")
     ids = tok("The pet of Qir is a", return_tensors="pt")
     with torch.no_grad():
         assert torch.allclose(m2(**ids).logits, model(**ids).logits, atol=1e-5)
     assert info["step"] == 3
     from memcli.checkpoint import load_tensors, save_tensors
 
-    sd = load_tensors(tmp_path / "ck" / "memory.safetensors")
+    sd = load_tensors(tmp_path / "ck" / "memory" / "memory.safetensors")
     sd.pop(next(k for k in sd if "fusions" in k))
-    save_tensors(tmp_path / "ck" / "memory.safetensors", sd)
+    save_tensors(tmp_path / "ck" / "memory" / "memory.safetensors", sd)
     with pytest.raises(MemcliError, match="missing"):
-        load_checkpoint(tmp_path / "ck")
+        load_memory(tmp_path / "ck")
     with pytest.raises(MemcliError, match="checkpoint.json"):
-        load_checkpoint(tmp_path)
+        load_memory(tmp_path)
 
 
 def test_cached_generation_equals_uncached_batched_left_padded(mem):
@@ -253,18 +282,139 @@ def test_usage_stats_no_sync_and_values():
 
 def test_tail_lm_loss_equals_full_sequence_loss(mem, default_data):
     """The answer-tail loss (logits for a few positions) equals HF's full-sequence loss."""
-    from memcli.explicit import train as X
+    from memcli.explicit import items as X
 
     model, tok, bank = mem
-    items = X.load_items(tok, bank, default_data / "sft_train.jsonl", default_data / "keys" / "train_labeled.jsonl",
-                         16, 128)
+    items = X.load_items(tok, bank, default_data / "sft_train.jsonl", default_data / "keys" / "train_labeled.jsonl", 128)
     b = X.collate(items[:6], tok.pad_token_id, 0, 0.5)
     if "override_rows" in b:
-        model.ctx["bank_override"] = (b["override_rows"], b["override_ids"])
+        model.set_override(b["override_rows"], b["override_ids"])
     with torch.no_grad():
         full = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
         tail = X.tail_lm_loss(model, b)
-    model.ctx["bank_override"] = None
+    model.set_override(None)
     assert torch.allclose(full, tail, atol=1e-5)
     # router positions start right after the subject and stay inside the real tokens
     assert (b["router_pos"] <= b["attention_mask"].bool()).all()
+
+
+# ---------------------------------------------------------------------------- the pretrained-backbone recipe's parts
+
+
+@pytest.fixture(scope="module")
+def prefix_mem(default_data):
+    torch.manual_seed(0)
+    return build_model("tiny", default_data / "cache", default_data / "keys", memory_layers=[1], read="prefix",
+                       query="mean", entry_key="hidden", mode="frozen")
+
+
+def test_prefix_read_is_the_base_model_on_entry_plus_input(prefix_mem):
+    from memcli.backbone import load_backbone
+
+    model, tok, _ = prefix_mem
+    base, _ = load_backbone("tiny")
+    ids = tok("Where was Velmora born?", return_tensors="pt")["input_ids"]
+    rows = torch.tensor([[5, 9]])
+    entry = lambda r: [t for t in model.bank[r].tolist() if t != model.cfg.pad_id]  # noqa: E731
+    sep = model.cfg.prefix_separator
+    model.cfg.prefix_entries = 2
+    try:
+        full = torch.tensor([entry(5) + sep + entry(9) + sep + ids[0].tolist()])
+        with torch.no_grad():
+            got = model(input_ids=ids, rows=rows).logits
+            ref = base(input_ids=full).logits[:, -ids.shape[1]:]
+            assert torch.allclose(got, ref, atol=1e-5)  # logits keep the input's positions
+            model.memory_enabled = False
+            assert torch.allclose(model(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-6)
+            model.memory_enabled = True
+            # generate: the input followed by the new tokens; the same tokens as the base model after the prefix
+            kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), rows=rows, **kw)
+            ref_out = base.generate(input_ids=full, attention_mask=torch.ones_like(full), **kw)
+        assert torch.equal(out[:, : ids.shape[1]], ids) and torch.equal(out[:, ids.shape[1]:], ref_out[:, full.shape[1]:])
+    finally:
+        model.cfg.prefix_entries = 1
+
+
+def test_prefix_retrieval_reads_the_prompt_only_and_keys_follow_edits(prefix_mem):
+    model, tok, bank = prefix_mem
+    gate = model.gates["1"]
+    # keys and queries start as one map of one space (cosine), so the untrained gate already ranks by similarity
+    assert torch.equal(gate.content.weight, gate.query.weight) and gate.cosine
+    row = 12
+    text = tok.decode([t for t in model.bank[row].tolist() if t != model.cfg.pad_id])
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    feats = model.prompt_features(ids, torch.ones_like(ids))
+    with torch.no_grad():
+        assert int(model.retrieve(feats)["cells"][0, 0]) == row  # an entry's own text finds it
+        old = model.bank[row].clone()
+        before = model.entry_feats(1)[row].clone()
+        model.set_entry(row, tok("Zqxwv Plonk Frabble is a made up sentence .", add_special_tokens=False)["input_ids"])
+        assert not torch.allclose(model.entry_feats(1)[row], before)  # the key follows the new content
+        assert int(model.retrieve(feats)["cells"][0, 0]) != row
+        model.set_entry(row, [t for t in old.tolist() if t != model.cfg.pad_id])
+        assert torch.allclose(model.entry_feats(1)[row], before, atol=1e-5)
+    # a prompt's features do not depend on how much padding its batch had
+    a = model.prompt_features(*_pad_left(tok, ["Where was Velmora born?"]))
+    b = model.prompt_features(*_pad_left(tok, ["Where was Velmora born?", "a much longer prompt than that one, really"]))
+    assert torch.allclose(a[0], b[0], atol=1e-4)
+
+
+def _pad_left(tok, texts):
+    b = _batch(tok, texts)
+    return b["input_ids"], b["attention_mask"]
+
+
+def test_counterfactual_override_is_batch_local_and_rescored(prefix_mem):
+    model, tok, _ = prefix_mem
+    ids = tok("The pet of Qir is a", return_tensors="pt")["input_ids"]
+    feats = model.prompt_features(ids, torch.ones_like(ids))
+    row = int(model.retrieve(feats)["cells"][0, 0])
+    new = tok("Entirely unrelated words about Zqxwv", add_special_tokens=False)["input_ids"][: model.cfg.knowledge_length]
+    new = torch.tensor([new + [model.cfg.pad_id] * (model.cfg.knowledge_length - len(new))])
+    with torch.no_grad():
+        s0 = model.retrieve(feats)["full_scores"][0, row]
+        model.set_override(torch.tensor([row]), new)
+        s1 = model.retrieve(feats)["full_scores"][0, row]
+        model.set_override(None)
+        s2 = model.retrieve(feats)["full_scores"][0, row]
+    assert not torch.isclose(s0, s1) and torch.isclose(s0, s2)  # rescored from the rewritten row, then restored
+
+
+def test_mean_query_additive_cached_generation_equals_uncached(default_data):
+    torch.manual_seed(0)
+    model, tok, _ = build_model("tiny", default_data / "cache", default_data / "keys", memory_layers=[1],
+                                query="mean", mode="frozen")
+    _randomise_fusion(model, 6)
+    ids = tok(["Where was Velmora born?"], return_tensors="pt")["input_ids"]
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
+    with torch.no_grad():
+        cached = model.generate(input_ids=ids, use_cache=True, **kw)
+        uncached = model.generate(input_ids=ids, use_cache=False, **kw)
+    assert torch.equal(cached, uncached)  # the running mean continues across KV-cached steps
+
+
+@pytest.mark.parametrize("which", ["additive", "prefix"])
+def test_option_scores_with_a_shared_prompt_equal_full_sequences(which, mem, prefix_mem):
+    """The evaluation runs each prompt once (KV cache) and only the option tokens after it; the log-likelihoods
+    equal those of whole prompt+option sequences."""
+    from memcli.eval.explicit import option_logprobs
+
+    model, tok, _ = mem if which == "additive" else prefix_mem
+    if which == "additive":
+        _randomise_fusion(model, 7)
+    prompts = [tok("Where was Velmora born? A:x", add_special_tokens=False)["input_ids"],
+               tok("The pet of Qir is a", add_special_tokens=False)["input_ids"]]
+    answers = [[tok(" Tarsk", add_special_tokens=False)["input_ids"], tok(" Mol ab", add_special_tokens=False)["input_ids"]],
+               [tok(" cat", add_special_tokens=False)["input_ids"], tok(" dog", add_special_tokens=False)["input_ids"],
+                tok(" Frabble Zq", add_special_tokens=False)["input_ids"]]]
+    rows = torch.tensor([[3], [40]]) if which == "prefix" else None
+    got = option_logprobs(model, prompts, answers, rows)
+    for q, (p, opts) in enumerate(zip(prompts, answers)):
+        for j, a in enumerate(opts):
+            ids = torch.tensor([p + a])
+            with torch.no_grad():
+                kw = {"rows": rows[q: q + 1]} if rows is not None else {}
+                lp = torch.log_softmax(model(input_ids=ids, **kw).logits[0].float(), -1)
+            want = sum(float(lp[len(p) - 1 + i, t]) for i, t in enumerate(a))
+            assert got[q][j].item() == pytest.approx(want, abs=1e-3), (q, j)

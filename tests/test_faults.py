@@ -57,7 +57,7 @@ def _command(kind: str, inp: dict, out: Path) -> list[str]:
                 "training.epochs=3", "training.stage1_epochs=1"]
     else:
         args = ["hrpo", f"dataset.train_path={GSM / 'train.jsonl'}", "training.max_steps=8", "training.batch_size=2",
-                "training.group_size=2", "training.max_completion_length=6", "dataset.max_length=96"]
+                "training.group_size=2", "training.max_completion_length=6"]
     return [sys.executable, "-m", "memcli", "train", *args, *common]
 
 
@@ -146,7 +146,7 @@ def _toy_task(bad_micro: set[int], bad_grad_micro: set[int] = frozenset()):
 def _cfg(tmp_path, *extra):
     from memcli.config import load_config
 
-    return load_config(overrides=["training.batch_size=4", "training.accumulation_steps=2", "training.max_steps=8",
+    return load_config("memory", overrides=["training.batch_size=4", "training.accumulation_steps=2", "training.max_steps=8",
                                   "training.save_interval=0", "training.eval_interval=0", "training.warmup_ratio=0",
                                   "logging.tensorboard=false", "training.device=cpu", *extra])
 
@@ -192,7 +192,7 @@ def test_reward_returning_nan_stops_hrpo_with_the_reward_named(cli, tmp_path, mo
     monkeypatch.syspath_prepend(str(tmp_path))
     code, _, err = cli("train", "hrpo", f"dataset.train_path={GSM / 'train.jsonl'}", f"logging.out_dir={tmp_path / 'o'}",
                        "training.reward_fn=bad_reward:reward", "training.max_steps=3", "training.batch_size=2",
-                       "training.group_size=2", "training.max_completion_length=4", "dataset.max_length=96",
+                       "training.group_size=2", "training.max_completion_length=4",
                        "training.save_interval=1", "training.log_completions_interval=0", *QUIET)
     assert_one_line_error(code, err, "training.reward_fn=bad_reward:reward returned nan for completion 0",
                           "last good state")

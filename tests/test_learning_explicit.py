@@ -9,13 +9,11 @@ import pytest
 
 @pytest.mark.slow
 def test_memory_on_beats_off_and_edits_are_followed(default_data, tmp_path):
-    from memcli.cli.train import STAGE_DEFAULTS
     from memcli.config import load_config
-    from memcli.explicit.run import train_explicit
+    from memcli.training.explicit import train_explicit
 
-    cfg = load_config(overrides=[f"dataset.data_dir={default_data}", f"logging.out_dir={tmp_path}",
-                                 "training.eval_interval=0", "logging.tensorboard=false"],
-                      defaults=STAGE_DEFAULTS["memory"])
+    cfg = load_config("memory", overrides=[f"dataset.data_dir={default_data}", f"logging.out_dir={tmp_path}",
+                                           "training.eval_interval=0", "logging.tensorboard=false"])
     res = train_explicit(cfg, "memory")
     ev = res["eval"]
     print("learning check:", ev)

@@ -1,104 +1,70 @@
 """Side-by-side comparisons: checkpoints on one evaluation, training runs' curves, HIPPO variants.
 
 Every number in a comparison comes from the same evaluation functions the training commands use
-(``memcli.eval.explicit``, ``memcli.eval.hippo``, ``memcli.hrpo.train.evaluate``), never recomputed.
+(``memcli.eval.explicit``, ``memcli.eval.hippo``, ``memcli.eval.hrpo``), never recomputed.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from memcli.errors import MemcliError
 
-KINDS = {"explicit-memory": "explicit memory", "hippo": "HIPPO", "hrpo": "HRPO"}
-LOWER_IS_BETTER = ("loss", "kl", "ms", "bytes", "params", "MB")
+LOWER_IS_BETTER = ("loss", "kl", "ms", "bytes", "params", "MB", "_s", "rss")
 
 
 def lower_is_better(metric: str) -> bool:
-    return any(k in metric for k in LOWER_IS_BETTER)
+    return any(k in metric for k in LOWER_IS_BETTER) and "recall" not in metric
 
 
-def checkpoint_kind(path: str | Path) -> str:
-    p = Path(path)
-    for c in (p / "checkpoint.json", p / "model" / "checkpoint.json"):
-        if c.is_file():
-            try:
-                kind = json.loads(c.read_text()).get("kind")
-            except (OSError, ValueError) as e:
-                raise MemcliError(f"{c}: unreadable checkpoint.json ({e})") from None
-            if kind not in KINDS:
-                raise MemcliError(f"{c}: unknown checkpoint kind '{kind}', expected one of {', '.join(KINDS)}")
-            return kind
-    if not p.exists():
-        raise MemcliError(f"{p}: not found")
-    raise MemcliError(f"{p}: no checkpoint.json (expected a run directory written by 'memcli train')")
-
-
-def _load(kind: str, path: Path):
-    if kind == "explicit-memory":
-        from memcli.explicit.io import load_checkpoint
-
-        model, tok, bank, _ = load_checkpoint(path)
-        return model, tok, bank
-    if kind == "hippo":
-        from memcli.hippo.io import load_hippo
-
-        model, tok, _ = load_hippo(path)
-        return model, tok, None
-    from memcli.hrpo.io import load_hrpo
-
-    model, tok, _ = load_hrpo(path)
-    tok.padding_side = "left"
-    return model, tok, None
-
-
-def _evaluate(kind: str, model, tok, bank, data: Path, num: int | None, max_new_tokens: int) -> dict:
-    if kind == "explicit-memory":
-        from memcli.eval.explicit import evaluate_checkpoint
+def _evaluate(run, data: Path, num: int | None, max_new_tokens: int) -> dict:
+    if run.kind == "explicit-memory":
+        from memcli.eval.explicit import evaluate_run
 
         if not data.is_dir():
-            raise MemcliError(f"--data {data}: expected a data directory (omcq_val.json, ...) for explicit-memory checkpoints")
-        res = evaluate_checkpoint(model, tok, bank, data, num)
+            raise MemcliError(f"--data {data}: expected a data directory (omcq_val.json, ...) for explicit-memory runs")
+        res = evaluate_run(run.model, run.tok, run.bank, data, run.info.get("answer_format", "letter"), num)
         return {k: v for k, v in res.items() if isinstance(v, (int, float))}
-    if kind == "hippo":
+    if run.kind == "hippo":
         from memcli.eval.hippo import evaluate
         from memcli.hippo.data import load_dialogs
 
         if not data.is_file():
-            raise MemcliError(f"--data {data}: expected a dialog JSONL file (data_val.jsonl) for HIPPO checkpoints")
-        items = load_dialogs(tok, data, 64, 128)[:num]
-        return dict(evaluate(model, tok, items), dialogs=len(items))
+            raise MemcliError(f"--data {data}: expected a dialog JSONL file (data_val.jsonl) for HIPPO runs")
+        items = load_dialogs(run.tok, data, 64, 64)[:num]
+        return dict(evaluate(run.model, run.tok, items), dialogs=len(items))
+    from memcli.eval.hrpo import evaluate
     from memcli.hrpo.data import load_problems
-    from memcli.hrpo.train import evaluate
 
     if not data.is_file():
-        raise MemcliError(f"--data {data}: expected a GSM8K-format JSONL file for HRPO checkpoints")
+        raise MemcliError(f"--data {data}: expected a GSM8K-format JSONL file for HRPO runs")
     probs = load_problems(data)[:num]
-    return evaluate(model, tok, probs, max_new_tokens, 256)
+    return evaluate(run.model, run.tok, probs, max_new_tokens, 512)
 
 
 def compare_checkpoints(paths: list[Path], data: Path, num: int | None = None, max_new_tokens: int = 64) -> dict:
-    from memcli.data.bank import tokenizer_fingerprint
+    from memcli.backbone import tokenizer_fingerprint
+    from memcli.rundir import kind_of
+    from memcli.runs import load_run
 
     if len(paths) < 2:
         raise MemcliError("compare checkpoints: give at least two checkpoints")
-    kinds = [checkpoint_kind(p) for p in paths]
+    kinds = [kind_of(p) for p in paths]
     if len(set(kinds)) > 1:
         pairs = ", ".join(f"{p} is {k}" for p, k in zip(paths, kinds))
         raise MemcliError(f"compare checkpoints: checkpoints of different kinds ({pairs}); compare like with like")
     kind = kinds[0]
     results, fp0 = [], None
     for p in paths:
-        model, tok, bank = _load(kind, p)
-        fp = tokenizer_fingerprint(tok)
+        run = load_run(p)
+        fp = tokenizer_fingerprint(run.tok)
         if fp0 is None:
             fp0 = fp
         elif fp != fp0:
             raise MemcliError(f"compare checkpoints: {p} uses a different tokenizer than {paths[0]}; their scores "
                               "are not comparable")
-        results.append(_evaluate(kind, model, tok, bank, data, num, max_new_tokens))
-        del model
+        results.append(_evaluate(run, data, num, max_new_tokens))
+        del run
     metrics = [m for m in results[0] if all(m in r for r in results)]
     return {"kind": kind, "data": str(data), "checkpoints": [str(p) for p in paths],
             "metrics": {m: [r[m] for r in results] for m in metrics}}
@@ -157,70 +123,6 @@ def compare_runs(dirs: list[Path], metrics: list[str] | None = None) -> dict:
     return {"runs": list(runs), "metrics": summary, "curves": curves}
 
 
-def plot_curves(curves: dict, out: Path, title: str, xlabel: str = "optimizer step") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = max(1, len(curves))
-    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.4), squeeze=False)
-    for ax, (m, by_run) in zip(axes[0], curves.items()):
-        for name, pts in by_run.items():
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, label=Path(name).name or name, linewidth=1.4)
-        ax.set_title(m)
-        ax.set_xlabel(xlabel)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    _save_fig(fig, out)
-
-
-COUNTS = ("questions", "labelled_items", "eval_n", "dialogs", "count")
-
-
-def plot_bars(metrics: dict, labels: list[str], out: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [m for m, vs in metrics.items() if m not in COUNTS and all(isinstance(v, (int, float)) for v in vs)]
-    n = max(1, len(names))
-    cols = min(n, 4)
-    nrows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols, 3.0 * nrows), squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.axis("off")
-    for ax, m in zip(axes.flat, names):
-        vals = metrics[m]
-        bars = ax.bar(range(len(vals)), vals, color=[f"C{i}" for i in range(len(vals))])
-        ax.bar_label(bars, fmt="%.3g", fontsize=8)
-        ax.set_xticks(range(len(vals)), [Path(x).name or x for x in labels], rotation=20, fontsize=8)
-        ax.set_title(m, fontsize=9)
-        ax.margins(y=0.15)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    _save_fig(fig, out)
-
-
-def _save_fig(fig, out: Path) -> None:
-    import io
-
-    import matplotlib.pyplot as plt
-
-    from memcli.records import atomic_write_bytes
-
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=120, format=Path(out).suffix.lstrip(".") or "png")
-    plt.close(fig)
-    atomic_write_bytes(out, buf.getvalue())
-
-
 # --------------------------------------------------------------------------- HIPPO variants
 
 def compare_hippo(checkpoints: list[Path] | None, data: Path | None, num: int | None, turns: int = 50,
@@ -233,9 +135,11 @@ def compare_hippo(checkpoints: list[Path] | None, data: Path | None, num: int | 
 
     if checkpoints and data is None:  # before minutes of timing
         raise MemcliError("compare hippo: --checkpoint needs --data (a dialog JSONL file)")
+    from memcli.rundir import kind_of
+
     for ck in checkpoints or []:
-        if checkpoint_kind(ck) != "hippo":
-            raise MemcliError(f"compare hippo: {ck} is not a HIPPO checkpoint")
+        if kind_of(ck) != "hippo":
+            raise MemcliError(f"compare hippo: {ck} is not a HIPPO run")
     bb, _ = load_backbone("tiny")
     # turns 1, 10, 50 as the issue's table asks, more points for the latency plot, and always the last turn
     marks = tuple(sorted({m for m in (1, 5, 10, 20, 30, 40, 50) if m <= turns} | {turns}))
@@ -256,11 +160,12 @@ def compare_hippo(checkpoints: list[Path] | None, data: Path | None, num: int | 
     if checkpoints:
         from memcli.eval.hippo import exact_match
         from memcli.hippo.data import load_dialogs
-        from memcli.hippo.io import load_hippo
+        from memcli.runs import load_run
 
         for i, ck in enumerate(checkpoints):
-            model, tok, _ = load_hippo(ck)
-            items = load_dialogs(tok, data, 64, 128)[:num]
+            run = load_run(ck)
+            model, tok = run.model, run.tok
+            items = load_dialogs(tok, data, 64, 64)[:num]
             v = model.cfg.variant
             label = v if v not in rows or "exact match" not in rows[v] else f"{v} ({Path(ck).name})"
             rows.setdefault(label, dict(rows.get(v, {})))["exact match"] = exact_match(model, tok, items, True)
@@ -269,3 +174,31 @@ def compare_hippo(checkpoints: list[Path] | None, data: Path | None, num: int | 
                 rows["full history"]["exact match"] = exact_match(model, tok, items, False, full_history=True)
     order = [k for k in rows if k not in ("no memory", "full history")] + ["no memory", "full history"]
     return {"setups": order, "rows": {k: rows[k] for k in order}, "backbone": "tiny"}
+
+
+# --------------------------------------------------------------------------- answer formats
+
+FORMAT_COLUMNS = (("off", "no fact"), ("context", "fact in prompt"), ("context_edit", "edit in prompt followed"),
+                  ("on", "memory on"), ("edit", "edit in memory followed"))
+
+
+def compare_formats(path: Path, data: Path, num: int | None = None) -> dict:
+    """One explicit-memory run's held-out questions in every answer format: the backbone alone (no fact), with the
+    fact or an edited fact written in the prompt (the ceilings of reading), and through its memory."""
+    from memcli.eval.explicit import FORMATS, accuracy, questions
+    from memcli.records import OMCQ, read_json_list
+    from memcli.rundir import require_kind
+    from memcli.runs import load_run
+
+    require_kind(path, "explicit-memory")
+    omcq_path = Path(data) / "omcq_val.json"
+    if not omcq_path.is_file():
+        raise MemcliError(f"{omcq_path}: not found (expected the held-out questions written by 'memcli gen-data')")
+    omcq = read_json_list(omcq_path, OMCQ)[:num]
+    run = load_run(path)
+    rows = {}
+    for fmt in FORMATS:
+        qs = questions(run.tok, run.bank, omcq, fmt)
+        rows[fmt] = {label: accuracy(run.model, run.tok, qs, mode, desc=f"{fmt}: {label}") for mode, label in FORMAT_COLUMNS}
+        rows[fmt]["questions"] = len(qs)
+    return {"run": str(path), "data": str(data), "recipe_format": run.info.get("answer_format"), "formats": rows}

@@ -1,13 +1,17 @@
-"""``MemoryGate``: per-token product-key retrieval over the bank.
+"""``MemoryGate``: retrieval of bank entries for each query position.
 
-The query at position t is a projection of that position's normalised hidden state only, so
-retrieval is causal by construction (no sequence averaging, no look-ahead). Selection returns
-indices *and* scores; the scores feed the fusion weights and the router loss, so the gate learns.
+The query at position t is a projection of the memory layer's hidden state at t only (``query=token``)
+or of the causal running mean of those states up to t (``query=mean``, standardised), so retrieval
+is causal by construction. Selection returns indices *and* scores; the scores feed the candidate
+weights and the router loss, so the gate learns.
 
-With ``rerank`` (the default) the product-key candidates are re-scored by a *content key*
-``W_k(mean of the entry's token embeddings)``: a function of what the entry says, so entries never
-asked about in training can be found and an edited entry is found by its new content (DESIGN.md,
-third measured lesson). The pooled candidates are reused for the read.
+Entries are scored by *content keys* ``W_k(f(entry))``, a function of what the entry says, so
+entries never asked about in training are found and an edited entry is found by its new content.
+``f`` is the mean of the entry's input token embeddings (``entry_key=embeddings``, computed every
+forward) or the mean of the entry's own hidden states at the memory layer (``entry_key=hidden``,
+standardised; computed by the base model, DESIGN.md's last lessons: the keys a frozen pretrained
+model can find). Small banks are searched exactly; large ones through product keys, whose coarse
+candidates are re-ranked by content key.
 """
 
 from __future__ import annotations
@@ -18,14 +22,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from memcli.backbone import Standardise
 from memcli.kernels import entry_pool, product_key_select, token_bag
+
+
+def scaled(scores: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``scores * scale`` in fp32 with excluded entries (-inf) kept at -inf and out of the scale's gradient
+    (0 * -inf would make it NaN)."""
+    s = scores.float()
+    ok = torch.isfinite(s)
+    return torch.where(ok, torch.where(ok, s, torch.zeros_like(s)) * scale, torch.full_like(s, float("-inf")))
 
 
 class MemoryGate(nn.Module):
     def __init__(self, hidden_size: int, knowledge_num: int, knowledge_dim: int, num_candidates: int = 16,
                  topk_per_half: int | None = None, gate_rank: int = 0, keys: torch.Tensor | None = None,
                  freeze_keys: bool = False, temperature: float | None = None, rerank: bool = True,
-                 retrieval: str = "product"):
+                 retrieval: str = "product", query: str = "token", entry_key: str = "embeddings"):
         super().__init__()
         S = math.isqrt(knowledge_num)
         if S * S != knowledge_num:
@@ -36,7 +49,13 @@ class MemoryGate(nn.Module):
         self.knowledge_dim = knowledge_dim
         self.num_candidates = num_candidates
         self.topk_per_half = topk_per_half or num_candidates
-        self.norm = nn.RMSNorm(hidden_size, eps=1e-6)
+        self.entry_key = entry_key
+        # mean queries against hidden-state keys live in one space (standardised states of one layer): they are
+        # compared by cosine, and the key map starts as the query map, so retrieval starts at the untrained cosine
+        # of the states (measured on SmolLM2: 97.6% held-out recall@1 before any training)
+        self.cosine = query == "mean" and entry_key == "hidden"
+        # token queries: RMS norm of one state; mean queries: standardised mean of many (a fixed affine map)
+        self.norm = nn.RMSNorm(hidden_size, eps=1e-6) if query == "token" else Standardise(hidden_size)
         if gate_rank and gate_rank > 0:
             self.query = nn.Sequential(nn.Linear(hidden_size, gate_rank, bias=False),
                                        nn.Linear(gate_rank, knowledge_dim, bias=False))
@@ -52,57 +71,85 @@ class MemoryGate(nn.Module):
         self.retrieval = retrieval
         self.rerank = rerank or retrieval == "exact"
         if self.rerank:
-            self.content_norm = nn.RMSNorm(hidden_size, eps=1e-6)  # pooled embeddings have an arbitrary scale
-            self.content = nn.Linear(hidden_size, knowledge_dim, bias=False)  # W_k: pooled entry -> content key
-        # learnable inverse temperature of the candidate softmax, started at 1/sqrt(d) scaling
-        t = temperature if temperature is not None else math.sqrt(knowledge_dim)
+            # pooled embeddings have an arbitrary scale (RMS norm); hidden-state means need centring (standardise)
+            self.content_norm = nn.RMSNorm(hidden_size, eps=1e-6) if entry_key == "embeddings" else Standardise(hidden_size)
+            self.content = nn.Linear(hidden_size, knowledge_dim, bias=False)  # W_k: entry feature -> content key
+            if self.cosine and gate_rank == 0:
+                with torch.no_grad():
+                    self.content.weight.copy_(self.query.weight)
+        # learnable inverse temperature of the candidate softmax, started at 1/sqrt(d) scaling (cosine: 1/0.05)
+        t = temperature if temperature is not None else (0.05 if self.cosine else math.sqrt(knowledge_dim))
         self.log_scale = nn.Parameter(torch.tensor([-math.log(t)]))  # shape [1]: DeepSpeed cannot broadcast 0-d params
 
-    def half_scores(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``h [T, D]`` -> query ``[T, kd]``, half scores ``s1, s2 [T, S]``."""
+    # ------------------------------------------------------------------ queries and keys
+    def queries(self, h: torch.Tensor) -> torch.Tensor:
+        """``h [T, D]`` (a state, or a running mean for ``query=mean``) -> queries ``[T, kd]``."""
         q = self.query(self.norm(h))
+        return F.normalize(q, dim=-1) if self.cosine else q
+
+    def content_keys(self, feats: torch.Tensor) -> torch.Tensor:
+        """Entry features ``[..., D]`` -> content keys ``[..., kd]``."""
+        k = self.content(self.content_norm(feats))
+        return F.normalize(k, dim=-1) if self.cosine else k
+
+    def half_scores(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         half = self.knowledge_dim // 2
         k = self.keys.to(q.dtype)
-        return q, q[:, :half] @ k[0].T, q[:, half:] @ k[1].T
+        return q[:, :half] @ k[0].T, q[:, half:] @ k[1].T
 
+    def _features(self, bank, emb, pad_id, rows, entry_feats):
+        """Entry features of ``rows`` (any shape) -> ``[*rows.shape, D]``."""
+        if self.entry_key == "hidden":
+            return entry_feats[rows]
+        flat = rows.reshape(1, -1) if rows.dim() == 1 else rows
+        return entry_pool(bank, flat, emb, pad_id).reshape(*rows.shape, emb.shape[1])
+
+    # ------------------------------------------------------------------ retrieval
     def forward(self, h: torch.Tensor, bank: torch.Tensor, emb: torch.Tensor, pad_id: int,
-                valid: torch.Tensor | None = None) -> dict:
-        """Retrieve for ``h [T, D]``: cells, softmax weights, scores, half scores, query and the read ``m [T, D]``."""
+                valid: torch.Tensor | None = None, entry_feats: torch.Tensor | None = None,
+                read: bool = True) -> dict:
+        """Retrieve for ``h [T, D]``: cells, softmax weights, scores, query and (``read``) the pooled read ``m [T, D]``."""
+        q = self.queries(h)
         if self.retrieval == "exact":
-            return self._exact(h, bank, emb, pad_id, valid)
-        q, s1, s2 = self.half_scores(h)
+            return self._exact(q, bank, emb, pad_id, valid, entry_feats, read)
+        s1, s2 = self.half_scores(q)
         coarse, cells = product_key_select(s1, s2, self.num_candidates, self.topk_per_half, valid)
+        rec = {"cells": cells, "s1": s1, "s2": s2, "q": q}
         if self.rerank:
-            pooled = entry_pool(bank, cells, emb, pad_id).to(h.dtype)  # [T, k, D]
-            ck = self.content(self.content_norm(pooled))  # [T, k, kd]
-            scores = (q.unsqueeze(1) * ck).sum(-1)
+            feats = self._features(bank, emb, pad_id, cells, entry_feats).to(q.dtype)  # [T, k, D]
+            scores = (q.unsqueeze(1) * self.content_keys(feats)).sum(-1)
             scores = scores.masked_fill(~torch.isfinite(coarse), float("-inf"))  # excluded cells stay out
-            weights = F.softmax(scores.float() * self.log_scale.exp(), dim=-1)
-            m = (weights.to(pooled.dtype).unsqueeze(-1) * pooled).sum(1)
+            weights = F.softmax(scaled(scores, self.log_scale.exp()), dim=-1)
+            rec.update(scores=scores, weights=weights)
+            if read:
+                pooled = feats if self.entry_key == "embeddings" else entry_pool(bank, cells, emb, pad_id).to(q.dtype)
+                rec["m"] = (weights.to(pooled.dtype).unsqueeze(-1) * pooled).sum(1)
         else:
-            scores = coarse
-            weights = F.softmax(scores.float() * self.log_scale.exp(), dim=-1)
-            m = token_bag(bank, cells, weights, emb, pad_id)
-        return {"cells": cells, "weights": weights, "scores": scores, "s1": s1, "s2": s2, "q": q, "m": m}
+            weights = F.softmax(scaled(coarse, self.log_scale.exp()), dim=-1)
+            rec.update(scores=coarse, weights=weights)
+            if read:
+                rec["m"] = token_bag(bank, cells, weights, emb, pad_id)
+        return rec
 
-    def _exact(self, h, bank, emb, pad_id, valid) -> dict:
-        """Exact search by content key over every entry (small banks): top-k of ``q · W_k(pooled entry)``.
+    def _exact(self, q, bank, emb, pad_id, valid, entry_feats, read) -> dict:
+        """Exact search by content key over every entry (small banks): top-k of ``q · W_k(f(entry))``.
 
-        Content keys are recomputed from the bank each forward, so they follow edits, counterfactual
-        rows and a training backbone; ``full_scores [T, N]`` feed the router loss.
+        Content keys are recomputed each forward, so they follow edits, counterfactual rows and a
+        training backbone; ``full_scores [T, N]`` feed the router loss.
         """
-        q = self.query(self.norm(h))
         N = bank.shape[0]
-        all_rows = torch.arange(N, device=bank.device).unsqueeze(0)
-        pooled_all = entry_pool(bank, all_rows, emb, pad_id)[0].to(h.dtype)  # [N, D]
-        ck = self.content(self.content_norm(pooled_all))  # [N, kd]
-        full = q @ ck.T  # [T, N]
+        all_rows = torch.arange(N, device=bank.device)
+        feats_all = self._features(bank, emb, pad_id, all_rows, entry_feats).to(q.dtype)  # [N, D]
+        full = q @ self.content_keys(feats_all).T  # [T, N]
         if valid is not None:
             full = full.masked_fill(~valid.unsqueeze(0), float("-inf"))
         scores, cells = full.topk(min(self.num_candidates, N), dim=-1)
-        weights = F.softmax(scores.float() * self.log_scale.exp(), dim=-1)
-        m = (weights.to(pooled_all.dtype).unsqueeze(-1) * pooled_all[cells]).sum(1)
-        return {"cells": cells, "weights": weights, "scores": scores, "full_scores": full, "q": q, "m": m}
+        weights = F.softmax(scaled(scores, self.log_scale.exp()), dim=-1)
+        rec = {"cells": cells, "weights": weights, "scores": scores, "full_scores": full, "q": q}
+        if read:
+            pooled = feats_all if self.entry_key == "embeddings" else entry_pool(bank, all_rows[None], emb, pad_id)[0].to(q.dtype)
+            rec["m"] = (weights.to(pooled.dtype).unsqueeze(-1) * pooled[cells]).sum(1)
+        return rec
 
     def cell_keys(self, cells: torch.Tensor) -> torch.Tensor:
         """Full key vectors of cells ``[...] -> [..., kd]``."""

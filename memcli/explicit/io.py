@@ -1,14 +1,12 @@
-"""Build an explicit-memory model from bank + keys, and save / load it as a checkpoint directory.
+"""Build an explicit-memory model from bank + keys, and save / load it in the run directory format.
 
-Checkpoint layout (memory saved apart from the backbone, like a PEFT adapter)::
+The explicit kind's parts of a run directory (memcli/rundir.py has the rest)::
 
-    memory_config.json        MemoryConfig (sizes, layers, backbone spec, tokenizer fingerprint, index id)
-    memory.safetensors        gates (query, keys), MemoryNorm, GatedMemoryFusion of every memory layer
-    usage.safetensors         usage counts and last-updated step per entry (for inspect-memory)
-    bank/                     the token bank in build-cache format (edits are saved here)
-    backbone/                 full weights + tokenizer, when the backbone was trained in full
-    lora/                     PEFT adapter, when it was trained with LoRA
-    checkpoint.json           kind, step, metrics; written last
+    memory/memory_config.json     MemoryConfig (sizes, layers, read, backbone spec, tokenizer fingerprint, index id)
+    memory/memory.safetensors     gates (query, keys, statistics), MemoryNorm, GatedMemoryFusion of every memory layer
+    memory/usage.safetensors      usage counts and last-updated step per entry (for inspect-memory)
+    memory/entry_features.safetensors   hidden-state features of the entries (entry_key=hidden)
+    bank/                         the token bank in build-cache format (edits are saved here)
 """
 
 from __future__ import annotations
@@ -17,13 +15,16 @@ from pathlib import Path
 
 import torch
 
+from memcli import rundir
 from memcli.checkpoint import check_shape, load_tensors, save_tensors
-from memcli.data.bank import Bank, load_bank, tokenizer_fingerprint
+from memcli.data.bank import Bank, load_bank
 from memcli.errors import MemcliError
 from memcli.explicit.model import MemoryAugmentedLM, MemoryConfig
 from memcli.records import atomic_dir, read_json_object, require_dir, write_json
 
 KIND = "explicit-memory"
+MEMORY, BANK = "memory", "bank"
+EXACT_LIMIT = 16384  # banks up to this size use exact content-key search under retrieval=auto
 
 
 def load_keys(keys_path: str | Path) -> tuple[torch.Tensor, dict]:
@@ -46,9 +47,6 @@ def check_bank_keys(bank: Bank, keys: torch.Tensor, kmeta: dict, keys_path) -> N
                           "(re-run build-keys on this cache)")
 
 
-EXACT_LIMIT = 16384  # banks up to this size use exact content-key search under retrieval=auto
-
-
 def resolve_retrieval(mode: str, knowledge_num: int) -> str:
     if mode == "auto":
         return "exact" if knowledge_num <= EXACT_LIMIT else "product"
@@ -57,10 +55,17 @@ def resolve_retrieval(mode: str, knowledge_num: int) -> str:
     return mode
 
 
+def separator_ids(tok) -> list[int]:
+    """Token ids placed between prefix entries and the input: a newline."""
+    return tok("\n", add_special_tokens=False)["input_ids"]
+
+
 def build_model(backbone: str, cache_path, keys_path, memory_layers=(1, 3), num_candidates: int = 16,
                 topk_per_half: int | None = None, gate_rank: int = 0, fusion_rank: int = 0,
                 freeze_keys: bool = False, mode: str = "full", seed: int = 0, rerank: bool = True,
-                retrieval: str = "auto", trust_remote_code: bool = False):
+                retrieval: str = "auto", trust_remote_code: bool = False, query: str = "token",
+                entry_key: str = "embeddings", read: str = "additive", prefix_entries: int = 1):
+    """-> (model, tokenizer, bank). Hidden-state entry features are computed (and their statistics fitted) here."""
     from memcli.backbone import load_backbone
 
     bank = load_bank(cache_path)
@@ -77,10 +82,12 @@ def build_model(backbone: str, cache_path, keys_path, memory_layers=(1, 3), num_
         vocab_size=len(tok), pad_id=bank.pad_id, memory_layers=list(memory_layers),
         num_candidates=num_candidates, topk_per_half=topk_per_half, gate_rank=gate_rank, fusion_rank=fusion_rank,
         freeze_keys=freeze_keys, rerank=rerank, retrieval=resolve_retrieval(retrieval, bank.knowledge_num),
-        backbone=backbone, mode=mode, tokenizer_fingerprint=fp,
-        index_id=bank.meta["index_id"],
+        query=query, entry_key=entry_key, read=read, prefix_entries=prefix_entries,
+        prefix_separator=separator_ids(tok) if read == "prefix" else [],
+        backbone=backbone, mode=mode, tokenizer_fingerprint=fp, index_id=bank.meta["index_id"],
     )
     mem = MemoryAugmentedLM(model, cfg, bank.token_ids, bank.valid_rows(), keys)
+    mem.refresh_entry_features(fit=True)
     return mem, tok, bank
 
 
@@ -103,8 +110,6 @@ def load_memory_state_dict(model: MemoryAugmentedLM, sd: dict[str, torch.Tensor]
     extra = sorted(set(sd) - set(own))
     if missing or extra:
         raise MemcliError(f"{where}: memory weights do not match the config (missing {missing[:3]}, unexpected {extra[:3]})")
-    # checkpoints written before 0.1.0 stored the gate temperature as a 0-d tensor
-    sd = {k: (v.reshape(1) if k.endswith(".log_scale") and v.dim() == 0 else v) for k, v in sd.items()}
     for k, v in sd.items():
         if tuple(v.shape) != tuple(own[k].shape):
             raise MemcliError(f"{where}: tensor '{k}' has shape {list(v.shape)}, expected {list(own[k].shape)}")
@@ -113,76 +118,56 @@ def load_memory_state_dict(model: MemoryAugmentedLM, sd: dict[str, torch.Tensor]
         mod.load_state_dict(part, strict=True)
 
 
-def backbone_checksum(backbone) -> float:
-    """Sum of the base weights (LoRA adapters excluded): catches a different model behind the same spec."""
-    total = 0.0
-    for n, p in backbone.named_parameters():
-        if "lora_" not in n:
-            total += float(p.detach().double().sum())
-    return total
+def _entry_feats(model: MemoryAugmentedLM) -> dict[str, torch.Tensor]:
+    return {str(i): model.entry_feats(i) for i in model.cfg.memory_layers if model.entry_feats(i) is not None}
 
 
-def save_checkpoint(model: MemoryAugmentedLM, tok, entries: list[dict], bank_meta: dict, out: str | Path,
-                    info: dict | None = None) -> Path:
-    """Write the whole checkpoint into a temp directory, then swap it in (never half-written)."""
-    out = Path(out)
-    with atomic_dir(out) as tmp:
+def save_memory(model: MemoryAugmentedLM, tok, bank: Bank, run_dir: str | Path, info: dict,
+                extra_parts=None) -> Path:
+    """Write the run's parts (memory/, bank/, backbone/ or lora/), then checkpoint.json."""
+    run_dir = Path(run_dir)
+    rundir.begin(run_dir)
+    with atomic_dir(run_dir / MEMORY) as tmp:
         save_tensors(tmp / "memory.safetensors", memory_state_dict(model))
         write_json(tmp / "memory_config.json", model.cfg.to_dict())
         save_tensors(tmp / "usage.safetensors", {"usage": model.usage, "last_updated": model.last_updated})
-        Bank(model.bank.detach().cpu(), entries, dict(bank_meta)).save(tmp / "bank")
-        bb = model.backbone
-        info = dict(info or {})
-        if hasattr(bb, "peft_config"):  # a PeftModel: save the adapter only
-            bb.save_pretrained(str(tmp / "lora"))
-        elif model.cfg.mode == "full":
-            bb.save_pretrained(str(tmp / "backbone"))
-            tok.save_pretrained(str(tmp / "backbone"))
-        if not (tmp / "backbone").is_dir():  # the base is re-loaded from its spec: record what it must be
-            info["backbone_checksum"] = backbone_checksum(bb)
-        write_json(tmp / "checkpoint.json", dict({"kind": KIND}, **info))
-    return out
+        if _entry_feats(model):
+            save_tensors(tmp / "entry_features.safetensors", _entry_feats(model))
+    Bank(model.bank.detach().cpu(), bank.entries, dict(bank.meta)).save(run_dir / BANK)
+    if extra_parts is not None:
+        extra_parts(run_dir)
+    info = dict(info, backbone=model.cfg.backbone,
+                **rundir.save_backbone(run_dir, model.backbone, tok, model.cfg.mode))
+    rundir.finish(run_dir, KIND, info)
+    return run_dir
 
 
-def load_checkpoint(path: str | Path, device: str = "cpu"):
-    """-> (model, tokenizer, bank, info). Strict: config, bank, weights and tokenizer must agree."""
-    from memcli.backbone import load_backbone
-
-    d = require_dir(Path(path), "checkpoint directory")
-    if not (d / "checkpoint.json").exists() and (d / "model" / "checkpoint.json").exists():
-        d = d / "model"  # a run directory: its exported model
-    info = read_json_object(d / "checkpoint.json", "checkpoint.json")
-    if info.get("kind") != KIND:
-        raise MemcliError(f"{d}/checkpoint.json: kind '{info.get('kind')}', expected '{KIND}'")
-    cfg = MemoryConfig.from_dict(read_json_object(d / "memory_config.json", "memory config"), f"{d}/memory_config.json")
-    bank = load_bank(d / "bank")
+def load_memory(path: str | Path, device: str = "cpu"):
+    """-> (model, tokenizer, bank, info) from a run directory. Strict: config, bank, weights, tokenizer agree."""
+    d, info = rundir.require_kind(path, KIND)
+    md = require_dir(d / MEMORY, "memory part (memory/)")
+    cfg = MemoryConfig.from_dict(read_json_object(md / "memory_config.json", "memory config"), f"{md}/memory_config.json")
+    bank = load_bank(d / BANK)
     if (bank.knowledge_num, bank.knowledge_length) != (cfg.knowledge_num, cfg.knowledge_length):
-        raise MemcliError(f"{d}/bank: bank is [{bank.knowledge_num}, {bank.knowledge_length}], memory config expects "
+        raise MemcliError(f"{d / BANK}: bank is [{bank.knowledge_num}, {bank.knowledge_length}], memory config expects "
                           f"[{cfg.knowledge_num}, {cfg.knowledge_length}]")
-    if (d / "backbone").is_dir():
-        model, tok = load_backbone(str(d / "backbone"))
-    else:
-        model, tok = load_backbone(cfg.backbone)
-    if tokenizer_fingerprint(tok) != cfg.tokenizer_fingerprint or bank.meta.get("tokenizer_fingerprint") != cfg.tokenizer_fingerprint:
-        raise MemcliError(f"{d}: tokenizer vocabulary differs from the one the memory was built with")
-    want = info.get("backbone_checksum")
-    if want is not None and not (d / "backbone").is_dir():
-        got = backbone_checksum(model)
-        if abs(got - want) > 1e-6 * max(1.0, abs(want)):
-            raise MemcliError(f"{d}: backbone '{cfg.backbone}' does not have the weights this memory was trained on "
-                              f"(checksum {got:.6g}, expected {want:.6g})")
-    if (d / "lora").is_dir():
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(d / "lora"))
+    if bank.meta.get("tokenizer_fingerprint") != cfg.tokenizer_fingerprint:
+        raise MemcliError(f"{d / BANK}: tokenised with another tokenizer than the memory was built with")
+    model, tok, method = rundir.load_backbone_of(d, info, cfg.backbone)
     mem = MemoryAugmentedLM(model, cfg, bank.token_ids, bank.valid_rows())
-    load_memory_state_dict(mem, load_tensors(d / "memory.safetensors"), d / "memory.safetensors")
-    if (d / "usage.safetensors").is_file():
-        u = load_tensors(d / "usage.safetensors")
-        if u.get("usage") is not None and u["usage"].shape == mem.usage.shape:
-            mem.usage.copy_(u["usage"])
-            mem.last_updated.copy_(u["last_updated"])
-    return mem.to(device).eval(), tok, bank, info
+    load_memory_state_dict(mem, load_tensors(md / "memory.safetensors"), md / "memory.safetensors")
+    u = load_tensors(md / "usage.safetensors") if (md / "usage.safetensors").is_file() else {}
+    if u.get("usage") is not None and u["usage"].shape == mem.usage.shape:
+        mem.usage.copy_(u["usage"])
+        mem.last_updated.copy_(u["last_updated"])
+    if cfg.entry_key == "hidden":
+        ef = load_tensors(md / "entry_features.safetensors") if (md / "entry_features.safetensors").is_file() else {}
+        for i in cfg.memory_layers:
+            if str(i) in ef and ef[str(i)].shape == mem.entry_feats(i).shape:
+                mem.entry_feats(i).copy_(ef[str(i)])
+            else:
+                mem.refresh_entry_features()
+    return mem.to(device).eval(), tok, bank, dict(info, finetuning_method=info.get("finetuning_method", method))
 
 
 def edit_entry(model: MemoryAugmentedLM, bank: Bank, tok, row: int, text: str, step: int = 0) -> tuple[str, str]:
@@ -204,9 +189,10 @@ def edit_entry(model: MemoryAugmentedLM, bank: Bank, tok, row: int, text: str, s
     return before, after
 
 
-def save_bank_edit(ckpt: str | Path, model: MemoryAugmentedLM, bank: Bank) -> None:
-    """Persist an edited bank into ``<ckpt>/bank`` atomically."""
-    Bank(model.bank.detach().cpu(), bank.entries, bank.meta).save(Path(ckpt) / "bank")
-    save_tensors(Path(ckpt) / "usage.safetensors", {"usage": model.usage, "last_updated": model.last_updated})
-
-
+def save_bank_edit(run_dir: str | Path, model: MemoryAugmentedLM, bank: Bank) -> None:
+    """Persist an edited bank (and what follows from it) into the run directory."""
+    d = Path(run_dir)
+    Bank(model.bank.detach().cpu(), bank.entries, bank.meta).save(d / BANK)
+    save_tensors(d / MEMORY / "usage.safetensors", {"usage": model.usage, "last_updated": model.last_updated})
+    if _entry_feats(model):
+        save_tensors(d / MEMORY / "entry_features.safetensors", _entry_feats(model))

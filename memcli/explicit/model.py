@@ -1,21 +1,28 @@
 """``MemoryAugmentedLM``: explicit token memory as an adapter over any Qwen3-family causal LM.
 
-Nothing in transformers is patched: a forward pre-hook on the decoder stack captures the 2D
-attention mask, and a forward hook on each configured decoder layer adds the memory read to that
-layer's output. ``model.backbone(...)`` and ``model.backbone.generate(...)`` (KV cache, batched,
-left padding) therefore use memory transparently; with a cache only the new positions retrieve.
+Nothing in transformers is patched. Two ways for a retrieved entry to reach the model (``read``):
+
+- ``additive``: a forward pre-hook on the decoder stack captures the attention mask, and a forward
+  hook on each memory layer adds the gated, pooled read of the retrieved entries to that layer's
+  output (``GatedMemoryFusion``, zero-initialised: a fresh wrapper gives the base logits exactly).
+  ``backbone(...)`` and ``backbone.generate(...)`` (KV cache, batched, left padding) use memory
+  transparently; with a cache only the new positions retrieve.
+- ``prefix``: the query is the mean of the base model's states at the memory layer over the input
+  (layers above it are skipped), and the top entries' token ids are placed before the input, where a
+  pretrained model already reads (DESIGN.md, last lessons; README "Explicit memory on a pretrained
+  model"). Logits keep the input's positions (prefix positions are cut off), and ``generate``
+  returns the input followed by the new tokens, so callers see no difference.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from memcli.backbone import decoder_layers
+from memcli.backbone import decoder_layers, decoder_stack, layer_output, left_pad
 from memcli.errors import MemcliError
 from memcli.explicit.fusion import GatedMemoryFusion, MemoryNorm
 from memcli.explicit.gate import MemoryGate
@@ -37,6 +44,11 @@ class MemoryConfig:
     freeze_keys: bool = False
     rerank: bool = True
     retrieval: str = "product"  # product | exact (resolved from config's "auto" when the model is built)
+    query: str = "token"  # token | mean
+    entry_key: str = "embeddings"  # embeddings | hidden
+    read: str = "additive"  # additive | prefix
+    prefix_entries: int = 1
+    prefix_separator: list[int] = field(default_factory=list)  # token ids between the prefix and the input
     backbone: str = "tiny"
     mode: str = "full"  # frozen | lora | full
     tokenizer_fingerprint: str | None = None
@@ -74,6 +86,8 @@ class MemoryAugmentedLM(nn.Module):
         for i in cfg.memory_layers:
             if not 0 <= i < len(layers):
                 raise MemcliError(f"model.memory_layers holds {i}, expected layer indices in [0, {len(layers)})")
+        if cfg.read == "prefix" and len(cfg.memory_layers) != 1:
+            raise MemcliError(f"read=prefix retrieves at one layer, memory_layers is {cfg.memory_layers}")
         D = cfg.hidden_size
         self.gates = nn.ModuleDict()
         self.mem_norms = nn.ModuleDict()
@@ -81,27 +95,23 @@ class MemoryAugmentedLM(nn.Module):
         for i in cfg.memory_layers:
             k = keys.get(i) if isinstance(keys, dict) else keys
             self.gates[str(i)] = MemoryGate(D, N, cfg.knowledge_dim, cfg.num_candidates, cfg.topk_per_half,
-                                            cfg.gate_rank, k, cfg.freeze_keys,
-                                            rerank=cfg.rerank, retrieval=cfg.retrieval)
-            self.mem_norms[str(i)] = MemoryNorm(D)
-            self.fusions[str(i)] = GatedMemoryFusion(D, cfg.fusion_rank)
+                                            cfg.gate_rank, k, cfg.freeze_keys, rerank=cfg.rerank,
+                                            retrieval=cfg.retrieval, query=cfg.query, entry_key=cfg.entry_key)
+            if cfg.read == "additive":
+                self.mem_norms[str(i)] = MemoryNorm(D)
+                self.fusions[str(i)] = GatedMemoryFusion(D, cfg.fusion_rank)
+            if cfg.entry_key == "hidden":
+                self.register_buffer(f"entry_feats_{i}", torch.zeros(N, D), persistent=False)
         self.memory_enabled = True
-        self.ctx: dict = {"collect": False, "records": [], "attention_mask": None, "bank_override": None}
-        self._hooks = [self._stack(backbone).register_forward_pre_hook(self._capture_mask, with_kwargs=True)]
-        for i in cfg.memory_layers:
-            self._hooks.append(layers[i].register_forward_hook(self._make_hook(i), with_kwargs=True))
+        self.ctx: dict = {"collect": False, "records": [], "attention_mask": None, "bank_override": None,
+                          "running": {}, "rows": None}
+        self._hooks = []
+        if cfg.read == "additive":
+            self._hooks.append(decoder_stack(backbone).register_forward_pre_hook(self._capture_mask, with_kwargs=True))
+            for i in cfg.memory_layers:
+                self._hooks.append(layers[i].register_forward_hook(self._make_hook(i), with_kwargs=True))
 
     # ------------------------------------------------------------------ plumbing
-    @staticmethod
-    def _stack(backbone):
-        layers = decoder_layers(backbone)
-        m = backbone
-        for _ in range(6):
-            if getattr(m, "layers", None) is layers:
-                return m
-            m = getattr(m, "model", None) or getattr(m, "base_model", None)
-        raise MemcliError("could not find the decoder stack of the backbone")
-
     def _capture_mask(self, module, args, kwargs):
         am = kwargs.get("attention_mask")
         self.ctx["attention_mask"] = am if (am is not None and am.dim() == 2) else None
@@ -113,25 +123,122 @@ class MemoryAugmentedLM(nn.Module):
         for mod in (self.gates, self.mem_norms, self.fusions):
             yield from mod.parameters()
 
-    def _bank_for_read(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bank and valid mask, with the batch-local counterfactual rows swapped in when set."""
-        ov = self.ctx.get("bank_override")
-        if ov is None:
-            return self.bank, self.valid
-        rows, ids = ov
-        bank = self.bank.clone()
-        bank[rows] = ids.to(bank.dtype)
-        return bank, self.valid
+    def entry_feats(self, layer: int) -> torch.Tensor | None:
+        return getattr(self, f"entry_feats_{layer}", None)
 
-    def read(self, layer: int, h: torch.Tensor):
+    @contextlib.contextmanager
+    def base_model(self):
+        """The backbone as it was before training: memory hooks and LoRA adapters off (features for retrieval)."""
+        was = self.memory_enabled
+        self.memory_enabled = False
+        dis = self.backbone.disable_adapter() if hasattr(self.backbone, "disable_adapter") else contextlib.nullcontext()
+        try:
+            with dis:
+                yield self.backbone
+        finally:
+            self.memory_enabled = was
+
+    @torch.no_grad()
+    def layer_means(self, ids: torch.Tensor, mask: torch.Tensor, layer: int, batch: int = 64) -> torch.Tensor:
+        """Mean of the base model's states after decoder layer ``layer`` over each row's real tokens ``[R, D]``.
+
+        Rows are run in order of length, each chunk padded only to its own longest row (RoPE makes the
+        states independent of where a row's padding was).
+        """
+        out = torch.zeros(ids.shape[0], self.cfg.hidden_size)
+        lengths = mask.sum(1)
+        order = torch.argsort(lengths, stable=True)
+        dev = self.bank.device
+        with self.base_model() as bb:
+            for s in range(0, len(order), batch):
+                idx = order[s: s + batch]
+                seqs = [ids[i][mask[i].bool()].tolist() for i in idx.tolist()]
+                x, m = left_pad(seqs, self.cfg.pad_id)
+                h = layer_output(bb, x.to(dev), m.to(dev), layer).float()
+                w = m.to(dev).unsqueeze(-1).float()
+                out[idx] = ((h * w).sum(1) / w.sum(1).clamp_min(1)).cpu()
+        return out
+
+    @torch.no_grad()
+    def entry_features(self, ids: torch.Tensor, layer: int) -> torch.Tensor:
+        """Hidden-state features ``[R, D]`` of bank rows given as token ids ``[R, L]`` (padding excluded).
+
+        The base model does not change (entry_key=hidden needs a frozen or LoRA backbone), so the features of
+        a token sequence are computed once: counterfactual and edited rows come back every step.
+        """
+        cache = self.ctx.setdefault("feature_cache", {})
+        keys = [(layer, tuple(r)) for r in ids.tolist()]
+        todo = [i for i, k in enumerate(keys) if k not in cache]
+        if todo:
+            sub = ids[todo].long()
+            mask = (sub != self.cfg.pad_id).long()
+            mask[:, 0] = 1  # an all-padding row still has one position to read
+            for i, f in zip(todo, self.layer_means(sub, mask, layer).cpu()):
+                cache[keys[i]] = f
+        return torch.stack([cache[k] for k in keys]).to(self.bank.device)
+
+    @torch.no_grad()
+    def refresh_entry_features(self, rows: torch.Tensor | None = None, fit: bool = False) -> None:
+        """Recompute the hidden-state features of ``rows`` (all when None); ``fit`` re-fits the key statistics."""
+        if self.cfg.entry_key != "hidden":
+            return
+        idx = torch.arange(self.cfg.knowledge_num, device=self.bank.device) if rows is None else rows.to(self.bank.device)
+        for i in self.cfg.memory_layers:
+            buf = self.entry_feats(i)
+            ids = self.bank[idx].long()
+            mask = (ids != self.cfg.pad_id).long()
+            mask[:, 0] = 1
+            buf[idx] = self.layer_means(ids, mask, i).to(buf.dtype)  # the whole bank: no need to cache
+            if fit:
+                self.gates[str(i)].content_norm.fit(buf[self.valid])
+
+    def _bank_for_read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Bank and entry features, with the batch-local counterfactual rows swapped in when set."""
+        ov = self.ctx.get("bank_override")
+        feats = self.entry_feats(layer)
+        if ov is None:
+            return self.bank, feats
+        rows, ids = ov
+        rows = rows.to(self.bank.device)
+        bank = self.bank.clone()
+        bank[rows] = ids.to(device=bank.device, dtype=bank.dtype)
+        if feats is not None:
+            cache = self.ctx.setdefault("override_feats", {})
+            if layer not in cache:  # features of the rewritten rows, once per override
+                cache[layer] = self.entry_features(bank[rows], layer).to(feats.dtype)
+            feats = feats.clone()
+            feats[rows] = cache[layer]
+        return bank, feats
+
+    def set_override(self, rows: torch.Tensor | None, ids: torch.Tensor | None = None) -> None:
+        """Rewrite ``rows`` to token ids ``ids`` for the following forwards only (None: back to the bank)."""
+        self.ctx["bank_override"] = None if rows is None else (rows, ids)
+        self.ctx["override_feats"] = {}
+
+    # ------------------------------------------------------------------ additive read (hooks)
+    def read(self, layer: int, h: torch.Tensor, q_in: torch.Tensor | None = None):
         """Memory read for hidden states ``h [T, D]`` at ``layer``: (fused h, record)."""
         gate = self.gates[str(layer)]
-        bank, valid = self._bank_for_read()
-        rec = gate(h, bank, self.embed_weight(), self.cfg.pad_id, valid)
+        bank, feats = self._bank_for_read(layer)
+        rec = gate(h if q_in is None else q_in, bank, self.embed_weight(), self.cfg.pad_id, self.valid, feats)
         m = self.mem_norms[str(layer)](rec.pop("m").to(h.dtype))
         fused = self.fusions[str(layer)](h, m)
         rec["h"] = h
         return fused, rec
+
+    def _running_mean(self, layer: int, h: torch.Tensor, mask: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """Causal running mean of the layer's states per position, continued across KV-cached calls."""
+        cp = kwargs.get("cache_position")
+        fresh = cp is None or int(cp.reshape(-1)[0]) == 0
+        w = mask.unsqueeze(-1).to(h.dtype)
+        s = (h * w).cumsum(1)
+        c = w.cumsum(1)
+        prev = None if fresh else self.ctx["running"].get(layer)
+        if prev is not None:
+            s = s + prev[0].unsqueeze(1)
+            c = c + prev[1].unsqueeze(1)
+        self.ctx["running"][layer] = (s[:, -1].detach(), c[:, -1].detach())
+        return s / c.clamp_min(1)
 
     def _make_hook(self, layer: int):
         def hook(module, args, kwargs, output):
@@ -141,7 +248,10 @@ class MemoryAugmentedLM(nn.Module):
             B, T, D = h.shape
             am = self.ctx.get("attention_mask")
             mask = am[:, -T:].bool() if am is not None else torch.ones(B, T, dtype=torch.bool, device=h.device)
-            fused, rec = self.read(layer, h.reshape(B * T, D))
+            q_in = None
+            if self.cfg.query == "mean":
+                q_in = self._running_mean(layer, h, mask, kwargs).reshape(B * T, D)
+            fused, rec = self.read(layer, h.reshape(B * T, D), q_in)
             new = torch.where(mask.reshape(B * T, 1), fused, h.reshape(B * T, D)).reshape(B, T, D)
             if self.ctx["collect"]:
                 rec["mask"] = mask.reshape(-1)
@@ -152,17 +262,81 @@ class MemoryAugmentedLM(nn.Module):
 
         return hook
 
+    # ------------------------------------------------------------------ prefix read
+    def prompt_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The query input of ``read=prefix``: mean of the base model's memory-layer states over each input ``[B, D]``."""
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        return self.layer_means(input_ids, mask, self.cfg.memory_layers[0])
+
+    def retrieve(self, feats: torch.Tensor) -> dict:
+        """Gate record for prompt features ``[B, D]`` (``read=prefix``): cells, weights, scores (and full scores)."""
+        layer = self.cfg.memory_layers[0]
+        bank, ef = self._bank_for_read(layer)
+        rec = self.gates[str(layer)](feats.to(self.embed_weight().dtype), bank, self.embed_weight(), self.cfg.pad_id,
+                                     self.valid, ef, read=False)
+        rec.update(layer=layer, per_sequence=True, mask=torch.ones(feats.shape[0], dtype=torch.bool, device=feats.device))
+        return rec
+
+    def prefixed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, rows: torch.Tensor):
+        """``[entries of rows[b]] + separator + input[b]`` per row, left-padded -> (ids, mask)."""
+        bank, _ = self._bank_for_read(self.cfg.memory_layers[0])
+        pad = self.cfg.pad_id
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        seqs = []
+        for b in range(input_ids.shape[0]):
+            pre: list[int] = []
+            for r in rows[b].tolist():
+                pre += [t for t in bank[r].tolist() if t != pad] + list(self.cfg.prefix_separator)
+            seqs.append(pre + input_ids[b][mask[b].bool()].tolist())
+        ids, att = left_pad(seqs, pad)
+        return ids.to(input_ids.device), att.to(input_ids.device)
+
+    def _prefix_inputs(self, input_ids, attention_mask, rows=None, feats=None):
+        if not self.memory_enabled:
+            return input_ids, attention_mask
+        if rows is None:
+            if feats is None:
+                feats = self.prompt_features(input_ids, attention_mask)
+            rec = self.retrieve(feats)
+            if self.ctx["collect"]:
+                self.ctx["records"].append(rec)
+            rows = rec["cells"][:, : self.cfg.prefix_entries]
+        return self.prefixed(input_ids, attention_mask, rows)
+
     # ------------------------------------------------------------------ use
-    def forward(self, input_ids=None, attention_mask=None, labels=None, collect: bool = False, **kw):
+    def forward(self, input_ids=None, attention_mask=None, labels=None, collect: bool = False, rows=None,
+                prompt_feats=None, **kw):
+        """The backbone's forward with memory.
+
+        ``read=prefix`` retrieves from the whole input, which is right for a prompt; when the input holds
+        an answer, pass ``rows [B, k]`` (entries to place) or ``prompt_feats [B, D]`` (features of the
+        prompt alone, e.g. cached) so the answer never reaches the query. Logits keep the input's positions.
+        """
         self.ctx["records"] = []
         self.ctx["collect"] = collect
-        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kw)
+        if self.cfg.read == "additive":
+            return self.backbone(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kw)
+        if labels is not None:
+            raise MemcliError("read=prefix: compute the loss from the returned logits (labels are not shifted here)")
+        T = input_ids.shape[1]
+        ids, att = self._prefix_inputs(input_ids, attention_mask, rows, prompt_feats)
+        out = self.backbone(input_ids=ids, attention_mask=att, **kw)
+        keep = kw.get("logits_to_keep", 0)
+        if not keep or keep > T:  # cut the prefix positions off: logits align with the input
+            out.logits = out.logits[:, -T:]
+        return out
 
     @torch.no_grad()
-    def generate(self, **kw):
+    def generate(self, input_ids=None, attention_mask=None, rows=None, **kw):
+        """HF ``generate`` with memory; returns the input followed by the new tokens (prefixes stay hidden)."""
         self.ctx["collect"] = kw.pop("collect", False)
         self.ctx["records"] = []
-        return self.backbone.generate(**kw)
+        self.ctx["running"] = {}
+        if self.cfg.read == "additive":
+            return self.backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
+        ids, att = self._prefix_inputs(input_ids, attention_mask, rows)
+        out = self.backbone.generate(input_ids=ids, attention_mask=att, **kw)
+        return torch.cat([input_ids, out[:, ids.shape[1]:].to(input_ids.device)], dim=1)
 
     def update_usage(self, records: list[dict], step: int | None = None) -> None:
         """Accumulate selection weights per entry on device (no host sync)."""
@@ -179,11 +353,7 @@ class MemoryAugmentedLM(nn.Module):
         self.bank[row] = torch.tensor(ids, dtype=self.bank.dtype, device=self.bank.device)
         self.valid[row] = any(t != self.cfg.pad_id for t in ids)
         self.last_updated[row] = step
-
-    def remove_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        self.refresh_entry_features(torch.tensor([row]))  # the key follows the new content
 
 
 def num_params(module: nn.Module, trainable_only: bool = False) -> int:
