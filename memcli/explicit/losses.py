@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from memcli.explicit.gate import scaled
+
 
 def router_loss(rec: dict, positions: torch.Tensor, target_cells: torch.Tensor, target_weights: torch.Tensor,
                 num_keys: int, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
@@ -20,9 +22,9 @@ def router_loss(rec: dict, positions: torch.Tensor, target_cells: torch.Tensor, 
     w = w / w.sum(-1, keepdim=True).clamp_min(1e-9)
     tc = target_cells.clamp_min(0)
     if "full_scores" in rec:  # exact search: one softmax over every entry
-        logits = rec["full_scores"][positions].float() * scale
+        logits = scaled(rec["full_scores"][positions], scale)
         t_all = torch.zeros_like(logits).scatter_add_(1, tc, w)
-        return -(t_all * F.log_softmax(logits, -1)).sum(-1).mean()
+        return -(t_all * _finite(F.log_softmax(logits, -1))).sum(-1).mean()
     s1, s2 = rec["s1"][positions].float(), rec["s2"][positions].float()
     t_row = torch.zeros_like(s1).scatter_add_(1, tc // num_keys, w)
     t_col = torch.zeros_like(s2).scatter_add_(1, tc % num_keys, w)
@@ -31,9 +33,14 @@ def router_loss(rec: dict, positions: torch.Tensor, target_cells: torch.Tensor, 
     hit = (cand.unsqueeze(-1) == target_cells.unsqueeze(1)) & keep.unsqueeze(1)  # [P, k, m]
     t_c = (hit.float() * w.unsqueeze(1)).sum(-1)  # [P, k]
     has = t_c.sum(-1) > 0
-    rerank = -(t_c * F.log_softmax(rec["scores"][positions].float(), -1)).sum(-1)
+    rerank = -(t_c * _finite(F.log_softmax(rec["scores"][positions].float(), -1))).sum(-1)
     loss = loss + torch.where(has, rerank, torch.zeros_like(rerank))
     return loss.mean()
+
+
+def _finite(logp: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities with the excluded entries' -inf set to 0: they carry no target weight, and 0 * -inf is NaN."""
+    return torch.where(torch.isfinite(logp), logp, torch.zeros_like(logp))
 
 
 def entry_usage(rec: dict, num_entries: int) -> torch.Tensor:
@@ -53,9 +60,22 @@ def gini(p: torch.Tensor) -> torch.Tensor:
     return (2 * (idx * s).sum() / (n * total)) - (n + 1) / n
 
 
-def balance_loss(rec: dict, num_entries: int) -> torch.Tensor:
-    """KL(usage || uniform) + Gini(usage)."""
+def balance_loss(rec: dict, num_entries: int, form: str = "soft") -> torch.Tensor:
+    """Push the entries' usage toward uniform.
+
+    ``soft`` (memcli's): KL(usage || uniform) + Gini(usage) on the soft selection weights (differentiable).
+    ``seed`` (ExplicitLM's): ``kl_div(log P, U)`` = KL(U || P) over hard selection counts; its value is the
+    seed's, and a straight-through term lets its gradient reach the gate through the soft weights (hard counts
+    alone would carry none).
+    """
     p = entry_usage(rec, num_entries)
+    if form == "seed":
+        m = rec["mask"].to(p.dtype).unsqueeze(1).expand_as(rec["cells"]).reshape(-1)
+        counts = torch.zeros_like(p).index_add(0, rec["cells"].reshape(-1), m)
+        hard = counts / counts.sum().clamp_min(1e-9)
+        st = hard + p - p.detach()
+        u = torch.full_like(p, 1.0 / num_entries)
+        return F.kl_div((st + 1e-12).log(), u, reduction="sum")
     kl = (p * (p.clamp_min(1e-12) * num_entries).log()).sum()
     return kl + gini(p)
 
