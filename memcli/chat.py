@@ -10,8 +10,8 @@ import torch
 from memcli.errors import MemcliError
 
 MODEL_TYPES = ("memory", "lora", "full", "hippo", "hrpo")
-HELP = "/exit quit · /reset clear the history · /memory entries read for the last answer · /help this text"
-HIPPO_HELP = ("/exit quit · /reset_hidden (or reset_hidden) clear the memory state · /state its norm and turn count · "
+HELP = "/exit (or exit, quit) · /reset clear the history · /memory entries read for the last answer · /help this text"
+HIPPO_HELP = ("/exit (or exit, quit) · /reset_hidden (or reset_hidden) clear the memory state · /state its norm and turn count · "
               "/help this text")
 
 
@@ -88,8 +88,8 @@ class ChatSession:
 class HippoChatSession:
     """The prompt holds only the current message; earlier turns live in the HIPPO state (constant cost per turn).
 
-    Each user message is answered from the state of the turns before it, then written into the state,
-    as in training (the query never sees its own turn in memory).
+    Each user message is answered from the state of the turns before it; then the message and the answer
+    are written into the state as two turns (the query never sees its own turn in memory).
     """
 
     model: object
@@ -110,16 +110,19 @@ class HippoChatSession:
         out = self.model.generate(ids, torch.ones_like(ids), state=self.state, streamer=streamer,
                                   **self.options.generate_kwargs(self.tok))
         answer = self.tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
-        self.remember(text)
+        self.remember(text)  # a dialog has both sides: the message, then the answer, each a turn of the state
+        if answer:
+            self.remember(answer, "assistant")
         return answer
 
     @torch.no_grad()
     def remember(self, text: str, role: str = "user") -> None:
         """Write one turn into the state."""
-        from memcli.hippo.data import turn_ids
+        from memcli.hippo.data import content_ids, turn_ids
 
         ids = torch.tensor([turn_ids(self.tok, role, text, self.max_turn_length)])
-        self.state = self.model.write_turns(self.state, ids, torch.ones_like(ids))
+        words = torch.tensor([content_ids(self.tok, text)[-self.max_turn_length:] or [self.tok.pad_token_id]])
+        self.state = self.model.write_turns(self.state, ids, torch.ones_like(ids), None, words, torch.ones_like(words))
         self.turns += 1
 
     def reset_hidden(self) -> None:
@@ -145,7 +148,8 @@ class HrpoChatSession:
 
     @torch.no_grad()
     def reply(self, text: str, streamer=None) -> str:
-        self.history.append({"role": "user", "content": text})
+        inst = self.model.cfg.instruction  # the run was trained with this after every problem
+        self.history.append({"role": "user", "content": f"{text}\n{inst}" if inst else text})
         enc = self.tok.apply_chat_template(self.history, tokenize=True, add_generation_prompt=True, return_tensors="pt",
                                            return_dict=True)
         ro = self.model.generate(self.tok, enc["input_ids"], enc["attention_mask"], self.options.max_new_tokens,
@@ -161,54 +165,31 @@ class HrpoChatSession:
         self.history.clear()
 
 
-def newest_run_of(model_path, out_dir, kind: str) -> Path:
-    from memcli.explicit.inspect import newest_run
-
-    return Path(model_path) if model_path else newest_run(out_dir, kind)
-
-
-def _kind_of(path) -> str | None:
-    import json
-
-    p = Path(path) / "checkpoint.json"
-    try:
-        return json.loads(p.read_text()).get("kind") if p.is_file() else None
-    except (OSError, ValueError):
-        return None
+KIND_OF_TYPE = {"memory": "explicit-memory", "hippo": "hippo", "hrpo": "hrpo"}
 
 
 def open_session(model_path: str | Path | None, model_type: str, options: GenOptions, out_dir: str | Path = "out"):
-    from memcli.explicit.inspect import newest_run
-    from memcli.explicit.io import KIND, load_checkpoint
+    """The chat session for a run: ``memory`` / ``hippo`` / ``hrpo`` name the kind; ``lora`` / ``full`` open a run of
+    any kind whose backbone was trained that way (the newest one under ``out_dir`` when no path is given)."""
+    from memcli.rundir import newest_run
+    from memcli.runs import load_run
 
     if model_type not in MODEL_TYPES:
         raise MemcliError(f"--model-type '{model_type}': expected one of {', '.join(MODEL_TYPES)}")
     options.check()
-    if model_type == "hippo":
-        from memcli.hippo.io import KIND as HIPPO_KIND
-        from memcli.hippo.io import load_hippo
-
-        path = Path(model_path) if model_path else newest_run(out_dir, HIPPO_KIND)
-        model, tok, _ = load_hippo(path)
-        return HippoChatSession(model, tok, options), path
-    from memcli.hrpo.io import KIND as HRPO_KIND
-
-    if model_type == "hrpo" or (model_type in ("lora", "full") and model_path and _kind_of(model_path) == HRPO_KIND):
-        from memcli.hrpo.io import load_hrpo
-
-        path = Path(model_path) if model_path else newest_run(out_dir, HRPO_KIND)
-        model, tok, info = load_hrpo(path)
-        if model_type in ("lora", "full") and info["finetuning_method"] != model_type:
-            raise MemcliError(f"{path}: --model-type {model_type}, but this HRPO run's backbone was trained "
-                              f"'{info['finetuning_method']}'")
+    kind = KIND_OF_TYPE.get(model_type)
+    path = Path(model_path) if model_path else newest_run(out_dir, kind)
+    run = load_run(path)
+    if kind is not None and run.kind != kind:
+        raise MemcliError(f"{path}: --model-type {model_type}, but this is a {run.kind} run (use --model-type "
+                          f"{ {v: k for k, v in KIND_OF_TYPE.items()}[run.kind] })")
+    if model_type in ("lora", "full") and run.method != model_type:
+        raise MemcliError(f"{path}: --model-type {model_type}, but this run's backbone was trained '{run.method}' "
+                          f"({'no LoRA adapter' if model_type == 'lora' else 'no full backbone'} to load)")
+    if run.kind == "hippo":
+        return HippoChatSession(run.model, run.tok, options), path
+    if run.kind == "hrpo":
         if options.top_p != 1.0 or options.repetition_penalty != 1.0:
             raise MemcliError("--top-p and --repetition-penalty are not supported by HRPO's hybrid decoding; leave them at 1")
-        return HrpoChatSession(model, tok, options), path
-    path = Path(model_path) if model_path else newest_run(out_dir, KIND)
-    model, tok, bank, info = load_checkpoint(path)
-    method = info.get("finetuning_method", model.cfg.mode)
-    if model_type == "lora" and method != "lora":
-        raise MemcliError(f"{path}: --model-type lora, but this checkpoint's backbone was trained '{method}' (no LoRA adapter)")
-    if model_type == "full" and method != "full":
-        raise MemcliError(f"{path}: --model-type full, but this checkpoint's backbone was trained '{method}'")
-    return ChatSession(model, tok, bank, options), path
+        return HrpoChatSession(run.model, run.tok, options), path
+    return ChatSession(run.model, run.tok, run.bank, options), path

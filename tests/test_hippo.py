@@ -158,7 +158,7 @@ def test_cached_generation_equals_recompute_with_memory(tiny, variant):
 
 def test_gradient_reaches_encoder_gates_and_backbone_features(tiny):
     from memcli.hippo.data import collate, load_dialogs
-    from memcli.hippo.train import answer_loss
+    from memcli.training.hippo import answer_loss
     from memcli.data.dialog import generate_dialogs
     from memcli.records import write_jsonl
 
@@ -198,7 +198,7 @@ def test_save_load_round_trip_and_parts_load_alone(tiny, tmp_path, method):
     from memcli.backbone import load_backbone
     from memcli.hippo.io import load_hippo, save_hippo
     from memcli.hippo.model import HippoModel
-    from memcli.data.bank import tokenizer_fingerprint
+    from memcli.backbone import tokenizer_fingerprint
 
     bb, tok = load_backbone("tiny")
     torch.manual_seed(1)
@@ -225,7 +225,7 @@ def test_save_load_round_trip_and_parts_load_alone(tiny, tmp_path, method):
         want = m(q.input_ids, q.attention_mask, state=S).logits
     save_hippo(m, tok, tmp_path / "run", method, {"note": "x"})
     assert (tmp_path / "run" / "hippo_model" / "hippo_model.safetensors").is_file()
-    part = {"lora": "lora_finetuning", "full": "full_parameter_finetuning"}.get(method)
+    part = {"lora": "lora", "full": "backbone"}.get(method)
     if part:
         assert (tmp_path / "run" / part).is_dir()
     m2, tok2, info = load_hippo(tmp_path / "run")
@@ -296,10 +296,48 @@ def test_train_hippo_stages(hippo_run):
     assert [r["stage"] for r in rows] == [1.0] * 8 + [2.0] * 8
     info = json.loads((hippo_run / "checkpoint.json").read_text())
     assert info["kind"] == "hippo" and info["finetuning_method"] == "full" and info["stage1_steps"] == 8
-    assert set(info["eval"]) == {"exact_match_memory", "exact_match_no_history"}
+    assert set(info["eval"]) == {"exact_match_memory", "exact_match_no_history", "val_loss"}
     m, _, _ = load_hippo(hippo_run)
     base, _ = load_backbone("tiny")
     assert not torch.equal(m.backbone.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_load_best_model_ends_with_the_weights_of_the_lowest_validation_loss(cli, dialogs, tmp_path, monkeypatch,
+                                                                                keep):
+    """The seed's --load_best_model. Evaluations every 2 steps log the validation loss; the losses the selection
+    sees are scripted (step 4 lowest, the end worse) so the test does not hang on an optimiser's path, and the
+    weights are real: with the key on, the saved memory equals the weights kept at step 4."""
+    from safetensors.torch import load_file
+
+    import memcli.training.hippo as H
+
+    script = iter([5.0, 1.0, 3.0, 4.0])  # steps 2, 4, 6, then the end (the summary's own evaluation stays real)
+    real = H.evaluate
+
+    def scripted(model, tok, dialogs, *a, **kw):
+        res = real(model, tok, dialogs, *a, **kw)
+        return dict(res, val_loss=next(script, res["val_loss"]))
+
+    monkeypatch.setattr(H, "evaluate", scripted)
+    code, _, err = cli("train", "hippo", f"dataset.data_dir={dialogs}", f"logging.out_dir={tmp_path}",
+                       "training.batch_size=8", "training.stage1_epochs=8", "training.max_steps=8",
+                       "training.eval_interval=2", "training.eval_num_samples=4", "training.final_eval_num_samples=4",
+                       f"training.load_best_model={str(keep).lower()}", "logging.tensorboard=false")
+    assert code == 0, err
+    run = tmp_path / "hippo"
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {r["step"]: r["eval/val_loss"] for r in rows if "eval/val_loss" in r} == {2: 5.0, 4: 1.0, 6: 3.0}
+    final = json.loads((run / "checkpoint.json").read_text())["eval"]
+    saved = load_file(next((run / "hippo_model").glob("*.safetensors")))
+    if keep:
+        assert final["best_step"] == 4 and "keeping the weights of step 4" in err
+        best = load_file(run / "states" / "best.safetensors")
+        assert int(best["step"]) == 4
+        kept = [t for k, t in best.items() if k.startswith("memory.")]
+        assert len(kept) and all(any(torch.equal(t, v) for v in saved.values()) for t in kept)
+    else:
+        assert "best_step" not in final and not (run / "states" / "best.safetensors").exists()
 
 
 def test_stage1_only_keeps_backbone_frozen(cli, dialogs, tmp_path):
@@ -327,13 +365,15 @@ def test_chat_hippo_state_persists_and_resets(hippo_run, monkeypatch, capsys):
     code, out, err = run_cli(["chat", "-t", "hippo", "-m", hippo_run, "--max-new-tokens", "3"], capsys)
     assert code == 0, err
     states = [ln for ln in out.splitlines() if ln.startswith("state:")]
-    assert [s.split(",")[0] for s in states] == ["state: 1 turns", "state: 2 turns", "state: 0 turns"]
+    # each exchange writes the user's message and the model's answer when it has one (a dialog has both)
+    n = [int(s.split(",")[0].split()[1]) for s in states]
+    assert n[0] in (1, 2) and n[1] - n[0] in (1, 2) and n[2] == 0 and max(n) > 2
     assert "norm 0.0000" in states[2] and "norm 0.0000" not in states[0]
     assert out.count("memory state cleared") == 2 and "no entries to show" in out
     code, out, err = run_cli(["chat", "-t", "hippo", "-m", hippo_run, "-p", "hello", "--json", "--max-new-tokens", "2"],
                              capsys)
     assert code == 0, err
-    assert json.loads(out)["state"]["turns"] == 1
+    assert json.loads(out)["state"]["turns"] == 2  # "hello" and the answer
 
 
 def test_chat_session_prompt_never_carries_history(hippo_run):
@@ -352,7 +392,7 @@ def test_chat_session_prompt_never_carries_history(hippo_run):
 
     assert torch.equal(calls[4], calls[5])
     assert calls[4][0].tolist() == prompt_ids(s.tok, "What car do I drive?")
-    assert s.turns == 1
+    assert s.turns == 2  # the question and the answer
 
 
 @pytest.mark.parametrize("line,needle", [
@@ -377,7 +417,7 @@ def test_train_hippo_refuses_bad_keys(cli, dialogs, tmp_path):
     code, _, err = cli("train", "hippo", f"dataset.data_dir={dialogs}", "model.hipo_heads=2")
     assert_one_line_error(code, err, "model.hippo_heads")
     code, _, err = cli("chat", "-t", "hippo", "-m", tmp_path)
-    assert_one_line_error(code, err, "hippo_config.json")
+    assert_one_line_error(code, err, "checkpoint.json")
 
 
 # ---- LoCoMo
@@ -501,9 +541,89 @@ def test_selective_legs_lora_run_saves_adapter_and_chats(cli, dialogs, tmp_path)
     assert code == 0, err
     assert json.loads(out)["optimizer steps"] == 3
     run = tmp_path / "hippo"
-    assert (run / "lora_finetuning" / "adapter_config.json").is_file() and not (run / "full_parameter_finetuning").exists()
+    assert (run / "lora" / "adapter_config.json").is_file() and not (run / "backbone").exists()
     cfg = json.loads((run / "hippo_model" / "hippo_config.json").read_text())
     assert (cfg["variant"], cfg["init"], cfg["pool"], cfg["feature_layer"]) == ("selective", "legs", "tokens", 2)
     code, out, err = cli("chat", "-t", "hippo", "-m", run, "-p", "I drive a Falcor.", "--json", "--max-new-tokens", "2")
     assert code == 0, err
     assert json.loads(out)["state"]["state_shape"] == [1, 4, 32, 128]  # selective: value dim = 2 * 256 / 4
+
+
+def test_train_hippo_reads_a_hugging_face_dataset_directory(cli, dialogs, tmp_path):
+    """dataset.train_path may be a datasets save_to_disk directory (as the HIPPO seed loads its data); rows are
+    validated like JSONL lines, and the roles of the turns are kept."""
+    import datasets
+
+    from memcli import records
+
+    datasets.disable_progress_bars()  # save_to_disk's own bar would land in the captured stderr
+    rows = records.read_jsonl(dialogs / "data_train.jsonl", records.DIALOG)[:16]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"))
+    code, out, err = cli("train", "hippo", f"dataset.train_path={tmp_path / 'hf'}",
+                         f"dataset.eval_path={dialogs / 'data_val.jsonl'}", f"logging.out_dir={tmp_path / 'o'}",
+                         "training.batch_size=8", "training.max_steps=1", "training.eval_num_samples=2",
+                         "training.final_eval_num_samples=2", "training.stage1_epochs=0", "logging.tensorboard=false",
+                         "--json")
+    assert code == 0, err
+    bad = [dict(rows[0], memory_answer=7)]
+    datasets.Dataset.from_list(bad).save_to_disk(str(tmp_path / "bad"))
+    code, _, err = cli("train", "hippo", f"dataset.train_path={tmp_path / 'bad'}", f"logging.out_dir={tmp_path / 'o2'}")
+    assert_one_line_error(code, err, "bad: row 0", "memory_answer")
+    code, _, err = cli("train", "hippo", f"dataset.train_path={tmp_path}", f"logging.out_dir={tmp_path / 'o3'}")
+    assert_one_line_error(code, err, "save_to_disk")
+
+
+def test_dialog_roles(tmp_path):
+    """Plain strings alternate user / assistant (the seed's dialog_history); objects keep their role; a turn is its
+    chat block without the template's default system prompt."""
+    from memcli.backbone import load_tokenizer
+    from memcli.hippo.data import message_block, turn_text
+
+    assert [turn_text(t, i)[0] for i, t in enumerate(["a", "b", "c"])] == ["user", "assistant", "user"]
+    assert turn_text({"role": "assistant", "content": "x"}, 0) == ("assistant", "x")
+    assert turn_text({"speaker": "Ann", "text": "hi"}, 1) == ("user", "Ann: hi")
+    tok = load_tokenizer("tiny")
+    block = tok.decode(message_block(tok, "assistant", "Got it."))
+    assert block.startswith("<|im_start|>assistant\nGot it.<|im_end|>")
+
+
+def test_prefix_read_stores_a_turns_words_and_reads_them_back(tmp_path):
+    """read=prefix (the pretrained-backbone read): a turn's words are the values; read back by a question, they come
+    out as memory tokens equal (up to scale) to the turn's token embeddings, after the learned prompt; the model sees
+    [prompt][memory tokens][input]; an empty state reads zeros; save and load round-trip."""
+    from memcli.backbone import load_backbone, tokenizer_fingerprint
+    from memcli.hippo.data import content_ids, prompt_ids, turn_ids
+    from memcli.hippo.io import load_hippo, save_hippo
+    from memcli.hippo.model import HippoModel
+
+    bb, tok = load_backbone("tiny")
+    cfg = HippoConfig(hidden_size=256, read="prefix", memory_tokens=6, prompt_tokens=3, fusion_layers=[1],
+                      feature_layer=2, pool="mean", tokenizer_fingerprint=tokenizer_fingerprint(tok))
+    m = HippoModel(bb, cfg).eval()
+    S0 = m.init_state(1)
+    assert S0.shape == (1, 4, 32, 6 * 256 // 4)
+    text = "My pet's name is Zorvak."
+    ids = torch.tensor([turn_ids(tok, "user", text, 64)])
+    words = torch.tensor([content_ids(tok, text)])
+    with torch.no_grad():
+        S = m.write_turns(S0, ids, torch.ones_like(ids), None, words, torch.ones_like(words))
+        q = torch.tensor([prompt_ids(tok, "What is my pet's name?")])
+        soft = m.encoder.read(S, m.question_features(q, torch.ones_like(q)))
+        empty = m.encoder.read(S0, m.question_features(q, torch.ones_like(q)))
+    assert soft.shape == (1, 3 + 6, 256) and torch.equal(soft[0, :3], m.encoder.prompt)
+    last = words[0, -6:]
+    emb = bb.get_input_embeddings()(last)
+    cos = torch.nn.functional.cosine_similarity(soft[0, 3:], emb, dim=-1)
+    assert (cos > 0.99).all()  # one turn in the state: its last 6 words come back, in order
+    assert torch.count_nonzero(empty[0, 3:]) == 0
+    with torch.no_grad():
+        out = m(q, torch.ones_like(q), state=S).logits
+        ref = bb(inputs_embeds=torch.cat([soft, bb.get_input_embeddings()(q)], 1)).logits[:, -q.shape[1]:]
+        assert torch.allclose(out, ref, atol=1e-5)
+        gen = m.generate(q, torch.ones_like(q), state=S, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id,
+                         eos_token_id=None)
+    assert torch.equal(gen[:, : q.shape[1]], q) and gen.shape[1] == q.shape[1] + 3
+    save_hippo(m, tok, tmp_path / "run", "frozen", {"step": 0})
+    m2, _, _ = load_hippo(tmp_path / "run")
+    with torch.no_grad():
+        assert torch.allclose(m2(q, torch.ones_like(q), state=S).logits, out, atol=1e-5)

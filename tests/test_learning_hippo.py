@@ -11,7 +11,7 @@ from conftest import run_cli
 
 def test_hippo_memory_beats_no_history(tmp_path, capsys):
     from memcli.data.pipeline import gen_dialog
-    from memcli.hippo.train import DEFAULT_DATA
+    from memcli.training.hippo import DEFAULT_DATA
 
     gen_dialog(tmp_path / "data", seed=0, **DEFAULT_DATA)
     code, out, err = run_cli(["train", "hippo", f"dataset.data_dir={tmp_path / 'data'}", f"logging.out_dir={tmp_path}",

@@ -13,7 +13,9 @@ from memcli.views import console, emit, table
 
 def chat(
     model_path: Optional[Path] = typer.Option(None, "--model-path", "-m", help="Checkpoint or run directory (default: newest run under out/)."),
-    model_type: str = typer.Option("memory", "--model-type", "-t", help="memory (any explicit-memory checkpoint), lora, full, hippo (dialog memory) or hrpo (latent reasoning; lora/full also open an HRPO run given with -m)."),
+    model_type: str = typer.Option("memory", "--model-type", "-t", help="memory (an explicit-memory run), hippo (dialog "
+                                   "memory), hrpo (latent reasoning), or lora / full: a run of any kind whose backbone "
+                                   "was trained that way."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer this one message and exit."),
     out_dir: Path = typer.Option(Path("out"), help="Where to look for the newest run."),
     max_new_tokens: int = typer.Option(64, help="Tokens to generate per answer."),
@@ -24,7 +26,7 @@ def chat(
 ):
     """Talk to a trained model; answers stream token by token (KV cache).
 
-    Commands in the loop: /exit, /reset, /memory (entries read for the last answer), /help.
+    Commands in the loop: /exit (or exit, quit), /reset, /memory (entries read for the last answer), /help.
     With --model-type hrpo answers use hybrid decoding (latent mixing until '####').
     With --model-type hippo the prompt never carries the history: each turn is written into the
     memory state; /reset_hidden (or reset_hidden) clears it, /state shows its norm and turn count.
@@ -68,7 +70,7 @@ def chat(
         text = line.strip()
         if not text:
             continue
-        if text == "/exit":
+        if text in ("/exit", "exit", "quit", "/quit"):  # the seeds' loops end on the bare words too
             break
         if text == "/help":
             console.print(help_text)

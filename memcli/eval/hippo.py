@@ -7,23 +7,14 @@ import string
 
 import torch
 
+from memcli.backbone import left_pad
 from memcli.hippo.data import DialogItem, pad_turns
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
-def normalize(s: str) -> str:
+def normalise(s: str) -> str:
     return " ".join(_PUNCT.sub(" ", s.lower()).split())
-
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    att = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, T - len(s):] = torch.tensor(s)
-        att[i, T - len(s):] = 1
-    return ids, att
 
 
 def full_history_prompt(tok, it: DialogItem) -> list[int]:
@@ -37,10 +28,12 @@ def full_history_prompt(tok, it: DialogItem) -> list[int]:
 def answer_batch(model, tok, items: list[DialogItem], use_memory: bool, max_new_tokens: int,
                  full_history: bool = False) -> list[str]:
     dev = next(model.parameters()).device
-    state = None
+    # no history: nothing read (additive), or an empty state read (prefix: the learned prompt stays, the memory is empty)
+    state = model.init_state(len(items)) if getattr(model.cfg, "read", "additive") == "prefix" else None
     if use_memory:
         ids, mask, tm = pad_turns([it.turns for it in items], tok.pad_token_id)
-        state = model.encode_dialogs(ids.to(dev), mask.to(dev), tm.to(dev))
+        cid, cmask, _ = pad_turns([it.contents for it in items], tok.pad_token_id)
+        state = model.encode_dialogs(ids.to(dev), mask.to(dev), tm.to(dev), cid.to(dev), cmask.to(dev))
     prompts = [full_history_prompt(tok, it) for it in items] if full_history else [it.prompt for it in items]
     q, att = left_pad(prompts, tok.pad_token_id)
     out = model.generate(q.to(dev), att.to(dev), state=state, max_new_tokens=max_new_tokens, do_sample=False,
@@ -59,13 +52,32 @@ def exact_match(model, tok, items: list[DialogItem], use_memory: bool = True, ba
     for s in range(0, len(items), batch):
         chunk = items[s: s + batch]
         got = answer_batch(model, tok, chunk, use_memory, max_new, full_history)
-        hits += sum(normalize(g) == normalize(it.answer_text) for g, it in zip(got, chunk))
+        hits += sum(normalise(g) == normalise(it.answer_text) for g, it in zip(got, chunk))
         answers += got
     model.train(was)
     em = hits / max(1, len(items))
     return (em, answers) if return_answers else em
 
 
+@torch.no_grad()
+def validation_loss(model, tok, items: list[DialogItem], batch: int = 32) -> float:
+    """Mean answer loss over ``items`` (the seed's validation loss; lower is better)."""
+    from memcli.hippo.data import collate
+
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    total = n = 0
+    for s in range(0, len(items), batch):
+        chunk = items[s: s + batch]
+        b = {k: v.to(dev) for k, v in collate(chunk, tok.pad_token_id).items()}
+        total += float(model.answer_loss(b)) * len(chunk)
+        n += len(chunk)
+    model.train(was)
+    return total / max(1, n)
+
+
 def evaluate(model, tok, items: list[DialogItem], batch: int = 32) -> dict:
     return {"exact_match_memory": exact_match(model, tok, items, True, batch),
-            "exact_match_no_history": exact_match(model, tok, items, False, batch)}
+            "exact_match_no_history": exact_match(model, tok, items, False, batch),
+            "val_loss": validation_loss(model, tok, items, batch)}

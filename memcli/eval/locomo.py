@@ -42,7 +42,7 @@ def _stem(w: str) -> str:
     return _stemmer.stem(w)
 
 
-def normalize_answer(s) -> str:
+def normalise_answer(s) -> str:
     s = str(s).replace(",", "").lower()
     s = "".join(ch for ch in s if ch not in set(string.punctuation))
     s = re.sub(r"\b(a|an|the|and)\b", " ", s)
@@ -50,8 +50,8 @@ def normalize_answer(s) -> str:
 
 
 def f1_score(prediction, gold) -> float:
-    p = [_stem(w) for w in normalize_answer(prediction).split()]
-    g = [_stem(w) for w in normalize_answer(gold).split()]
+    p = [_stem(w) for w in normalise_answer(prediction).split()]
+    g = [_stem(w) for w in normalise_answer(gold).split()]
     same = sum((Counter(p) & Counter(g)).values())
     if same == 0:
         return 0.0
@@ -143,14 +143,15 @@ def question_text(item: dict, rng: random.Random) -> str:
 @torch.no_grad()
 def hippo_state(model, tok, turns: list[str], max_turn_length: int = 64, batch: int = 64) -> torch.Tensor:
     """Write every turn, in order: features in batches (they do not depend on the state), then the recurrence."""
-    from memcli.hippo.data import pad_turns, turn_ids
+    from memcli.hippo.data import content_ids, pad_turns, turn_ids
 
     ids = [turn_ids(tok, "user", t, max_turn_length) for t in turns]
+    words = [content_ids(tok, t)[-max_turn_length:] for t in turns]
     S = model.init_state(1)
     for s in range(0, len(ids), batch):
-        tid, mask, _ = pad_turns([ids[s: s + batch]], tok.pad_token_id)
-        f = model.turn_features(tid[0], mask[0]).unsqueeze(0)
-        S = model.encoder.scan(f, S=S, tok_mask=mask if f.dim() == 4 else None)
+        tid, mask, tm = pad_turns([ids[s: s + batch]], tok.pad_token_id)
+        cid, cmask, _ = pad_turns([words[s: s + batch]], tok.pad_token_id)
+        S = model.encode_dialogs(tid, mask, tm, cid, cmask, S=S)
     return S
 
 
@@ -161,7 +162,7 @@ def _window(model) -> int:
 
 @torch.no_grad()
 def answer_questions(model, tok, prompts: list[list[int]], state, max_new_tokens: int, batch: int) -> list[str]:
-    from memcli.eval.hippo import left_pad
+    from memcli.backbone import left_pad
 
     out_text = []
     for s in range(0, len(prompts), batch):

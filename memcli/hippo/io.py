@@ -1,15 +1,14 @@
-"""HIPPO checkpoints, in the seed's layout, each part loadable alone.
+"""HIPPO's part of a run directory (memcli/rundir.py has the rest), loadable alone.
 
-``<run>/hippo_model/``               encoder + gates (``hippo_model.safetensors``) and ``hippo_config.json``
-``<run>/lora_finetuning/``           a PEFT adapter for the backbone (when trained with LoRA)
-``<run>/full_parameter_finetuning/`` the whole backbone + tokenizer, an HF model directory (full mode)
-``<run>/checkpoint.json``            kind, finetuning method, evaluation; written last
+``<run>/hippo_model/``  encoder + gates (``hippo_model.safetensors``) and ``hippo_config.json``
+``<run>/lora/`` or ``<run>/backbone/`` and ``checkpoint.json`` follow the rules every kind shares.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from memcli import rundir
 from memcli.checkpoint import load_tensors, save_tensors
 from memcli.errors import MemcliError
 from memcli.hippo.encoder import HippoConfig
@@ -17,59 +16,42 @@ from memcli.hippo.model import HippoModel
 from memcli.records import atomic_dir, read_json_object, require_dir, write_json
 
 KIND = "hippo"
-PARTS = {"lora": "lora_finetuning", "full": "full_parameter_finetuning"}
+PART = "hippo_model"
 
 
-def save_hippo(model: HippoModel, tok, out: str | Path, method: str, info: dict | None = None) -> Path:
-    from memcli.explicit.io import backbone_checksum
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    bb = model.backbone
-    with atomic_dir(out / "hippo_model") as tmp:
+def save_hippo(model: HippoModel, tok, run_dir: str | Path, method: str, info: dict | None = None) -> Path:
+    run_dir = Path(run_dir)
+    rundir.begin(run_dir)
+    with atomic_dir(run_dir / PART) as tmp:
         save_tensors(tmp / "hippo_model.safetensors", model.memory_state_dict())
-        cfg = model.cfg.to_dict()
-        if method not in PARTS:  # the base is re-loaded from its spec: record which weights it must have
-            cfg["backbone_checksum"] = backbone_checksum(bb)
-        write_json(tmp / "hippo_config.json", cfg)
-    if method == "lora":
-        with atomic_dir(out / PARTS["lora"]) as tmp:
-            bb.save_pretrained(str(tmp))
-    elif method == "full":
-        with atomic_dir(out / PARTS["full"]) as tmp:
-            bb.save_pretrained(str(tmp))
-            tok.save_pretrained(str(tmp))
-    write_json(out / "checkpoint.json", dict({"kind": KIND, "finetuning_method": method}, **(info or {})))
-    return out
-
-
-def _hippo_dir(d: Path) -> Path:
-    if (d / "hippo_config.json").is_file():
-        return d
-    if (d / "hippo_model" / "hippo_config.json").is_file():
-        return d / "hippo_model"
-    raise MemcliError(f"{d}: no hippo_model/hippo_config.json (expected the output of 'memcli train hippo')")
+        write_json(tmp / "hippo_config.json", model.cfg.to_dict())
+    info = dict(info or {}, backbone=model.cfg.backbone, **rundir.save_backbone(run_dir, model.backbone, tok, method))
+    rundir.finish(run_dir, KIND, info)
+    return run_dir
 
 
 def load_hippo(path: str | Path, device: str = "cpu"):
-    """-> (model, tokenizer, info). ``path``: a run directory, or its ``hippo_model/`` alone (base backbone)."""
-    from memcli.backbone import load_run_backbone
-
+    """-> (model, tokenizer, info). ``path``: a run directory, or its ``hippo_model/`` alone (on the base backbone)."""
     d = require_dir(Path(path), "checkpoint directory")
-    info = {}
-    if (d / "checkpoint.json").is_file():
-        info = read_json_object(d / "checkpoint.json", "checkpoint.json")
-        if info.get("kind") != KIND:
-            raise MemcliError(f"{d}/checkpoint.json: kind '{info.get('kind')}', expected '{KIND}'")
-    hd = _hippo_dir(d)
-    run = hd.parent if hd.name == "hippo_model" else None
-    raw = read_json_object(hd / "hippo_config.json", "hippo config")
-    want_sum = raw.pop("backbone_checksum", None)
-    cfg = HippoConfig.from_dict(raw, f"{hd}/hippo_config.json")
-    full = run / PARTS["full"] if run is not None else None
-    lora = run / PARTS["lora"] if run is not None else None
-    bb, tok, method = load_run_backbone(cfg.backbone, full, lora, want_sum, cfg.tokenizer_fingerprint,
-                                        cfg.hidden_size, hd)
+    if (d / "hippo_config.json").is_file():  # the part alone: the base backbone it names, no run to check against
+        hd, run, info = d, d, {}
+    else:
+        run, info = rundir.require_kind(d, KIND)
+        hd = run / PART
+        if not (hd / "hippo_config.json").is_file():
+            raise MemcliError(f"{run}: no {PART}/hippo_config.json (expected the output of 'memcli train hippo')")
+    cfg = HippoConfig.from_dict(read_json_object(hd / "hippo_config.json", "hippo config"), f"{hd}/hippo_config.json")
+    if info:
+        bb, tok, method = rundir.load_backbone_of(run, info, cfg.backbone)
+    else:
+        from memcli.backbone import load_backbone, tokenizer_fingerprint
+
+        bb, tok = load_backbone(cfg.backbone)
+        method = "frozen"
+        if cfg.tokenizer_fingerprint and tokenizer_fingerprint(tok) != cfg.tokenizer_fingerprint:
+            raise MemcliError(f"{hd}: tokenizer vocabulary differs from the one this memory was trained with")
+    if bb.config.hidden_size != cfg.hidden_size:
+        raise MemcliError(f"{hd}: hidden_size {cfg.hidden_size} does not match the backbone's ({bb.config.hidden_size})")
     model = HippoModel(bb, cfg)
     model.load_memory_state_dict(load_tensors(hd / "hippo_model.safetensors"), hd / "hippo_model.safetensors")
     info = dict(info, finetuning_method=info.get("finetuning_method", method), loaded_as=method)
