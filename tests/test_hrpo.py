@@ -323,7 +323,7 @@ def hrpo_runs(tmp_path_factory):
                                 f"logging.run_name={method}", f"model.finetuning_method={method}", "training.max_steps=2",
                                 "training.group_size=2", "training.batch_size=2", "training.max_completion_length=6",
                                 "training.eval_num_samples=4", "training.final_eval_num_samples=4",
-                                "dataset.max_length=96", "logging.tensorboard=false", "training.log_completions_interval=1"])
+                                "logging.tensorboard=false", "training.log_completions_interval=1"])
         assert code == 0, err
         runs[method] = out / method
     return runs
@@ -360,6 +360,9 @@ def test_chat_with_hrpo_run(hrpo_runs, cli):
     assert code == 0, err
     code, _, err = cli("chat", "-t", "full", "-m", str(hrpo_runs["lora"]), "--prompt", "Hi")
     assert_one_line_error(code, err, "trained 'lora'")
+    # every kind with a LoRA adapter opens with -t lora; a run without one is refused in one line
+    code, _, err = cli("chat", "-t", "lora", "-m", str(hrpo_runs["full"]), "--prompt", "Hi")
+    assert_one_line_error(code, err, "no LoRA adapter")
 
 
 def test_train_hrpo_tiny_default_offline(tmp_path, cli, monkeypatch):
@@ -413,9 +416,9 @@ def test_lora_run_refuses_a_base_with_other_weights(hrpo_runs, tmp_path):
 
     run = tmp_path / "lora"
     shutil.copytree(hrpo_runs["lora"], run)
-    p = run / "thinking_residual" / "hrpo_config.json"
+    p = run / "checkpoint.json"
     cfg = json.loads(p.read_text())
-    assert "backbone_checksum" in cfg  # a LoRA run records the base it was trained on
+    assert "backbone_checksum" in cfg  # a LoRA run records the base it was trained on, like every kind
     cfg["backbone_checksum"] += 1.0
     p.write_text(json.dumps(cfg))
     with pytest.raises(MemcliError, match="does not have the weights"):

@@ -5,22 +5,21 @@ Fixed seeds, full fine-tuning of the tiny backbone, hybrid mixing on."""
 
 import json
 
-from memcli.cli.train import HRPO_DEFAULTS
 from memcli.config import load_config
 from memcli.hrpo.data import write_arithmetic
 from memcli.hrpo.rewards import capital_reward
-from memcli.hrpo.train import train_hrpo
+from memcli.training.hrpo import train_hrpo
 
 STEPS = 20
 
 
 def _run(tmp_path, name, reward_fn):
     train, _ = write_arithmetic(tmp_path / "data", num_train=200, num_test=0)
-    cfg = load_config(None, [f"dataset.train_path={train}", f"dataset.eval_path={tmp_path / 'none.jsonl'}",
+    cfg = load_config("hrpo", None, [f"dataset.train_path={train}", f"dataset.eval_path={tmp_path / 'none.jsonl'}",
                              f"logging.out_dir={tmp_path}", f"logging.run_name={name}", f"training.max_steps={STEPS}",
                              "training.max_completion_length=2", "training.group_size=8", "training.temperature=1.0",
                              "training.backbone_lr=1e-2", "training.beta=0", "logging.tensorboard=false",
-                             "training.log_completions_interval=0"], defaults=HRPO_DEFAULTS)
+                             "training.log_completions_interval=0"])
     train_hrpo(cfg, reward_fn=reward_fn)
     rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == STEPS

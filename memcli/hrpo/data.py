@@ -7,18 +7,24 @@ from pathlib import Path
 
 import torch
 
+from memcli.backbone import left_pad
 from memcli.errors import MemcliError
 from memcli.hrpo.rewards import MARKER, extract_answer
-from memcli.records import GSM8K, iter_jsonl, write_jsonl
+from memcli.records import GSM8K, iter_jsonl, read_rows, write_jsonl
 
-INSTRUCTION = "Think step by step, then give the final answer after '####'."
+INSTRUCTION = "Think step by step, then give the final answer after '####'."  # the default for the tiny model
 
 
 def load_problems(path: str | Path) -> list[dict]:
+    """GSM8K-format rows from a JSONL file or a Hugging Face dataset (``records.read_rows``)."""
+    if Path(path).is_file():
+        where = [(f"{path}:{lineno}", row) for lineno, row in iter_jsonl(path, GSM8K)]
+    else:
+        where = [(f"{path}: row {i}", row) for i, row in enumerate(read_rows(path, GSM8K))]
     rows = []
-    for lineno, row in iter_jsonl(path, GSM8K):
+    for at, row in where:
         if MARKER not in row["answer"] or extract_answer(row["answer"]) is None:
-            raise MemcliError(f"{path}:{lineno}: field 'answer' has no '#### <number>' final answer")
+            raise MemcliError(f"{at}: field 'answer' has no '#### <number>' final answer")
         rows.append({"question": row["question"], "answer": row["answer"]})
     if not rows:
         raise MemcliError(f"{path}: empty file, expected GSM8K-format rows (question, answer)")
@@ -53,14 +59,17 @@ def write_arithmetic(d: str | Path, num_train: int = 400, num_test: int = 100, s
     return d / "train.jsonl", d / "test.jsonl"
 
 
-def prompt_text(tok, question: str) -> str:
-    msgs = [{"role": "user", "content": f"{question}\n{INSTRUCTION}"}]
+def prompt_text(tok, question: str, instruction: str = INSTRUCTION) -> str:
+    msgs = [{"role": "user", "content": f"{question}\n{instruction}" if instruction else question}]
     return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 
-def encode_prompts(tok, questions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompt ids and mask (prompts longer than ``max_length`` keep their end)."""
-    from memcli.eval.hippo import left_pad
+def prompt_token_ids(tok, questions: list[str], instruction: str = INSTRUCTION) -> list[list[int]]:
+    return [tok(prompt_text(tok, q, instruction), add_special_tokens=False)["input_ids"] for q in questions]
 
-    ids = [tok(prompt_text(tok, q), add_special_tokens=False)["input_ids"][-max_length:] for q in questions]
-    return left_pad(ids, tok.pad_token_id)
+
+def encode_prompts(tok, questions: list[str], max_prompt_length: int,
+                   instruction: str = INSTRUCTION) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and mask (prompts longer than ``max_prompt_length`` keep their end)."""
+    ids = prompt_token_ids(tok, questions, instruction)
+    return left_pad([x[-max_prompt_length:] for x in ids], tok.pad_token_id)

@@ -29,6 +29,7 @@ class HrpoConfig:
     r_min: float = 0.99
     r_max: float = 0.999
     marker: str = "####"
+    instruction: str = "Think step by step, then give the final answer after '####'."  # appended to every problem
     backbone: str = "tiny"
     tokenizer_fingerprint: str = ""
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from memcli.backbone import cache_kw
+
 _TABLES: dict = {}
 
 
@@ -97,8 +99,8 @@ def hybrid_generate(model, residual, tok, input_ids, attention_mask, max_new_tok
     seq_embeds = emb(input_ids)
     pos = _positions(am)
     cache = DynamicCache() if use_cache else None
-    out = model(inputs_embeds=seq_embeds, attention_mask=am, position_ids=pos, past_key_values=cache,
-                use_cache=use_cache, output_hidden_states=want_hidden, logits_to_keep=1)
+    out = model(inputs_embeds=seq_embeds, attention_mask=am, position_ids=pos, use_cache=use_cache,
+                **cache_kw(model, cache), output_hidden_states=want_hidden, logits_to_keep=1)
     next_pos = am.sum(-1)  # position of the next real token
     state = torch.zeros(B, dtype=torch.long, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -135,8 +137,8 @@ def hybrid_generate(model, residual, tok, input_ids, attention_mask, max_new_tok
         step_pos = next_pos[:, None]
         next_pos = next_pos + live.long()
         if use_cache:
-            out = model(inputs_embeds=x[:, None], attention_mask=am, position_ids=step_pos, past_key_values=cache,
-                        use_cache=True, output_hidden_states=want_hidden)
+            out = model(inputs_embeds=x[:, None], attention_mask=am, position_ids=step_pos, use_cache=True,
+                        **cache_kw(model, cache), output_hidden_states=want_hidden)
         else:  # the slow check path: the whole sequence again, same inputs and positions
             seq_embeds = torch.cat([seq_embeds, x[:, None]], 1)
             pos = torch.cat([pos, step_pos], 1)
@@ -203,8 +205,8 @@ def text_marker_loop(model, tok, input_ids, attention_mask, max_new_tokens: int,
 
     cache = DynamicCache()
     am = attention_mask.long().clone()
-    out = model(input_ids=input_ids, attention_mask=am, position_ids=_positions(am), past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
+    out = model(input_ids=input_ids, attention_mask=am, position_ids=_positions(am), use_cache=True,
+                **cache_kw(model, cache), logits_to_keep=1)
     next_pos = am.sum(-1)
     toks = []
     for _ in range(max_new_tokens):
@@ -214,7 +216,7 @@ def text_marker_loop(model, tok, input_ids, attention_mask, max_new_tokens: int,
         seen = [marker in tok.decode(row) for row in torch.stack(toks, 1).tolist()]  # quadratic re-decode
         del seen
         am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
-        out = model(input_ids=t[:, None], attention_mask=am, position_ids=next_pos[:, None], past_key_values=cache,
-                    use_cache=True)
+        out = model(input_ids=t[:, None], attention_mask=am, position_ids=next_pos[:, None], use_cache=True,
+                    **cache_kw(model, cache))
         next_pos = next_pos + 1
     return torch.stack(toks, 1)

@@ -1,0 +1,27 @@
+"""HRPO evaluation: greedy accuracy on GSM8K-format problems with hybrid decoding (or plain, ``hybrid=False``)."""
+
+from __future__ import annotations
+
+from memcli.hrpo.data import encode_prompts
+from memcli.hrpo.rewards import extract_answer, gsm8k_reward
+
+
+def decode(tok, ro) -> list[str]:
+    return [tok.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(ro.completion_ids, ro.completion_mask)]
+
+
+def evaluate(model, tok, problems: list[dict], max_new_tokens: int, max_prompt_length: int, hybrid: bool = True,
+             batch: int = 16) -> dict:
+    """Greedy accuracy and the share of completions with a well-formed ``#### n`` answer."""
+    model.eval()
+    correct = formed = 0
+    for i in range(0, len(problems), batch):
+        part = problems[i:i + batch]
+        ids, mask = encode_prompts(tok, [p["question"] for p in part], max_prompt_length, model.cfg.instruction)
+        ro = model.generate(tok, ids, mask, max_new_tokens, temperature=0.0, hybrid=hybrid)
+        texts = decode(tok, ro)
+        rew = gsm8k_reward(texts, [p["answer"] for p in part])
+        correct += int(sum(rew))
+        formed += sum(extract_answer(t) is not None for t in texts)
+    n = max(1, len(problems))
+    return {"accuracy": correct / n, "well_formed": formed / n, "eval_n": len(problems)}
