@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Every figure of README "Memory on a pretrained model (SmolLM2-135M)", in one command, on 2 CPU cores (a few hours).
+#   bash scripts/reproduce_pretrained.sh [LOCOMO_JSON]
+# Runs go to out/, tables to out/tables/. LoCoMo (CC BY-NC 4.0) is not shipped: pass its locomo10.json.
+set -euo pipefail
+LOCOMO=${1:-../shared/data/locomo/locomo10.json}
+export MEMCLI_QUIET=${MEMCLI_QUIET:-1}
+mkdir -p out/tables
+memcli download smollm2-135m
+
+# explicit memory: the pretrained recipe (frozen, prefix read), the same with LoRA, the additive read; tiny beside
+memcli train memory model.backbone=smollm2-135m logging.run_name=real --json > out/tables/real.json
+memcli train memory model.backbone=smollm2-135m model.finetuning_method=lora training.batch_size=8 \
+    training.max_steps=300 logging.run_name=real-lora --json > out/tables/real-lora.json
+memcli train memory model.backbone=smollm2-135m model.read=additive training.batch_size=8 training.max_steps=300 \
+    logging.run_name=real-additive --json > out/tables/real-additive.json
+memcli train memory logging.run_name=tiny --json > out/tables/tiny.json
+memcli compare formats -m out/real --markdown out/tables/formats.md
+memcli compare checkpoints out/real out/real-lora out/real-additive --data data/smollm2-135m \
+    --markdown out/tables/explicit-real.md
+
+# HIPPO: dialogs stated turns earlier, asked later; LoCoMo subset
+memcli train hippo model.backbone=smollm2-135m training.max_steps=1000 training.final_eval_num_samples=200 \
+    logging.run_name=hippo-real --json > out/tables/hippo-real.json
+if [ -f "$LOCOMO" ]; then
+  memcli compare locomo -m out/hippo-real --data "$LOCOMO" --conversations 1 --max-questions 60 \
+      --markdown out/tables/locomo.md
+fi
+
+# HRPO: hybrid (thinking residual on) vs plain GRPO from the same start and seeds
+memcli train hrpo model.backbone=smollm2-135m logging.run_name=hrpo-hybrid --json > out/tables/hrpo-hybrid.json
+memcli train hrpo model.backbone=smollm2-135m training.hybrid=false logging.run_name=hrpo-plain \
+    --json > out/tables/hrpo-plain.json
+memcli compare runs out/hrpo-hybrid out/hrpo-plain --metric reward_mean --metric kl --plot out/tables/hrpo.png \
+    --markdown out/tables/hrpo.md
+# MiniMind's comparison (tiny LM pretrained from scratch on the T-REx slice's sentences)
+memcli compare pretrain --steps 1000 --markdown out/tables/pretrain.md
+echo "tables in out/tables/"
