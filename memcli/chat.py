@@ -50,13 +50,19 @@ class ChatSession:
     options: GenOptions
     history: list = field(default_factory=list)
     last_memory: list = field(default_factory=list)
+    # a run trained in the cloze format (the pretrained recipe) completes the text as typed: no template, no history
+    plain: bool = False
 
     @torch.no_grad()
     def reply(self, text: str, streamer=None) -> str:
         self.history.append({"role": "user", "content": text})
-        enc = self.tok.apply_chat_template(self.history, tokenize=True, add_generation_prompt=True, return_tensors="pt",
-                                           return_dict=True)
-        ids, att = enc["input_ids"], enc["attention_mask"]
+        if self.plain:
+            ids = torch.tensor([self.tok(text, add_special_tokens=False)["input_ids"]])
+            att = torch.ones_like(ids)
+        else:
+            enc = self.tok.apply_chat_template(self.history, tokenize=True, add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True)
+            ids, att = enc["input_ids"], enc["attention_mask"]
         out = self.model.generate(input_ids=ids, attention_mask=att, streamer=streamer, collect=True,
                                   **self.options.generate_kwargs(self.tok))
         new = out[0, ids.shape[1]:]
@@ -192,4 +198,4 @@ def open_session(model_path: str | Path | None, model_type: str, options: GenOpt
         if options.top_p != 1.0 or options.repetition_penalty != 1.0:
             raise MemcliError("--top-p and --repetition-penalty are not supported by HRPO's hybrid decoding; leave them at 1")
         return HrpoChatSession(run.model, run.tok, options), path
-    return ChatSession(run.model, run.tok, run.bank, options), path
+    return ChatSession(run.model, run.tok, run.bank, options, plain=run.info.get("answer_format") == "cloze"), path

@@ -51,6 +51,17 @@ def test_gguf_backbone_trains_and_reloads(tiny_gguf, default_data, tmp_path, cli
     code, out, err = cli("chat", "-m", tmp_path / "out" / "memory", "-p", "Where was Velmora born?", "--json",
                          "--max-new-tokens", "3")
     assert code == 0, err
+    # a cloze-format run (the pretrained recipe) completes the typed text: no chat template, no history
+    from memcli.chat import GenOptions, open_session
+
+    s, _ = open_session(tmp_path / "out" / "memory", "memory", GenOptions(max_new_tokens=2))
+    seen = []
+    orig = s.model.generate
+    s.model.generate = lambda input_ids, **kw: seen.append(input_ids.clone()) or orig(input_ids=input_ids, **kw)
+    s.reply("Velmora was born in")
+    s.reply("Velmora was born in")
+    plain = s.tok("Velmora was born in", add_special_tokens=False)["input_ids"]
+    assert s.plain and seen[0][0].tolist() == plain and seen[1][0].tolist() == plain
 
 
 @pytest.mark.parametrize("spec,needle", [
