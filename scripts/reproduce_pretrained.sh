@@ -15,15 +15,16 @@ memcli train memory model.backbone=smollm2-135m model.finetuning_method=lora tra
 memcli train memory model.backbone=smollm2-135m model.read=additive training.batch_size=8 training.max_steps=300 \
     logging.run_name=real-additive --json > out/tables/real-additive.json
 memcli train memory logging.run_name=tiny --json > out/tables/tiny.json
-memcli compare formats -m out/real --markdown out/tables/formats.md
+memcli compare formats -m out/real --num-samples 100 --markdown out/tables/formats.md
 memcli compare checkpoints out/real out/real-lora out/real-additive --data data/smollm2-135m \
     --markdown out/tables/explicit-real.md
 
 # HIPPO: dialogs stated turns earlier, asked later; LoCoMo subset
-memcli train hippo model.backbone=smollm2-135m training.max_steps=1000 training.final_eval_num_samples=200 \
+memcli train hippo model.backbone=smollm2-135m training.max_steps=400 training.eval_interval=100 \
+    training.final_eval_num_samples=200 \
     logging.run_name=hippo-real --json > out/tables/hippo-real.json
 if [ -f "$LOCOMO" ]; then
-  memcli compare locomo -m out/hippo-real --data "$LOCOMO" --conversations 1 --max-questions 60 \
+  memcli compare locomo -m out/hippo-real --data "$LOCOMO" --conversations 1 --max-questions 60 --context-window 2048 \
       --markdown out/tables/locomo.md
 fi
 
@@ -34,5 +35,5 @@ memcli train hrpo model.backbone=smollm2-135m training.hybrid=false logging.run_
 memcli compare runs out/hrpo-hybrid out/hrpo-plain --metric reward_mean --metric kl --plot out/tables/hrpo.png \
     --markdown out/tables/hrpo.md
 # MiniMind's comparison (tiny LM pretrained from scratch on the T-REx slice's sentences)
-memcli compare pretrain --steps 1000 --markdown out/tables/pretrain.md
+memcli compare pretrain --steps 300 --markdown out/tables/pretrain.md
 echo "tables in out/tables/"

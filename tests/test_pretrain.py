@@ -65,6 +65,8 @@ def test_compare_pretrain_reports_every_variant_and_curves(cli, default_data, tm
     code, stdout, err = cli("compare", "runs", out / "memory", out / "memory-EMA", out / "dense",
                             "--metric", "eval/val_loss", "--metric", "eval/val_ppl", "--json")
     assert code == 0, err
-    curves = json.loads(stdout)["curves"]
+    res = json.loads(stdout)
+    assert "eval/val_ppl (min)" in res["metrics"]  # perplexity: lower is better
+    curves = res["curves"]
     # every tenth of the run (here every step), the last one in checkpoint.json
     assert {len(c) for c in curves["eval/val_loss"].values()} == {3}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from memcli.errors import MemcliError
 
-LOWER_IS_BETTER = ("loss", "kl", "ms", "bytes", "params", "MB", "_s", "rss")
+LOWER_IS_BETTER = ("loss", "ppl", "perplexity", "kl", "ms", "bytes", "params", "MB", "_s", "rss")
 
 
 def lower_is_better(metric: str) -> bool:
