@@ -163,6 +163,12 @@ def test_chat_prompt_and_piped_stdin(short_run, monkeypatch, capsys):
     code, out, err = run_cli(["chat", "--out-dir", short_run, "--max-new-tokens", "4"], capsys)
     assert code == 0, err
     assert "memory read for the last answer" in out and "history cleared" in out and "unknown command /bogus" in out
+    # the seed's loop ends on the bare words too: nothing after 'exit' / 'quit' is read
+    for word in ("exit", "quit"):
+        monkeypatch.setattr("sys.stdin", io.StringIO(f"Hello\n{word}\n/bogus\n"))
+        code, out, err = run_cli(["chat", "--out-dir", short_run, "--max-new-tokens", "2"], capsys)
+        assert code == 0, err
+        assert "unknown command /bogus" not in out
 
 
 def test_chat_history_and_greedy_determinism(short_run):

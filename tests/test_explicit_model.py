@@ -418,3 +418,15 @@ def test_option_scores_with_a_shared_prompt_equal_full_sequences(which, mem, pre
                 lp = torch.log_softmax(model(input_ids=ids, **kw).logits[0].float(), -1)
             want = sum(float(lp[len(p) - 1 + i, t]) for i, t in enumerate(a))
             assert got[q][j].item() == pytest.approx(want, abs=1e-3), (q, j)
+
+
+def test_collate_uses_every_build_keys_label():
+    """build-keys --top-k 32 writes 32 labels per query: the batch carries all 32 (was cut to 8)."""
+    from memcli.explicit.items import Item, collate
+
+    items = [Item(prompt_ids=[5, 6, 7], answer_ids=[8], row=i, targets=list(range(i, i + 32)),
+                  scores=[1.0 - 0.01 * j for j in range(32)], cf=[]) for i in range(3)]
+    b = collate(items, pad_id=0, step_seed=0, cf_prob=0.0)
+    assert b["target_rows"].shape == (3, 32)
+    assert b["target_rows"][1].tolist() == list(range(1, 33))
+    assert torch.allclose(b["target_weights"].sum(1), torch.ones(3))
