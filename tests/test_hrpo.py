@@ -174,6 +174,38 @@ def test_gradient_reaches_gates_lambda_and_projection(tiny):
     assert 0 < stats["gate_a"] < 1 and 0 < stats["hidden_share"] < 1
 
 
+def test_gradient_checkpointing_recomputes_layers_and_keeps_gradients(tiny):
+    """``training.gradient_checkpointing``: the replay's backward recomputes each decoder layer's insides (so their
+    activations are not kept) and gives the same gradients to the backbone and the thinking residual."""
+    import copy
+
+    from memcli.backbone import decoder_layers
+
+    bb0, tok = tiny
+    ids, mask = _prompts(tok, ["Think: 1 2 3", "More words here"])
+    res0 = _residual(bb0, "projection")
+    torch.manual_seed(0)
+    ro = hybrid_generate(bb0, res0, tok, ids, mask, 8, temperature=1.0)
+    grads, calls = {}, {}
+    for ckpt in (False, True):
+        bb, res = copy.deepcopy(bb0).train(), copy.deepcopy(res0)
+        if ckpt:
+            bb.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        n = [0]
+        hook = decoder_layers(bb)[0].mlp.register_forward_pre_hook(  # pre: the recompute stops inside the MLP
+            lambda *a: n.__setitem__(0, n[0] + 1))
+        lp, _ = completion_logps(bb, res, ro, 1.0)
+        (lp * ro.completion_mask).sum().backward()
+        hook.remove()
+        calls[ckpt] = n[0]
+        grads[ckpt] = {k: p.grad.clone() for k, p in list(bb.named_parameters()) + list(res.named_parameters())
+                       if p.grad is not None}
+    assert calls == {False: 1, True: 2}
+    assert grads[False].keys() == grads[True].keys() and len(grads[True]) > 10
+    for k in grads[False]:
+        torch.testing.assert_close(grads[True][k], grads[False][k], atol=1e-6, rtol=1e-5, msg=k)
+
+
 def test_lambda_initialisation_range():
     res = ThinkingResidual(HrpoConfig(hidden_size=64, r_min=0.9, r_max=0.95))
     a, _ = res.gate(torch.zeros(1, 64))

@@ -61,6 +61,9 @@ def build(cfg, spec: str, method: str):
             p.requires_grad_(False)
     if method == "lora":
         bb = apply_lora(bb, m.lora_rank, m.lora_alpha, m.lora_dropout)
+    if cfg.training.gradient_checkpointing:
+        # the replay's activations dominate peak memory; non-reentrant, so token inputs need no grad
+        bb.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return HrpoModel(bb, hcfg), tok, ref
 
 
