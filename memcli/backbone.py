@@ -230,6 +230,16 @@ def apply_lora(backbone, rank: int, alpha: int, dropout: float):
     return get_peft_model(backbone, cfg)
 
 
+def enable_checkpointing(model) -> None:
+    """Recompute each decoder layer in the backward instead of keeping its activations (non-reentrant: inputs that
+    need no grad are fine). transformers renamed the switch in 5.2x; older 5.x only has the first name."""
+    fn = getattr(model, "activation_checkpointing_enable", None)
+    if fn is not None:
+        fn(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The decoder layer list of a Qwen3-family causal LM (PEFT-wrapped or not)."""
     m = model

@@ -144,7 +144,7 @@ class HippoChatSession:
 
 @dataclass
 class HrpoChatSession:
-    """Chat with an HRPO run: hybrid decoding (latent mixing while reasoning, until '####'), with history."""
+    """Chat with an HRPO run, decoded as it was trained: hybrid (latent mixing while reasoning, until '####') or plain."""
 
     model: object
     tok: object

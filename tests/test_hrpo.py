@@ -179,7 +179,7 @@ def test_gradient_checkpointing_recomputes_layers_and_keeps_gradients(tiny):
     activations are not kept) and gives the same gradients to the backbone and the thinking residual."""
     import copy
 
-    from memcli.backbone import decoder_layers
+    from memcli.backbone import decoder_layers, enable_checkpointing
 
     bb0, tok = tiny
     ids, mask = _prompts(tok, ["Think: 1 2 3", "More words here"])
@@ -190,7 +190,7 @@ def test_gradient_checkpointing_recomputes_layers_and_keeps_gradients(tiny):
     for ckpt in (False, True):
         bb, res = copy.deepcopy(bb0).train(), copy.deepcopy(res0)
         if ckpt:
-            bb.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(bb)
         n = [0]
         hook = decoder_layers(bb)[0].mlp.register_forward_pre_hook(  # pre: the recompute stops inside the MLP
             lambda *a: n.__setitem__(0, n[0] + 1))
@@ -204,6 +204,38 @@ def test_gradient_checkpointing_recomputes_layers_and_keeps_gradients(tiny):
     assert grads[False].keys() == grads[True].keys() and len(grads[True]) > 10
     for k in grads[False]:
         torch.testing.assert_close(grads[True][k], grads[False][k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_a_plain_grpo_run_decodes_plain_and_says_so_on_disk(tiny, tmp_path):
+    """``training.hybrid=false`` is stored with the run: evaluation and chat decode it with token inputs only, as it
+    was trained; a hybrid run mixes. The flag round-trips through the run directory."""
+    from memcli.hrpo.io import load_hrpo, save_hrpo
+    from memcli.hrpo.model import HrpoModel
+
+    bb, tok = tiny
+    ids, mask = _prompts(tok, ["Think: 1 2 3", "More"])
+    for hybrid in (True, False):
+        model = HrpoModel(bb, HrpoConfig(hidden_size=bb.config.hidden_size, hybrid=hybrid))
+        with torch.no_grad():
+            model.residual.thinking_residual_Lambda.fill_(1.5)
+        save_hrpo(model, tok, tmp_path / str(hybrid), "full")
+        loaded, ltok, _ = load_hrpo(tmp_path / str(hybrid))
+        assert loaded.cfg.hybrid is hybrid
+        ro = loaded.generate(ltok, ids, mask, 6)
+        assert bool(ro.mix_mask.any()) is hybrid
+        plain = loaded.generate(ltok, ids, mask, 6, hybrid=False)
+        if not hybrid:
+            assert torch.equal(ro.completion_ids, plain.completion_ids)
+    # a run saved before the flag lived in hrpo_config.json: checkpoint.json's "hybrid" decides
+    run = tmp_path / "False"
+    cfg_file = run / "thinking_residual" / "hrpo_config.json"
+    d = json.loads(cfg_file.read_text())
+    del d["hybrid"]
+    cfg_file.write_text(json.dumps(d))
+    info = json.loads((run / "checkpoint.json").read_text())
+    for flag in (False, True):
+        (run / "checkpoint.json").write_text(json.dumps(dict(info, hybrid=flag)))
+        assert load_hrpo(run)[0].cfg.hybrid is flag
 
 
 def test_lambda_initialisation_range():

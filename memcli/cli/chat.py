@@ -27,7 +27,7 @@ def chat(
     """Talk to a trained model; answers stream token by token (KV cache).
 
     Commands in the loop: /exit (or exit, quit), /reset, /memory (entries read for the last answer), /help.
-    With --model-type hrpo answers use hybrid decoding (latent mixing until '####').
+    With --model-type hrpo answers decode as the run was trained (hybrid: latent mixing until '####'; or plain).
     With --model-type hippo the prompt never carries the history: each turn is written into the
     memory state; /reset_hidden (or reset_hidden) clears it, /state shows its norm and turn count.
     End of input (Ctrl-D, or the end of a pipe) exits with code 0.

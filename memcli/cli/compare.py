@@ -140,7 +140,8 @@ def checkpoints(
 
     Explicit memory: held-out accuracy with memory on / off / edited and router recall
     (inspect-memory --eval). HIPPO: exact match with the memory state and without history. HRPO:
-    greedy GSM8K accuracy with hybrid decoding. Checkpoints must be of one kind and share a tokenizer.
+    greedy GSM8K accuracy, each run decoded as trained (hybrid or plain). Checkpoints must be of one
+    kind and share a tokenizer.
 
     [bold]Examples[/bold]
 

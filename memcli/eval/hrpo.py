@@ -1,4 +1,4 @@
-"""HRPO evaluation: greedy accuracy on GSM8K-format problems with hybrid decoding (or plain, ``hybrid=False``)."""
+"""HRPO evaluation: greedy accuracy on GSM8K-format problems, decoded as the run was trained (hybrid or plain)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ def decode(tok, ro) -> list[str]:
     return [tok.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(ro.completion_ids, ro.completion_mask)]
 
 
-def evaluate(model, tok, problems: list[dict], max_new_tokens: int, max_prompt_length: int, hybrid: bool = True,
+def evaluate(model, tok, problems: list[dict], max_new_tokens: int, max_prompt_length: int, hybrid: bool | None = None,
              batch: int = 16) -> dict:
     """Greedy accuracy and the share of completions with a well-formed ``#### n`` answer."""
     model.eval()

@@ -36,7 +36,9 @@ def load_hrpo(path: str | Path, device: str = "cpu"):
     rd = d / PART
     if not (rd / "hrpo_config.json").is_file():
         raise MemcliError(f"{d}: no {PART}/hrpo_config.json (expected the output of 'memcli train hrpo')")
-    cfg = HrpoConfig.from_dict(read_json_object(rd / "hrpo_config.json", "hrpo config"), f"{rd}/hrpo_config.json")
+    raw = read_json_object(rd / "hrpo_config.json", "hrpo config")
+    raw.setdefault("hybrid", bool(info.get("hybrid", True)))  # runs saved before the flag moved into hrpo_config
+    cfg = HrpoConfig.from_dict(raw, f"{rd}/hrpo_config.json")
     bb, tok, method = rundir.load_backbone_of(d, info, cfg.backbone)
     if bb.config.hidden_size != cfg.hidden_size:
         raise MemcliError(f"{rd}: hidden_size {cfg.hidden_size} does not match the backbone's ({bb.config.hidden_size})")

@@ -39,8 +39,10 @@ class HrpoModel(nn.Module):
                 raise MemcliError(f"{where}: tensor '{k}' has shape {list(v.shape)}, expected {list(want[k].shape)}")
         self.residual.load_state_dict(sd, strict=True)
 
-    def generate(self, tok, input_ids, attention_mask, max_new_tokens: int, temperature: float = 0.0, hybrid: bool = True,
-                 streamer=None, generator=None):
+    def generate(self, tok, input_ids, attention_mask, max_new_tokens: int, temperature: float = 0.0,
+                 hybrid: bool | None = None, streamer=None, generator=None):
+        """``hybrid`` None: as the run was trained (``cfg.hybrid``); a plain-GRPO run never saw mixed inputs."""
+        hybrid = self.cfg.hybrid if hybrid is None else hybrid
         greedy = temperature <= 0
         return hybrid_generate(self.backbone, self.residual, tok, input_ids, attention_mask, max_new_tokens,
                                temperature=1.0 if greedy else temperature, greedy=greedy, hybrid=hybrid,

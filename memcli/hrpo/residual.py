@@ -32,6 +32,7 @@ class HrpoConfig:
     instruction: str = "Think step by step, then give the final answer after '####'."  # appended to every problem
     backbone: str = "tiny"
     tokenizer_fingerprint: str = ""
+    hybrid: bool = True  # how the run was trained, so how it decodes (False: plain GRPO, token inputs only)
 
     def __post_init__(self):
         if self.source not in ("probs", "projection"):

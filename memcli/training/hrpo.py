@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from memcli.backbone import apply_lora, load_backbone, tokenizer_fingerprint
+from memcli.backbone import apply_lora, enable_checkpointing, load_backbone, tokenizer_fingerprint
 from memcli.config import backbone_spec, resolve
 from memcli.console import err_console
 from memcli.errors import MemcliError
@@ -50,7 +50,7 @@ def build(cfg, spec: str, method: str):
     tok.padding_side = "left"
     hcfg = HrpoConfig(hidden_size=bb.config.hidden_size, source=m.thinking_source.value, r_min=m.thinking_r_min,
                       r_max=m.thinking_r_max, instruction=cfg.dataset.instruction, backbone=spec,
-                      tokenizer_fingerprint=tokenizer_fingerprint(tok))
+                      tokenizer_fingerprint=tokenizer_fingerprint(tok), hybrid=cfg.training.hybrid)
     torch.manual_seed(cfg.training.seed)
     ref = None
     for p in bb.parameters():
@@ -62,8 +62,7 @@ def build(cfg, spec: str, method: str):
     if method == "lora":
         bb = apply_lora(bb, m.lora_rank, m.lora_alpha, m.lora_dropout)
     if cfg.training.gradient_checkpointing:
-        # the replay's activations dominate peak memory; non-reentrant, so token inputs need no grad
-        bb.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(bb)  # the replay's activations dominate peak memory
     return HrpoModel(bb, hcfg), tok, ref
 
 
