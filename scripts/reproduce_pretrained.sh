@@ -34,6 +34,9 @@ memcli train hrpo model.backbone=smollm2-135m training.hybrid=false logging.run_
     --json > out/tables/hrpo-plain.json
 memcli compare runs out/hrpo-hybrid out/hrpo-plain --metric reward_mean --metric kl --plot out/tables/hrpo.png \
     --markdown out/tables/hrpo.md
+memcli compare checkpoints out/hrpo-hybrid out/hrpo-plain --data data/arithmetic/test.jsonl \
+    --markdown out/tables/hrpo-eval.md
+python scripts/hrpo_base_accuracy.py smollm2-135m data/arithmetic/test.jsonl > out/tables/hrpo-base.json
 # MiniMind's comparison (tiny LM pretrained from scratch on the T-REx slice's sentences)
 memcli compare pretrain --steps 300 --markdown out/tables/pretrain.md
 echo "tables in out/tables/"
