@@ -10,15 +10,14 @@ def decode(tok, ro) -> list[str]:
     return [tok.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(ro.completion_ids, ro.completion_mask)]
 
 
-def evaluate(model, tok, problems: list[dict], max_new_tokens: int, max_prompt_length: int, hybrid: bool | None = None,
-             batch: int = 16) -> dict:
-    """Greedy accuracy and the share of completions with a well-formed ``#### n`` answer."""
+def evaluate(model, tok, problems: list[dict], max_new_tokens: int, max_prompt_length: int, batch: int = 16) -> dict:
+    """Greedy accuracy and the share of well-formed ``#### n`` answers, decoded as ``model.cfg.hybrid`` says."""
     model.eval()
     correct = formed = 0
     for i in range(0, len(problems), batch):
         part = problems[i:i + batch]
         ids, mask = encode_prompts(tok, [p["question"] for p in part], max_prompt_length, model.cfg.instruction)
-        ro = model.generate(tok, ids, mask, max_new_tokens, temperature=0.0, hybrid=hybrid)
+        ro = model.generate(tok, ids, mask, max_new_tokens, temperature=0.0)
         texts = decode(tok, ro)
         rew = gsm8k_reward(texts, [p["answer"] for p in part])
         correct += int(sum(rew))
