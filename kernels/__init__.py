@@ -1,4 +1,4 @@
-"""Memory hot paths: each op as a plain PyTorch reference (and, later, a Triton kernel beside it).
+"""Memory hot paths: each op as a plain PyTorch reference with a Triton kernel beside it (triton_ops.py).
 
 Installed as ``memcli.kernels`` (never as a top-level ``kernels`` package: that name belongs to a
 PyPI distribution transformers probes for). ``MEMCLI_KERNELS=reference|triton|auto`` forces a path.

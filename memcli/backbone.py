@@ -92,9 +92,12 @@ def resolve(spec: str, fetch: bool = True) -> tuple[str, Path | None]:
     if p.exists():
         if not p.is_dir():
             raise MemcliError(f"{p}: expected a local HF model directory or a .gguf file, found another file")
+        bad = dl.damage(p) if (p / "config.json").is_file() else None
+        if bad:
+            raise MemcliError(f"{p}: damaged model directory ({bad}); save or copy the model there again")
         return "dir", p
     if spec in dl.REGISTRY:
-        d = dl.cached(spec)
+        d = _whole(spec, dl.cached(spec))
         if d is None:
             if not fetch:
                 raise MemcliError(f"backbone '{spec}' is not downloaded yet (run 'memcli download {spec}')")
@@ -105,13 +108,24 @@ def resolve(spec: str, fetch: bool = True) -> tuple[str, Path | None]:
             d = dl.download(spec, quiet=True)
         return "dir", d
     if dl.is_hub_id(spec):
-        d = dl.cached(spec)
+        d = _whole(spec, dl.cached(spec))
         if d is not None:
             return "dir", d
         raise MemcliError(f"backbone '{spec}': not a local directory; a Hugging Face repo id is fetched with "
                           f"'memcli download {spec}' where the hub is reachable")
     raise MemcliError(f"backbone '{spec}' not found: expected 'tiny', one of {', '.join(dl.REGISTRY)}, a local HF model "
                       "directory or a .gguf file")
+
+
+def _whole(spec: str, d: Path | None) -> Path | None:
+    """A cached model directory, refused in one line (with the mend) when its weights are cut short."""
+    from memcli import download as dl
+
+    bad = dl.damage(d) if d is not None else None
+    if bad:
+        raise MemcliError(f"{d}: the cached backbone '{spec}' is damaged ({bad}); mend it with 'memcli download "
+                          f"{spec} --force'")
+    return d
 
 
 # --------------------------------------------------------------------------- loading
@@ -325,15 +339,19 @@ IGNORE = -100
 
 
 def answer_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                **kw) -> torch.Tensor:
+                with_output: bool = False, **kw):
     """LM loss on a left-padded batch's answer tail (labels ``IGNORE`` elsewhere): the vocabulary head runs on the
-    last positions only. Mean over supervised tokens, like HF's loss; 0 when nothing is supervised."""
+    last positions only. Mean over supervised tokens, like HF's loss; 0 when nothing is supervised.
+    ``with_output``: ``(loss, the model's output or None when it did not run)``."""
     span = int((labels != IGNORE).sum(1).max()) + 1
     tgt = labels[:, -span + 1:]
     if span <= 1 or not (tgt != IGNORE).any():
-        return torch.zeros((), device=labels.device)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=span, **kw).logits[:, :-1].float()
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=IGNORE)
+        zero = torch.zeros((), device=labels.device)
+        return (zero, None) if with_output else zero
+    out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=span, **kw)
+    logits = out.logits[:, :-1].float()
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=IGNORE)
+    return (loss, out) if with_output else loss
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,8 +8,10 @@ from pathlib import Path
 import torch
 
 from memcli.errors import MemcliError
+from memcli.kinds import KINDS
 
-MODEL_TYPES = ("memory", "lora", "full", "hippo", "hrpo")
+METHOD_TYPES = ("lora", "full")  # open a run of any kind whose backbone was trained so
+MODEL_TYPES = (*(k.chat_type for k in KINDS.values()), *METHOD_TYPES)
 HELP = "/exit (or exit, quit) · /reset clear the history · /memory entries read for the last answer · /help this text"
 HIPPO_HELP = ("/exit (or exit, quit) · /reset_hidden (or reset_hidden) clear the memory state · /state its norm and turn count · "
               "/help this text")
@@ -63,17 +65,18 @@ class ChatSession:
             enc = self.tok.apply_chat_template(self.history, tokenize=True, add_generation_prompt=True,
                                                return_tensors="pt", return_dict=True)
             ids, att = enc["input_ids"], enc["attention_mask"]
-        out = self.model.generate(input_ids=ids, attention_mask=att, streamer=streamer, collect=True,
+        records: list[dict] = []
+        out = self.model.generate(input_ids=ids, attention_mask=att, streamer=streamer, records=records,
                                   **self.options.generate_kwargs(self.tok))
         new = out[0, ids.shape[1]:]
         answer = self.tok.decode(new, skip_special_tokens=True).strip()
         self.history.append({"role": "assistant", "content": answer})
-        self.last_memory = self._memory_read(ids.shape[1])
+        self.last_memory = self._memory_read(records)
         return answer
 
-    def _memory_read(self, prompt_len: int, top: int = 5) -> list[dict]:
+    def _memory_read(self, records: list[dict], top: int = 5) -> list[dict]:
         """Entries that carried the most weight over the answer's positions (first memory layer)."""
-        recs = [r for r in self.model.ctx["records"] if r["layer"] == self.model.cfg.memory_layers[0]]
+        recs = [r for r in records if r["layer"] == self.model.cfg.memory_layers[0]]
         if not recs:
             return []
         N = self.model.cfg.knowledge_num
@@ -88,6 +91,23 @@ class ChatSession:
     def reset(self) -> None:
         self.history.clear()
         self.last_memory = []
+
+    help = HELP
+
+    def json_extra(self) -> dict:
+        return {"memory": self.last_memory}
+
+    def command(self, text: str):
+        """A slash command -> a line to print, or ``(title, columns, rows)`` for a table; None: not this session's."""
+        if text == "/reset":
+            self.reset()
+            return "history cleared"
+        if text == "/memory":
+            if not self.last_memory:
+                return "no answer yet"
+            return ("memory read for the last answer", ["row", "share", "entry"],
+                    [(m["row"], m["share"], m["text"]) for m in self.last_memory])
+        return None
 
 
 @dataclass
@@ -141,6 +161,22 @@ class HippoChatSession:
         return {"turns": self.turns, "state_norm": round(float(self.state.norm()), 6),
                 "state_shape": list(self.state.shape)}
 
+    help = HIPPO_HELP
+
+    def json_extra(self) -> dict:
+        return {"state": self.state_info()}
+
+    def command(self, text: str):
+        if text in ("/reset_hidden", "reset_hidden", "/reset"):
+            self.reset_hidden()
+            return "memory state cleared"
+        if text == "/state":
+            info = self.state_info()
+            return f"state: {info['turns']} turns, norm {info['state_norm']:.4f}, shape {info['state_shape']}"
+        if text == "/memory":
+            return "a HIPPO model has no entries to show; /state shows the memory state"
+        return None
+
 
 @dataclass
 class HrpoChatSession:
@@ -170,32 +206,51 @@ class HrpoChatSession:
     def reset(self) -> None:
         self.history.clear()
 
+    help = HELP.replace(" · /memory entries read for the last answer", "")
 
-KIND_OF_TYPE = {"memory": "explicit-memory", "hippo": "hippo", "hrpo": "hrpo"}
+    def json_extra(self) -> dict:
+        return {"hybrid": self.last_stats}
+
+    def command(self, text: str):
+        if text == "/reset":
+            self.reset()
+            return "history cleared"
+        if text == "/memory":
+            return "an HRPO model has no memory entries; its latent steps are in the answer's decoding"
+        return None
+
+
+def explicit_session(run, options: GenOptions) -> ChatSession:
+    return ChatSession(run.model, run.tok, run.bank, options, plain=run.info.get("answer_format") == "cloze")
+
+
+def hippo_session(run, options: GenOptions) -> HippoChatSession:
+    return HippoChatSession(run.model, run.tok, options)
+
+
+def hrpo_session(run, options: GenOptions) -> HrpoChatSession:
+    if options.top_p != 1.0 or options.repetition_penalty != 1.0:
+        raise MemcliError("--top-p and --repetition-penalty are not supported by HRPO's hybrid decoding; leave them at 1")
+    return HrpoChatSession(run.model, run.tok, options)
 
 
 def open_session(model_path: str | Path | None, model_type: str, options: GenOptions, out_dir: str | Path = "out"):
-    """The chat session for a run: ``memory`` / ``hippo`` / ``hrpo`` name the kind; ``lora`` / ``full`` open a run of
-    any kind whose backbone was trained that way (the newest one under ``out_dir`` when no path is given)."""
+    """The chat session for a run: a kind's chat type (``memory`` / ``hippo`` / ``hrpo``) names the kind; ``lora`` /
+    ``full`` open a run of any kind whose backbone was trained that way (the newest under ``out_dir`` when no path)."""
+    from memcli import kinds
     from memcli.rundir import newest_run
     from memcli.runs import load_run
 
     if model_type not in MODEL_TYPES:
         raise MemcliError(f"--model-type '{model_type}': expected one of {', '.join(MODEL_TYPES)}")
     options.check()
-    kind = KIND_OF_TYPE.get(model_type)
-    path = Path(model_path) if model_path else newest_run(out_dir, kind)
+    kind = kinds.of_chat_type(model_type)
+    path = Path(model_path) if model_path else newest_run(out_dir, kind.name if kind else None)
     run = load_run(path)
-    if kind is not None and run.kind != kind:
+    if kind is not None and run.kind != kind.name:
         raise MemcliError(f"{path}: --model-type {model_type}, but this is a {run.kind} run (use --model-type "
-                          f"{ {v: k for k, v in KIND_OF_TYPE.items()}[run.kind] })")
-    if model_type in ("lora", "full") and run.method != model_type:
+                          f"{kinds.get(run.kind).chat_type})")
+    if model_type in METHOD_TYPES and run.method != model_type:
         raise MemcliError(f"{path}: --model-type {model_type}, but this run's backbone was trained '{run.method}' "
                           f"({'no LoRA adapter' if model_type == 'lora' else 'no full backbone'} to load)")
-    if run.kind == "hippo":
-        return HippoChatSession(run.model, run.tok, options), path
-    if run.kind == "hrpo":
-        if options.top_p != 1.0 or options.repetition_penalty != 1.0:
-            raise MemcliError("--top-p and --repetition-penalty are not supported by HRPO's hybrid decoding; leave them at 1")
-        return HrpoChatSession(run.model, run.tok, options), path
-    return ChatSession(run.model, run.tok, run.bank, options, plain=run.info.get("answer_format") == "cloze"), path
+    return kinds.resolve_ref(kinds.get(run.kind).chat)(run, options), path

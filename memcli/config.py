@@ -187,6 +187,26 @@ class LoggingSection:
     swanlab: bool = False  # log to SwanLab when installed
 
 
+# --------------------------------------------------------------------------- the recipes' base
+
+
+class Schema:
+    """What every recipe schema does: resolve its per-backbone defaults, check itself, turn into a plain dict.
+    (Methods, so that a wrapper that forwards attribute reads, like the tests' access recorder, reaches them.)"""
+
+    command: ClassVar[str]
+    backbone_defaults: ClassVar[dict]
+
+    def resolve(self):
+        return _resolve(self)
+
+    def validate(self) -> None:
+        """The recipe's own checks, run before any data or model work (``_check_values`` checks single values)."""
+
+    def to_dict(self) -> dict:
+        return OmegaConf.to_container(OmegaConf.structured(self), enum_to_str=True)  # type: ignore[return-value]
+
+
 # --------------------------------------------------------------------------- explicit memory
 
 
@@ -251,7 +271,8 @@ class RouterTraining(LoopFields, DistributedFields):
 
 @dataclass
 class FusionTraining(RouterTraining):
-    pass
+    # (pretrained: false, the letter format is at chance on SmolLM2-135M and doubled the final evaluation's time)
+    final_eval_other_format: Optional[bool] = None  # final evaluation also in the other answer format; None: per backbone
 
 
 @dataclass
@@ -270,12 +291,14 @@ class MemoryTraining(FusionTraining):
 
 _EXPLICIT_TINY = {"model": {"memory_layers": [1], "query": "token", "entry_key": "embeddings", "read": "additive"},
                   "dataset": {"answer_format": "letter"},
-                  "training": {"batch_size": 32, "learning_rate": 3e-3, "backbone_lr": 1e-3}}
+                  "training": {"batch_size": 32, "learning_rate": 3e-3, "backbone_lr": 1e-3,
+                               "final_eval_other_format": True}}
 # measured on SmolLM2-135M (README "Explicit memory on a pretrained model"): retrieval from the mean of the
 # layer-8 states, keys from the entries' own layer-8 states, the entry's tokens read as a prefix
 _EXPLICIT_PRETRAINED = {"model": {"memory_layers": [8], "query": "mean", "entry_key": "hidden", "read": "prefix"},
                         "dataset": {"answer_format": "cloze"},
-                        "training": {"batch_size": 64, "learning_rate": 1e-3, "backbone_lr": 1e-4}}
+                        "training": {"batch_size": 64, "learning_rate": 1e-3, "backbone_lr": 1e-4,
+                                     "final_eval_other_format": False}}
 
 
 def _explicit_defaults(tiny_epochs: int, pretrained_epochs: int) -> dict:
@@ -288,7 +311,7 @@ def _explicit_defaults(tiny_epochs: int, pretrained_epochs: int) -> dict:
 
 
 @dataclass
-class RouterRecipe:
+class RouterRecipe(Schema):
     command: ClassVar[str] = "train router"
     backbone_defaults: ClassVar[dict] = _explicit_defaults(8, 12)
     model: RouterModel = field(default_factory=RouterModel)
@@ -298,7 +321,7 @@ class RouterRecipe:
 
 
 @dataclass
-class FusionRecipe:
+class FusionRecipe(Schema):
     command: ClassVar[str] = "train fusion"
     backbone_defaults: ClassVar[dict] = _explicit_defaults(8, 4)
     model: FusionModel = field(default_factory=FusionModel)
@@ -306,9 +329,13 @@ class FusionRecipe:
     training: FusionTraining = field(default_factory=FusionTraining)
     logging: LoggingSection = field(default_factory=LoggingSection)
 
+    def validate(self) -> None:
+        if not self.dataset.pretrained_router_path:
+            raise MemcliError("train fusion needs dataset.pretrained_router_path (the output of 'memcli train router')")
+
 
 @dataclass
-class MemoryRecipe:
+class MemoryRecipe(Schema):
     command: ClassVar[str] = "train memory"
     # tiny: 600 optimizer steps of 32 on the synthetic base (the learning check's recipe)
     backbone_defaults: ClassVar[dict] = _explicit_defaults(24, 12)
@@ -316,6 +343,23 @@ class MemoryRecipe:
     dataset: MemoryDataset = field(default_factory=MemoryDataset)
     training: MemoryTraining = field(default_factory=MemoryTraining)
     logging: LoggingSection = field(default_factory=LoggingSection)
+
+    def validate(self) -> None:
+        m, method = self.model, self.model.finetuning_method
+        if m.read == Read.prefix and method == Method.full:
+            raise MemcliError("model.read=prefix retrieves with the base model's states and cannot train the whole "
+                              "backbone; use model.finetuning_method=lora (or frozen)")
+        if m.entry_key == EntryKey.hidden and method == Method.full:
+            raise MemcliError("model.entry_key=hidden takes keys from the base model's states, which must stay fixed; "
+                              "use model.finetuning_method=lora or frozen (or entry_key=embeddings)")
+        if m.read == Read.additive and m.query == Query.mean and method != Method.frozen:
+            raise MemcliError("model.query=mean with read=additive needs finetuning_method=frozen (the running mean is "
+                              "taken over the states of the backbone being trained)")
+        if self.dataset.text_path and m.read != Read.additive:
+            raise MemcliError("dataset.text_path (language-model pretraining) needs model.read=additive")
+        if self.training.ema_update_freq and m.read == Read.prefix:
+            raise MemcliError("training.ema_update_freq needs model.read=additive (EMA moves entries toward the hidden "
+                              "states that read them)")
 
 
 # --------------------------------------------------------------------------- HIPPO
@@ -356,7 +400,7 @@ class HippoTraining(LoopFields, DistributedFields):
 
 
 @dataclass
-class HippoRecipe:
+class HippoRecipe(Schema):
     command: ClassVar[str] = "train hippo"
     # tiny: 2 epochs of the default dialogs (1,124 steps of 32), constant rate after warmup (a cosine decay
     # reaches the recall transition, around step 500, at half the rate, and stalls it)
@@ -378,6 +422,10 @@ class HippoRecipe:
     training: HippoTraining = field(default_factory=lambda: HippoTraining(lr_scheduler=Scheduler.constant,
                                                                           eval_interval=200))
     logging: LoggingSection = field(default_factory=LoggingSection)
+
+    def validate(self) -> None:
+        if self.training.stage1_epochs < 0:
+            raise MemcliError(f"key 'training.stage1_epochs' got {self.training.stage1_epochs}, expected >= 0")
 
 
 # --------------------------------------------------------------------------- HRPO
@@ -419,7 +467,7 @@ class HrpoTraining(LoopFields):
 
 
 @dataclass
-class HrpoRecipe:
+class HrpoRecipe(Schema):
     command: ClassVar[str] = "train hrpo"
     # pretrained: LoRA (GRPO moves the policy; the thinking residual alone cannot), and a one-line instruction with
     # an example: SmolLM2-135M ends 4% of its answers with '#### n' when told to think step by step, 81% with it
@@ -435,6 +483,16 @@ class HrpoRecipe:
     training: HrpoTraining = field(default_factory=lambda: HrpoTraining(
         epochs=1, eval_interval=0, eval_num_samples=50, lr_scheduler=Scheduler.constant, warmup_ratio=0.0))
     logging: LoggingSection = field(default_factory=lambda: LoggingSection(log_interval=10))
+
+    def validate(self) -> None:
+        t = self.training
+        for key, val, ok in (("training.group_size", t.group_size, t.group_size >= 2),
+                             ("training.temperature", t.temperature, t.temperature > 0),
+                             ("training.max_completion_length", t.max_completion_length, t.max_completion_length >= 1),
+                             ("training.beta", t.beta, t.beta >= 0)):
+            if not ok:
+                want = ">= 2" if key.endswith("size") else "a positive value"
+                raise MemcliError(f"key '{key}' got {val}, expected {want}")
 
 
 RECIPES = {"router": RouterRecipe, "fusion": FusionRecipe, "memory": MemoryRecipe, "hippo": HippoRecipe,
@@ -552,11 +610,6 @@ def _read_yaml(p: Path) -> dict:
 # --------------------------------------------------------------------------- resolution
 
 
-def plain(cfg: Any) -> Any:
-    """The config object itself when ``cfg`` is a wrapper (an access recorder in tests)."""
-    return getattr(cfg, "__wrapped__", cfg)
-
-
 def backbone_spec(cfg: Any) -> str:
     """``model.qwen3_model_path`` (the seeds' name) wins over ``model.backbone`` when set."""
     m = cfg.model
@@ -572,7 +625,11 @@ def backbone_kind(spec: str) -> str:
 
 def resolve(cfg: Any) -> Any:
     """Fill the ``None`` keys that depend on the backbone (idempotent) and check values; returns ``cfg``."""
-    c = plain(cfg)
+    cfg.resolve()
+    return cfg
+
+
+def _resolve(c: Schema) -> Schema:
     spec = backbone_spec(c)
     kind = backbone_kind(spec)
     for sec, vals in type(c).backbone_defaults.get(kind, {}).items():
@@ -595,7 +652,7 @@ def resolve(cfg: Any) -> Any:
         if m.hippo_variant == Variant.selective and m.hippo_expand is None:
             m.hippo_expand = 2
     _check_values(c)
-    return cfg
+    return c
 
 
 def _coerce(section: Any, name: str, v):
@@ -655,12 +712,60 @@ def _check_values(c: Any) -> None:
                           "values are model.hippo_value_dim wide")
 
 
+# --------------------------------------------------------------------------- model configs of the kinds
+
+
+@dataclass
+class ModelConfig:
+    """Base of each kind's model config (``memcli/<kind>/config.py``), saved as JSON beside the kind's weights.
+
+    Its field names are the recipe schema's ``model`` keys (no renaming on the way); ``LEGACY`` maps names that
+    configs saved by older releases used, so their runs keep loading."""
+
+    LEGACY: ClassVar[dict] = {}
+
+    def check(self, where: str) -> None:
+        """Values the schema's enums and checks cannot see (a config loaded from a file)."""
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str):
+        d = {cls.LEGACY.get(k, k): v for k, v in d.items()}
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise MemcliError(f"{where}: unknown field '{unknown[0]}'")
+        try:
+            cfg = cls(**d)
+        except TypeError as e:
+            raise MemcliError(f"{where}: {e}") from None
+        cfg.check(where)
+        return cfg
+
+
+def model_fields(cls: type, section: Any, **given) -> dict:
+    """The values of a model config ``cls`` taken from a recipe's ``model`` section, by the same names (enums as their
+    values; keys the section leaves unset keep the config's default), then ``given`` (what the backbone decides)."""
+    out = {}
+    for f in fields(cls):
+        if f.name in given:
+            out[f.name] = given[f.name]
+            continue
+        v = getattr(section, f.name, None)
+        if v is not None:
+            out[f.name] = v.value if isinstance(v, Enum) else (list(v) if isinstance(v, (list, tuple)) else v)
+    return out
+
+
 # --------------------------------------------------------------------------- output
 
 
 def to_dict(cfg: Any) -> dict:
     """Plain nested dict (enums as their names), the form saved as config.yaml."""
-    return OmegaConf.to_container(OmegaConf.structured(plain(cfg)), enum_to_str=True)  # type: ignore[return-value]
+    return cfg.to_dict()
 
 
 def to_yaml(cfg: Any) -> str:

@@ -23,11 +23,11 @@ import shutil
 from pathlib import Path
 
 from memcli.errors import MemcliError
+from memcli.kinds import KINDS, get as get_kind
 from memcli.records import atomic_dir, read_json_object, require_dir, write_json
 
 INFO = "checkpoint.json"
 CONFIG = "config.yaml"
-KINDS = {"explicit-memory": "memory", "hippo": "hippo", "hrpo": "hrpo"}  # kind -> the train command that makes it
 FULL, LORA = "backbone", "lora"
 
 
@@ -39,6 +39,22 @@ def begin(run_dir: Path) -> None:
 
 def finish(run_dir: Path, kind: str, info: dict) -> None:
     write_json(run_dir / INFO, dict({"kind": kind}, **info))
+
+
+def save_run(run_dir: str | Path, kind: str, part: str, tensors: dict, config_name: str, config: dict, model, tok,
+             method: str, info: dict | None = None) -> Path:
+    """A kind whose own part is one directory (``<part>/<part>.safetensors`` + its config JSON) saves through this:
+    the part, what the run changed of the backbone, then checkpoint.json."""
+    from memcli.checkpoint import save_tensors
+
+    run_dir = Path(run_dir)
+    begin(run_dir)
+    with atomic_dir(run_dir / part) as tmp:
+        save_tensors(tmp / f"{part}.safetensors", tensors)
+        write_json(tmp / config_name, config)
+    info = dict(info or {}, backbone=config["backbone"], **save_backbone(run_dir, model.backbone, tok, method))
+    finish(run_dir, kind, info)
+    return run_dir
 
 
 def save_backbone(run_dir: Path, backbone, tok, method: str) -> dict:
@@ -116,7 +132,7 @@ def require_kind(path: str | Path, kind: str) -> tuple[Path, dict]:
     d, info = read_info(path)
     if info["kind"] != kind:
         raise MemcliError(f"{d}/{INFO}: kind '{info['kind']}', expected '{kind}' (a run of 'memcli train "
-                          f"{KINDS[kind]}')")
+                          f"{get_kind(kind).train_command}')")
     return d, info
 
 
@@ -132,7 +148,20 @@ def newest_run(out_dir: str | Path = "out", kind: str | None = None) -> Path:
         if k in KINDS and (kind is None or k == kind):
             cands.append(p)
     if not cands:
-        what = {"hippo": "HIPPO run", "hrpo": "HRPO run", "explicit-memory": "explicit-memory run"}.get(kind, "run")
-        cmd = KINDS.get(kind or "explicit-memory")
-        raise MemcliError(f"{root}: no {what} found (train one with 'memcli train {cmd}', or pass --model-path)")
+        k = get_kind(kind) if kind else next(iter(KINDS.values()))
+        what = k.label if kind else "run"
+        raise MemcliError(f"{root}: no {what} found (train one with 'memcli train {k.train_command}', or pass --model-path)")
     return max(cands, key=lambda p: p.stat().st_mtime).parent
+
+
+def read_config(run_dir: str | Path) -> dict:
+    """The run's resolved config (config.yaml), ``{}`` when it has none (a part saved alone)."""
+    import yaml
+
+    p = Path(run_dir) / CONFIG
+    if not p.is_file():
+        return {}
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        raise MemcliError(f"{p}: invalid YAML (expected the config a 'memcli train' run wrote)") from None

@@ -1,7 +1,7 @@
 """``load_run(path)``: one loader for every kind of run directory (chat, inspect-memory, compare, eval use it).
 
-It sits above the memory kinds (it dispatches to each kind's own loader by the ``kind`` recorded in
-``checkpoint.json``); the run directory format itself is core (memcli/rundir.py).
+The kind recorded in ``checkpoint.json`` names the loader in the registry (memcli/kinds.py); the run
+directory format itself is core (memcli/rundir.py).
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memcli import rundir
+from memcli import kinds, rundir
 
 
 @dataclass
 class Run:
-    kind: str  # explicit-memory | hippo | hrpo
+    kind: str  # a name in memcli.kinds.KINDS
     path: Path
     model: Any
     tok: Any
@@ -26,24 +26,15 @@ class Run:
     def method(self) -> str:
         return self.info.get("finetuning_method", "frozen")
 
+    @property
+    def config(self) -> dict:
+        """The resolved config the run was trained with (config.yaml; empty for a part loaded alone)."""
+        return rundir.read_config(self.path)
+
 
 def load_run(path: str | Path, device: str = "cpu") -> Run:
     p = Path(path)
-    if (p / "hippo_config.json").is_file():  # a HIPPO part alone, on its base backbone
-        kind = "hippo"
-    else:
-        kind = rundir.kind_of(p)
-    if kind == "explicit-memory":
-        from memcli.explicit.io import load_memory
-
-        model, tok, bank, info = load_memory(p, device)
-        return Run(kind, p, model, tok, info, bank)
-    if kind == "hippo":
-        from memcli.hippo.io import load_hippo
-
-        model, tok, info = load_hippo(p, device)
-        return Run(kind, p, model, tok, info)
-    from memcli.hrpo.io import load_hrpo
-
-    model, tok, info = load_hrpo(p, device)
-    return Run(kind, p, model, tok, info)
+    part = next((k for k in kinds.KINDS.values() if k.part_config and (p / k.part_config).is_file()), None)
+    kind = part or kinds.get(rundir.kind_of(p))  # a kind's part alone (hippo_model/) loads on its base backbone
+    parts = kinds.resolve_ref(kind.loader)(p, device)
+    return Run(kind.name, p, **parts)

@@ -90,3 +90,40 @@ def test_zero_stage_without_deepspeed_is_refused(default_data, tmp_path):
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert r.returncode == 2 and len(lines) == 1 and "accelerate launch" in lines[0], r.stderr[-2000:]
     assert not (tmp_path / "memory").exists()
+
+
+RANK_SCRIPT = """
+import os, sys
+from memcli.checkpoint import save_tensors
+from memcli.config import load_config
+from memcli.training.hippo import HippoRecipe
+from memcli.training.loop import train
+
+recipe = HippoRecipe(load_config("hippo", overrides=sys.argv[2:]))
+train(recipe)
+save_tensors(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.safetensors"), recipe.state_dict())
+"""
+
+
+def test_hippo_ddp_ranks_keep_identical_weights(tmp_path):
+    """The hippo step goes through the prepared (DDP-wrapped) model, so both ranks hold the same weights after
+    every step; without the sync each rank would follow its own half of each batch and they would drift apart."""
+    from memcli.data.pipeline import gen_dialog
+
+    data = tmp_path / "dialog"
+    gen_dialog(data, num_train=64, num_val=4, seed=0)
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT)
+    _run([*LAUNCH, "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+          "--dynamo_backend", "no", str(script), str(tmp_path), f"dataset.data_dir={data}",
+          f"logging.out_dir={tmp_path / 'out'}", "training.max_steps=5", "training.batch_size=4",
+          "training.eval_interval=0", "training.final_eval_num_samples=4", "training.save_interval=0",
+          "logging.tensorboard=false", "training.learning_rate=0.01", "model.finetuning_method=frozen"],
+         {"ACCELERATE_USE_CPU": "true"})
+    assert json.loads((tmp_path / "out" / "hippo" / "checkpoint.json").read_text())["world_size"] == 2
+    r0, r1 = load_tensors(tmp_path / "rank0.safetensors"), load_tensors(tmp_path / "rank1.safetensors")
+    assert set(r0) == set(r1) and len(r0) > 5
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+    w = load_tensors(tmp_path / "out" / "hippo" / "hippo_model" / "hippo_model.safetensors")
+    assert w["encoder.readers.1.W_o.weight"].abs().sum() > 0  # the weights moved (W_o starts at zero)

@@ -53,7 +53,7 @@ def test_gradient_reaches_every_trainable_memory_parameter(mem):
     b = _batch(tok, ["What does Zorbax work as? A:x", "The pet of Qir is a Mol ."])
     out = model(**b, labels=b["input_ids"], collect=True)
     loss = out.loss
-    for rec in model.ctx["records"]:
+    for rec in out.memory_records:
         gate = model.gates[str(rec["layer"])]
         loss = loss + losses.balance_loss(rec, model.cfg.knowledge_num) + losses.similarity_loss(rec, gate) \
             + losses.diversity_loss(rec, gate)
@@ -85,7 +85,7 @@ def test_padding_positions_get_no_memory(mem):
     b = _batch(tok, ["short", "a much longer prompt than the other"])
     with torch.no_grad():
         out = model(**b, collect=True)
-    for rec in model.ctx["records"]:
+    for rec in out.memory_records:
         assert rec["mask"].sum() == b["attention_mask"].sum()
     # the short prompt's real positions equal an unpadded run
     single = tok(["short"], return_tensors="pt", add_special_tokens=False)
@@ -215,8 +215,7 @@ def test_editing_changes_what_is_read(mem, default_data, tmp_path):
     _randomise_fusion(model, 3)
     prompt = tok("Where was he born?", return_tensors="pt")
     with torch.no_grad():
-        model(**prompt, collect=True)
-        row = int(model.ctx["records"][0]["cells"][-1, 0])
+        row = int(model(**prompt, collect=True).memory_records[0]["cells"][-1, 0])
         before_logits = model(**prompt).logits
     old = model.bank[row].clone()
     before, after = edit_entry(model, bank, tok, row, "Completely different text about Zqxwv .")
@@ -266,9 +265,10 @@ def test_cached_generation_equals_uncached_batched_left_padded(mem):
     assert torch.equal(cached, uncached)
     # and the cached path retrieves only for new positions
     with torch.no_grad():
-        model.generate(**b, use_cache=True, collect=True, max_new_tokens=3, do_sample=False,
+        records = []
+        model.generate(**b, use_cache=True, records=records, max_new_tokens=3, do_sample=False,
                        pad_token_id=tok.pad_token_id)
-    shapes = [r["shape"] for r in model.ctx["records"] if r["layer"] == 1]
+    shapes = [r["shape"] for r in records if r["layer"] == 1]
     assert shapes[0][1] == b["input_ids"].shape[1] and all(s[1] == 1 for s in shapes[1:])
 
 
@@ -291,7 +291,7 @@ def test_tail_lm_loss_equals_full_sequence_loss(mem, default_data):
         model.set_override(b["override_rows"], b["override_ids"])
     with torch.no_grad():
         full = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
-        tail = X.tail_lm_loss(model, b)
+        tail, _ = X.tail_lm_loss(model, b)
     model.set_override(None)
     assert torch.allclose(full, tail, atol=1e-5)
     # router positions start right after the subject and stay inside the real tokens
@@ -305,7 +305,7 @@ def test_tail_lm_loss_equals_full_sequence_loss(mem, default_data):
 def prefix_mem(default_data):
     torch.manual_seed(0)
     return build_model("tiny", default_data / "cache", default_data / "keys", memory_layers=[1], read="prefix",
-                       query="mean", entry_key="hidden", mode="frozen")
+                       query="mean", entry_key="hidden", finetuning_method="frozen")
 
 
 def test_prefix_read_is_the_base_model_on_entry_plus_input(prefix_mem):
@@ -384,7 +384,7 @@ def test_counterfactual_override_is_batch_local_and_rescored(prefix_mem):
 def test_mean_query_additive_cached_generation_equals_uncached(default_data):
     torch.manual_seed(0)
     model, tok, _ = build_model("tiny", default_data / "cache", default_data / "keys", memory_layers=[1],
-                                query="mean", mode="frozen")
+                                query="mean", finetuning_method="frozen")
     _randomise_fusion(model, 6)
     ids = tok(["Where was Velmora born?"], return_tensors="pt")["input_ids"]
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)

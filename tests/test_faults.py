@@ -110,37 +110,51 @@ def test_kill_minus_9_at_a_random_moment_then_resume(kind, inputs, tmp_path):
 
 def _toy_task(bad_micro: set[int], bad_grad_micro: set[int] = frozenset()):
     """A real optimisation problem (least squares) whose loss or gradient is poisoned at chosen micro-batches."""
-    from memcli.training.loop import TrainTask
-    from memcli.training.state import trainable_io
+    from memcli.training.recipe import Recipe
 
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 1)
-    X, w_true = torch.randn(64, 4), torch.tensor([[1.0, -2.0, 0.5, 3.0]])
-    items = [(X[i], (X[i:i + 1] @ w_true.T).squeeze()) for i in range(64)]
     seen: list[dict] = []
 
-    def collate(batch, micro):
-        return {"x": torch.stack([b[0] for b in batch]), "y": torch.stack([b[1] for b in batch]), "micro": micro}
+    class Toy(Recipe):
+        command = "test"
 
-    def step_fn(m, batch, step):
-        seen.append({n: p.detach().clone() for n, p in m.named_parameters()})
-        loss = ((m(batch["x"]).squeeze(-1) - batch["y"]) ** 2).mean()
-        if batch["micro"] in bad_micro:
-            loss = loss * float("nan")
-        if batch["micro"] in bad_grad_micro:  # finite loss, infinite gradient (once)
-            handle = []
+        def build_model(self):
+            torch.manual_seed(0)
+            self.model = torch.nn.Linear(4, 1)
+            self.param_groups = [{"name": "all", "params": list(self.model.parameters()), "lr": 0.05}]
 
-            def hook(g):
-                handle[0].remove()
-                return g * float("inf")
-            handle.append(m.weight.register_hook(hook))
-        return loss, {}
+        def build_data(self):
+            X, w_true = torch.randn(64, 4), torch.tensor([[1.0, -2.0, 0.5, 3.0]])
+            self.train_items = [(X[i], (X[i:i + 1] @ w_true.T).squeeze()) for i in range(64)]
 
-    state, load = trainable_io(dict(model.named_parameters()))
-    task = TrainTask(model=model, param_groups=[{"name": "all", "params": list(model.parameters()), "lr": 0.05}],
-                     train_items=items, collate=collate, step_fn=step_fn, trainable_state=state, load_trainable=load,
-                     save_fn=lambda d, info: None, tokens_in=lambda b: 0)
-    return task, seen
+        def collate(self, batch, micro):
+            return {"x": torch.stack([b[0] for b in batch]), "y": torch.stack([b[1] for b in batch]), "micro": micro}
+
+        def step(self, m, batch, step):
+            seen.append({n: p.detach().clone() for n, p in m.named_parameters()})
+            loss = ((m(batch["x"]).squeeze(-1) - batch["y"]) ** 2).mean()
+            if batch["micro"] in bad_micro:
+                loss = loss * float("nan")
+            if batch["micro"] in bad_grad_micro:  # finite loss, infinite gradient (once)
+                handle = []
+
+                def hook(g):
+                    handle[0].remove()
+                    return g * float("inf")
+                handle.append(m.weight.register_hook(hook))
+            return loss, {}
+
+    return Toy, seen
+
+
+def run_training(cfg, toy, run_dir, command):
+    """The toy recipe on ``cfg``, its run in ``run_dir``."""
+    from memcli.training.loop import train
+
+    cfg.logging.out_dir, cfg.logging.run_name = str(run_dir.parent), run_dir.name
+    recipe = toy(cfg)
+    res = train(recipe)
+    res["model"] = recipe.model
+    return res
 
 
 def _cfg(tmp_path, *extra):
@@ -152,7 +166,6 @@ def _cfg(tmp_path, *extra):
 
 
 def test_nonfinite_skip_drops_whole_optimizer_steps(tmp_path):
-    from memcli.training.loop import run_training
 
     # micro-batches 4..5 form optimizer step 3 (NaN loss in both); 10..11 step 6 (inf gradient in the first)
     task, seen = _toy_task(bad_micro={4, 5}, bad_grad_micro={10})
@@ -164,13 +177,12 @@ def test_nonfinite_skip_drops_whole_optimizer_steps(tmp_path):
     for n in seen[4]:
         assert torch.equal(seen[6][n], seen[4][n]) and torch.equal(seen[12][n], seen[10][n]), n
         assert not torch.equal(seen[4][n], seen[2][n])  # good steps do move
-    assert all(torch.isfinite(p).all() for p in task.model.parameters())
+    assert all(torch.isfinite(p).all() for p in res["model"].parameters())
     assert rows[2]["loss"] is None and rows[5]["loss"] is not None  # NaN losses are never logged; finite ones are
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_state(tmp_path):
     from memcli.errors import MemcliError
-    from memcli.training.loop import run_training
     from memcli.training.state import find_state
 
     task, seen = _toy_task(bad_micro={5})  # optimizer step 3
@@ -201,7 +213,6 @@ def test_reward_returning_nan_stops_hrpo_with_the_reward_named(cli, tmp_path, mo
 
 def test_nonfinite_skip_gives_up_after_max_skipped_steps(tmp_path):
     from memcli.errors import MemcliError
-    from memcli.training.loop import run_training
 
     task, _ = _toy_task(bad_micro={1, 3, 5})
     with pytest.raises(MemcliError, match=r"3 optimizer steps dropped .*training.max_skipped_steps=2"):
@@ -211,7 +222,6 @@ def test_nonfinite_skip_gives_up_after_max_skipped_steps(tmp_path):
 
 def test_infinite_gradient_stops_by_default(tmp_path):
     from memcli.errors import MemcliError
-    from memcli.training.loop import run_training
 
     task, _ = _toy_task(bad_micro=set(), bad_grad_micro={3})
     with pytest.raises(MemcliError, match=r"gradient norm is inf at optimizer step 2"):
@@ -306,7 +316,6 @@ def test_dead_rank_ends_the_other_with_a_message(inputs, tmp_path):
 
 def test_compare_runs_reads_a_run_with_dropped_steps(tmp_path):
     from memcli.eval.compare import compare_runs
-    from memcli.training.loop import run_training
 
     task, _ = _toy_task(bad_micro={4, 5})
     run_training(_cfg(tmp_path, "training.on_nonfinite=skip"), task, tmp_path / "run", "test")

@@ -8,7 +8,8 @@ import scipy.linalg
 import torch
 
 from conftest import assert_one_line_error
-from memcli.hippo.encoder import HippoConfig, build_encoder, legs_matrix, s4d_real, zoh
+from memcli.hippo.config import HippoConfig
+from memcli.hippo.encoder import build_encoder, legs_matrix, s4d_real, zoh
 
 VARIANTS = [("matrix", "s4d_real"), ("matrix", "legs"), ("selective", "s4d_real"), ("selective", "legs")]
 
@@ -26,7 +27,7 @@ def _model(tiny, variant="matrix", init="s4d_real", live=False, **kw):
 
     bb, tok = tiny
     torch.manual_seed(0)
-    m = HippoModel(bb, HippoConfig(variant=variant, init=init, hidden_size=bb.config.hidden_size, **kw))
+    m = HippoModel(bb, HippoConfig(hippo_variant=variant, hippo_init=init, hidden_size=bb.config.hidden_size, **kw))
     if live:
         _liven(m)
     return m.eval()
@@ -71,7 +72,7 @@ def test_zoh_matches_scipy_expm_and_diagonal_closed_form():
 def test_matrix_recurrence_equals_closed_form_sum():
     """S_T = sum_t Abar^(T-t) Bbar k_t v_t^T for the time-invariant (matrix, diagonal) encoder."""
     torch.manual_seed(0)
-    cfg = HippoConfig(hidden_size=16, num_heads=2, state_dim=4, value_dim=3)
+    cfg = HippoConfig(hidden_size=16, hippo_heads=2, hippo_state_dim=4, hippo_value_dim=3)
     enc = build_encoder(cfg)
     x = torch.randn(2, 5, 16)
     S = enc.scan(x)
@@ -87,7 +88,7 @@ def test_matrix_recurrence_equals_closed_form_sum():
 @pytest.mark.parametrize("variant,init", VARIANTS)
 def test_state_is_zero_at_start_and_padded_turns_do_not_change_it(variant, init):
     torch.manual_seed(0)
-    enc = build_encoder(HippoConfig(variant=variant, init=init, hidden_size=32, num_heads=2, state_dim=8, value_dim=8))
+    enc = build_encoder(HippoConfig(hippo_variant=variant, hippo_init=init, hidden_size=32, hippo_heads=2, hippo_state_dim=8, hippo_value_dim=8))
     S0 = enc.init_state(3)
     assert S0.abs().sum() == 0
     x = torch.randn(3, 4, 32)
@@ -121,7 +122,7 @@ def test_zero_gate_reproduces_base_model_exactly(tiny, variant, init):
 def test_turn_features_ignore_padding(tiny):
     bb, tok = tiny
     for pool in ("last", "mean", "tokens"):
-        m = _model(tiny, pool=pool)
+        m = _model(tiny, hippo_pool=pool)
         a = tok(["I grew up in Pelmor."], return_tensors="pt")
         b = tok(["I grew up in Pelmor.", "My lucky number is 42 and it has been for years."], return_tensors="pt", padding=True)
         fa = m.turn_features(a.input_ids, a.attention_mask)
@@ -158,7 +159,6 @@ def test_cached_generation_equals_recompute_with_memory(tiny, variant):
 
 def test_gradient_reaches_encoder_gates_and_backbone_features(tiny):
     from memcli.hippo.data import collate, load_dialogs
-    from memcli.training.hippo import answer_loss
     from memcli.data.dialog import generate_dialogs
     from memcli.records import write_jsonl
 
@@ -172,14 +172,14 @@ def test_gradient_reaches_encoder_gates_and_backbone_features(tiny):
     m = _model(tiny)
     m.train()
     try:
-        loss = answer_loss(m, collate(items, tok.pad_token_id))
+        loss = m.answer_loss(collate(items, tok.pad_token_id))
         loss.backward()
         # at step 0 the fusion projection is zero: it gets the gradient (a zero per-channel gate on a
         # random projection would instead leave the memory path without signal)
         assert m.encoder.readers["1"].W_o.weight.grad.abs().sum() > 0
         _liven(m)
         m.zero_grad()
-        answer_loss(m, collate(items, tok.pad_token_id)).backward()
+        m.answer_loss(collate(items, tok.pad_token_id)).backward()
         assert all(g.grad is not None and g.grad.abs().sum() > 0 for g in m.gates.values())
         for name, p in m.encoder.named_parameters():
             if name.endswith(".D") or "norm" in name or ".W_q." in name or ".W_o." in name or "log_dt" in name \
@@ -259,7 +259,7 @@ def test_load_refuses_other_kinds_and_mismatched_configs(tmp_path, tiny):
     with pytest.raises(MemcliError, match="kind 'explicit-memory', expected 'hippo'"):
         load_hippo(tmp_path / "r")
     cfg = json.loads((tmp_path / "r" / "hippo_model" / "hippo_config.json").read_text())
-    cfg["state_dim"] = 16
+    cfg["hippo_state_dim"] = 16
     (tmp_path / "r" / "hippo_model" / "hippo_config.json").write_text(json.dumps(cfg))
     with pytest.raises(MemcliError, match="does not fit this HIPPO encoder"):
         load_hippo(tmp_path / "r" / "hippo_model")
@@ -543,7 +543,8 @@ def test_selective_legs_lora_run_saves_adapter_and_chats(cli, dialogs, tmp_path)
     run = tmp_path / "hippo"
     assert (run / "lora" / "adapter_config.json").is_file() and not (run / "backbone").exists()
     cfg = json.loads((run / "hippo_model" / "hippo_config.json").read_text())
-    assert (cfg["variant"], cfg["init"], cfg["pool"], cfg["feature_layer"]) == ("selective", "legs", "tokens", 2)
+    assert (cfg["hippo_variant"], cfg["hippo_init"], cfg["hippo_pool"], cfg["hippo_feature_layer"]) == \
+        ("selective", "legs", "tokens", 2)
     code, out, err = cli("chat", "-t", "hippo", "-m", run, "-p", "I drive a Falcor.", "--json", "--max-new-tokens", "2")
     assert code == 0, err
     assert json.loads(out)["state"]["state_shape"] == [1, 4, 32, 128]  # selective: value dim = 2 * 256 / 4
@@ -597,8 +598,8 @@ def test_prefix_read_stores_a_turns_words_and_reads_them_back(tmp_path):
     from memcli.hippo.model import HippoModel
 
     bb, tok = load_backbone("tiny")
-    cfg = HippoConfig(hidden_size=256, read="prefix", memory_tokens=6, prompt_tokens=3, fusion_layers=[1],
-                      feature_layer=2, pool="mean", tokenizer_fingerprint=tokenizer_fingerprint(tok))
+    cfg = HippoConfig(hidden_size=256, hippo_read="prefix", hippo_memory_tokens=6, hippo_prompt_tokens=3, memory_layers=[1],
+                      hippo_feature_layer=2, hippo_pool="mean", tokenizer_fingerprint=tokenizer_fingerprint(tok))
     m = HippoModel(bb, cfg).eval()
     S0 = m.init_state(1)
     assert S0.shape == (1, 4, 32, 6 * 256 // 4)

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from conftest import assert_one_line_error
 from memcli.hrpo.grpo import group_advantages, grpo_loss
-from memcli.hrpo.residual import HrpoConfig, ThinkingResidual
+from memcli.hrpo.config import HrpoConfig
+from memcli.hrpo.residual import ThinkingResidual
 from memcli.hrpo.rewards import extract_answer, gsm8k_reward, normalise_number
 from memcli.hrpo.rollout import _eos_ids, completion_logps, hybrid_generate, marker_table, reference_logps
 
@@ -40,7 +41,7 @@ def _prompts(tok, texts):
 def _residual(bb, source="probs", seed=0):
     torch.manual_seed(seed)
     W = bb.get_input_embeddings().weight
-    res = ThinkingResidual(HrpoConfig(hidden_size=bb.config.hidden_size, source=source),
+    res = ThinkingResidual(HrpoConfig(hidden_size=bb.config.hidden_size, thinking_source=source),
                            float(W.detach().norm(dim=-1).mean()))
     with torch.no_grad():  # open the gate well away from a = 1 so mixing changes what the model sees
         res.thinking_residual_Lambda.fill_(1.5)  # a = exp(-8 softplus(-1.5) r) ~ 0.45 at r = 0.5
@@ -239,7 +240,7 @@ def test_a_plain_grpo_run_decodes_plain_and_says_so_on_disk(tiny, tmp_path):
 
 
 def test_lambda_initialisation_range():
-    res = ThinkingResidual(HrpoConfig(hidden_size=64, r_min=0.9, r_max=0.95))
+    res = ThinkingResidual(HrpoConfig(hidden_size=64, thinking_r_min=0.9, thinking_r_max=0.95))
     a, _ = res.gate(torch.zeros(1, 64))
     # r = sigmoid(W 0 + b) lies in (0, 1), so a lies in [r_min^1, 1): at r = 1 exactly [r_min, r_max]
     sp = torch.nn.functional.softplus(-res.thinking_residual_Lambda)

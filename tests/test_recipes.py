@@ -38,12 +38,13 @@ class Recorder:
 
 
 def read_keys(recipe: str, overrides: list[str], tmp_path: Path, run_name: str) -> set:
-    from memcli.cli.train import _entry
+    from memcli.kinds import recipe_class
+    from memcli.training.loop import train
 
     cfg = load_config(recipe, overrides=overrides + [f"logging.out_dir={tmp_path / 'out'}", f"logging.run_name={run_name}",
                                                      "training.max_steps=1", "logging.tensorboard=false"])
     seen: set = set()
-    _entry(recipe)(Recorder(cfg, seen))
+    train(recipe_class(recipe)(Recorder(cfg, seen)))
     return seen
 
 

@@ -26,12 +26,12 @@ def bench_turns(turns: int = 50, new_tokens: int = 16, marks=(1, 10, 50), repeat
                 variant: str = "matrix") -> list[dict]:
     from memcli.backbone import load_backbone
     from memcli.hippo.data import content_ids, prompt_ids, turn_ids
-    from memcli.hippo.encoder import HippoConfig
+    from memcli.hippo.config import HippoConfig
     from memcli.hippo.model import HippoModel
 
     torch.manual_seed(0)
     bb, tok = load_backbone("tiny")
-    model = HippoModel(bb, HippoConfig(variant=variant, hidden_size=bb.config.hidden_size)).eval()
+    model = HippoModel(bb, HippoConfig(hippo_variant=variant, hidden_size=bb.config.hidden_size)).eval()
     texts = _dialog(turns)
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)

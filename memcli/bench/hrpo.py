@@ -13,7 +13,7 @@ def bench_rollout(prompts: int = 2, group: int = 4, new_tokens: int = 512, repea
     from memcli.backbone import load_backbone
     from memcli.hrpo.data import encode_prompts, make_arithmetic
     from memcli.hrpo.model import HrpoModel
-    from memcli.hrpo.residual import HrpoConfig
+    from memcli.hrpo.config import HrpoConfig
     from memcli.hrpo.rollout import hybrid_generate, text_marker_loop
 
     torch.manual_seed(0)

@@ -41,25 +41,26 @@ def chat(
     """
     from transformers import TextStreamer
 
-    from memcli.chat import HELP, HIPPO_HELP, GenOptions, HippoChatSession, HrpoChatSession, open_session
+    from memcli.chat import GenOptions, open_session
 
     opts = GenOptions(max_new_tokens, temperature, top_p, repetition_penalty)
     session, path = open_session(model_path, model_type, opts, out_dir)
-    hippo = isinstance(session, HippoChatSession)
-    hrpo = isinstance(session, HrpoChatSession)
-    help_text = HIPPO_HELP if hippo else HELP.replace(" · /memory entries read for the last answer", "") if hrpo else HELP
-    if prompt is not None:
-        if as_json:
-            answer = session.reply(prompt)
-            extra = ({"state": session.state_info()} if hippo else {"hybrid": session.last_stats} if hrpo
-                     else {"memory": session.last_memory})
-            emit(dict({"checkpoint": str(path), "prompt": prompt, "answer": answer}, **extra), True)
-        else:
-            session.reply(prompt, streamer=TextStreamer(session.tok, skip_prompt=True, skip_special_tokens=True))
-        return
+    if prompt is None:
+        _loop(session, path)
+    elif as_json:
+        answer = session.reply(prompt)
+        emit(dict({"checkpoint": str(path), "prompt": prompt, "answer": answer}, **session.json_extra()), True)
+    else:
+        session.reply(prompt, streamer=TextStreamer(session.tok, skip_prompt=True, skip_special_tokens=True))
+
+
+def _loop(session, path: Path) -> None:
+    """Read messages until /exit or the end of input; slash commands go to the session (its own set)."""
+    from transformers import TextStreamer
+
     interactive = sys.stdin.isatty()
     if interactive:
-        console.print(f"memcli chat · {path} · {help_text}")
+        console.print(f"memcli chat · {path} · {session.help}")
     streamer = TextStreamer(session.tok, skip_prompt=True, skip_special_tokens=True)
     while True:
         if interactive:
@@ -72,30 +73,13 @@ def chat(
             continue
         if text in ("/exit", "exit", "quit", "/quit"):  # the seeds' loops end on the bare words too
             break
-        if text == "/help":
-            console.print(help_text)
-        elif hippo and text in ("/reset_hidden", "reset_hidden", "/reset"):
-            session.reset_hidden()
-            console.print("memory state cleared")
-        elif hippo and text == "/state":
-            info = session.state_info()
-            console.print(f"state: {info['turns']} turns, norm {info['state_norm']:.4f}, shape {info['state_shape']}")
-        elif hippo and text == "/memory":
-            console.print("a HIPPO model has no entries to show; /state shows the memory state")
-        elif hrpo and text == "/memory":
-            console.print("an HRPO model has no memory entries; its latent steps are in the answer's decoding")
-        elif text == "/reset":
-            session.reset()
-            console.print("history cleared")
-        elif text == "/memory":
-            mem = session.last_memory
-            if not mem:
-                console.print("no answer yet")
-            else:
-                console.print(table("memory read for the last answer", ["row", "share", "entry"],
-                                    [(m["row"], m["share"], m["text"]) for m in mem]))
+        out = session.help if text == "/help" else session.command(text)
+        if isinstance(out, tuple):
+            console.print(table(*out))
+        elif out is not None:
+            console.print(out)
         elif text.startswith("/"):
-            console.print(f"unknown command {text}; {help_text}")
+            console.print(f"unknown command {text}; {session.help}")
         else:
             if interactive:
                 console.print("[bold green]model>[/bold green] ", end="")

@@ -184,17 +184,15 @@ def formats(
       memcli compare formats -m out/real
       memcli compare formats -m out/memory --num-samples 100 --markdown formats.md
     """
-    import json as _json
-
     from memcli.eval.compare import FORMAT_COLUMNS, compare_formats
-    from memcli.rundir import newest_run
+    from memcli.kinds import EXPLICIT
+    from memcli.rundir import newest_run, read_info
 
     if num_samples is not None and num_samples < 1:
         raise MemcliError(f"--num-samples got {num_samples}, expected a positive integer")
-    path = model_path or newest_run(out_dir, "explicit-memory")
+    path = model_path or newest_run(out_dir, EXPLICIT)
     if data is None:
-        info = _json.loads((Path(path) / "checkpoint.json").read_text()) if (Path(path) / "checkpoint.json").is_file() else {}
-        data = Path(info.get("data_dir") or "data/default")
+        data = Path(read_info(path)[1].get("data_dir") or "data/default")
     res = compare_formats(Path(path), data, num_samples)
     cols = ["format", *[label for _, label in FORMAT_COLUMNS], "questions"]
     rows = [(f + (" (the run's)" if f == res["recipe_format"] else ""), *[r[label] for _, label in FORMAT_COLUMNS],

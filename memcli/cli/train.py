@@ -13,20 +13,6 @@ train = typer.Typer(help="Train memory components: explicit memory (router, fusi
                     no_args_is_help=True, rich_markup_mode="rich")
 
 
-def _entry(recipe: str):
-    if recipe in ("router", "fusion", "memory"):
-        from memcli.training.explicit import train_explicit
-
-        return lambda cfg: train_explicit(cfg, recipe)
-    if recipe == "hippo":
-        from memcli.training.hippo import train_hippo
-
-        return train_hippo
-    from memcli.training.hrpo import train_hrpo
-
-    return train_hrpo
-
-
 def _run(recipe: str, config: Optional[Path], overrides: List[str], print_config: bool, as_json: bool):
     from memcli.config import load_config, to_yaml
 
@@ -34,7 +20,10 @@ def _run(recipe: str, config: Optional[Path], overrides: List[str], print_config
     if print_config:
         console.print(to_yaml(cfg), markup=False, end="")
         return
-    res = _entry(recipe)(cfg)
+    from memcli.kinds import recipe_class
+    from memcli.training.loop import train as run_recipe
+
+    res = run_recipe(recipe_class(recipe)(cfg))
     if not res.get("is_main", True):
         return  # other ranks of a distributed run stay quiet
     summary = {"run": res["run_dir"], "optimizer steps": res["steps"], "world size": res["world_size"],

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -86,7 +89,11 @@ def build_cache(knowledge_path: str | Path, out: str | Path, tokenizer: str = "t
                 knowledge_num: int | None = None) -> dict:
     from memcli.backbone import load_tokenizer
 
-    kb = records.read_json_list(knowledge_path, records.KNOWLEDGE)
+    from memcli.data.facts import as_knowledge, read_facts
+
+    # a knowledge base (sentence_trex_data.json) or plain sentences, one {"text": ...} per line
+    kb = as_knowledge(read_facts(knowledge_path)) if Path(knowledge_path).suffix != ".json" else \
+        records.read_json_list(knowledge_path, records.KNOWLEDGE)
     tok = load_tokenizer(tokenizer)
     bank, rep = build_bank(kb, tok, tokenizer, knowledge_length, knowledge_num)
     bank.save(out)
@@ -112,27 +119,7 @@ def build_keys(cache: str | Path, out: str | Path, embedder: str = "backbone", b
     if top_k < 1:
         raise MemcliError(f"--top-k got {top_k}, expected a positive integer")
     valid = bank.valid_rows()
-    if embedder == "backbone":
-        from memcli.backbone import load_backbone
-
-        model, tok = load_backbone(backbone)
-        bank.check_tokenizer(tok, backbone)
-        if layer is not None and not 0 <= layer < model.config.num_hidden_layers:
-            raise MemcliError(f"--layer got {layer}, expected a decoder layer in [0, {model.config.num_hidden_layers})")
-        emb = K.backbone_entry_embeddings(model, bank.token_ids, bank.pad_id, layer=layer)
-
-        def embed_texts(texts):
-            return K.backbone_text_embeddings(model, tok, texts, layer=layer)
-    else:
-        st = K.sentence_embedder(embedder)
-        dim_fn = getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension
-        emb = torch.zeros(bank.knowledge_num, dim_fn())
-        idx = torch.nonzero(valid).flatten()
-        emb[idx] = K.st_embed(st, [bank.entries[i]["sentence"] for i in idx.tolist()])
-
-        def embed_texts(texts):
-            return K.st_embed(st, texts)
-
+    emb, embed_texts = _embedder(bank, valid, embedder, backbone, layer)
     # centre: pooled embeddings share a large common component (frequent tokens) that carries no identity;
     # hidden states are also scaled per dimension (a few dimensions dominate their raw norms)
     emb = torch.where(valid.unsqueeze(1), _standardise(emb, emb[valid], scale=layer is not None), emb)
@@ -147,17 +134,8 @@ def build_keys(cache: str | Path, out: str | Path, embedder: str = "backbone", b
     seed_recipe = {k: K.self_recall(emb, ek, ecell, valid, k, owner=owner) for k in recall_k}
     collided = int(valid.sum()) - int((owner >= 0).sum())
 
-    labels = {}
-    row_of = new_bank.row_of_uuid()
-    for name, rows in sft_rows.items():
-        queries = [_first_user(r) for r in rows]
-        q_emb = embed_texts([q.split("\n")[0] for q in queries])
-        if layer is not None:
-            q_emb = _standardise(q_emb, q_emb, scale=True)
-        true_rows = [row_of.get(r.get("uuid")) if r.get("uuid") else None for r in rows]
-        idx, sc = K.label_queries(q_emb, new_emb, new_valid, top_k, true_rows)
-        labels[name] = [dict({"query": q, "target_indices": i, "target_scores": s}, **({"uuid": r["uuid"]} if r.get("uuid") else {}))
-                     for q, i, s, r in zip(queries, idx, sc, rows)]
+    labels = {name: _labels(rows, embed_texts, new_bank, new_emb, new_valid, top_k, layer)
+              for name, rows in sft_rows.items()}
 
     meta = {
         "format": "memcli-keys-v1",
@@ -184,6 +162,39 @@ def build_keys(cache: str | Path, out: str | Path, embedder: str = "backbone", b
             write_jsonl(tmp / name, rows)
     new_bank.save(cache)
     return meta
+
+
+def _embedder(bank, valid: torch.Tensor, embedder: str, backbone: str, layer: int | None):
+    """-> (the entries' embeddings [N, D], a function embedding query texts the same way)."""
+    if embedder == "backbone":
+        from memcli.backbone import load_backbone
+
+        model, tok = load_backbone(backbone)
+        bank.check_tokenizer(tok, backbone)
+        if layer is not None and not 0 <= layer < model.config.num_hidden_layers:
+            raise MemcliError(f"--layer got {layer}, expected a decoder layer in [0, {model.config.num_hidden_layers})")
+        emb = K.backbone_entry_embeddings(model, bank.token_ids, bank.pad_id, layer=layer)
+        return emb, lambda texts: K.backbone_text_embeddings(model, tok, texts, layer=layer)
+    st = K.sentence_embedder(embedder)
+    dim_fn = getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension
+    emb = torch.zeros(bank.knowledge_num, dim_fn())
+    idx = torch.nonzero(valid).flatten()
+    emb[idx] = K.st_embed(st, [bank.entries[i]["sentence"] for i in idx.tolist()])
+    return emb, lambda texts: K.st_embed(st, texts)
+
+
+def _labels(rows: list[dict], embed_texts, bank, emb: torch.Tensor, valid: torch.Tensor, top_k: int,
+            layer: int | None) -> list[dict]:
+    """Router labels of SFT conversations: the top entries by embedding similarity to each first user message."""
+    row_of = bank.row_of_uuid()
+    queries = [_first_user(r) for r in rows]
+    q_emb = embed_texts([q.split("\n")[0] for q in queries])
+    if layer is not None:
+        q_emb = _standardise(q_emb, q_emb, scale=True)
+    true_rows = [row_of.get(r.get("uuid")) if r.get("uuid") else None for r in rows]
+    idx, sc = K.label_queries(q_emb, emb, valid, top_k, true_rows)
+    return [dict({"query": q, "target_indices": i, "target_scores": s}, **({"uuid": r["uuid"]} if r.get("uuid") else {}))
+            for q, i, s, r in zip(queries, idx, sc, rows)]
 
 
 def _standardise(x: torch.Tensor, ref: torch.Tensor, scale: bool) -> torch.Tensor:
@@ -220,6 +231,24 @@ def default_data(data_dir: str | Path = "data/default", seed: int = 0, num_facts
     ``layer``: build hidden-state keys at that decoder layer (pretrained backbones).
     """
     d = Path(data_dir)
+    if not (d.is_dir() and any(d.iterdir())):
+        with atomic_dir(d) as tmp:  # the directory appears whole or not at all: a failure leaves nothing behind
+            return _default_data(tmp, seed, num_facts, source, backbone, knowledge_length, layer)
+    # a directory with other files in it: build beside it, then move each output in (the user's files stay)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", suffix=".tmp", dir=d.parent))
+    try:
+        out = _default_data(tmp, seed, num_facts, source, backbone, knowledge_length, layer)
+        for item in sorted(tmp.iterdir()):
+            if (d / item.name).is_dir() and item.is_dir():
+                shutil.rmtree(d / item.name)
+            os.replace(item, d / item.name)
+        return out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _default_data(d: Path, seed: int, num_facts: int, source: str | Path, backbone: str, knowledge_length: int | None,
+                  layer: int | None) -> dict:
     trex = None if str(source) == "synthetic" else source
     L = knowledge_length or (16 if trex is None else 32)
     out = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from memcli import kinds
 from memcli.errors import MemcliError
 
 LOWER_IS_BETTER = ("loss", "ppl", "perplexity", "kl", "ms", "bytes", "params", "MB", "_s", "rss")
@@ -17,31 +18,6 @@ def lower_is_better(metric: str) -> bool:
     return any(k in metric for k in LOWER_IS_BETTER) and "recall" not in metric
 
 
-def _evaluate(run, data: Path, num: int | None, max_new_tokens: int) -> dict:
-    if run.kind == "explicit-memory":
-        from memcli.eval.explicit import evaluate_run
-
-        if not data.is_dir():
-            raise MemcliError(f"--data {data}: expected a data directory (omcq_val.json, ...) for explicit-memory runs")
-        res = evaluate_run(run.model, run.tok, run.bank, data, run.info.get("answer_format", "letter"), num)
-        return {k: v for k, v in res.items() if isinstance(v, (int, float))}
-    if run.kind == "hippo":
-        from memcli.eval.hippo import evaluate
-        from memcli.hippo.data import load_dialogs
-
-        if not data.is_file():
-            raise MemcliError(f"--data {data}: expected a dialog JSONL file (data_val.jsonl) for HIPPO runs")
-        items = load_dialogs(run.tok, data, 64, 64)[:num]
-        return dict(evaluate(run.model, run.tok, items), dialogs=len(items))
-    from memcli.eval.hrpo import evaluate
-    from memcli.hrpo.data import load_problems
-
-    if not data.is_file():
-        raise MemcliError(f"--data {data}: expected a GSM8K-format JSONL file for HRPO runs")
-    probs = load_problems(data)[:num]
-    return evaluate(run.model, run.tok, probs, max_new_tokens, 512)
-
-
 def compare_checkpoints(paths: list[Path], data: Path, num: int | None = None, max_new_tokens: int = 64) -> dict:
     from memcli.backbone import tokenizer_fingerprint
     from memcli.rundir import kind_of
@@ -49,11 +25,11 @@ def compare_checkpoints(paths: list[Path], data: Path, num: int | None = None, m
 
     if len(paths) < 2:
         raise MemcliError("compare checkpoints: give at least two checkpoints")
-    kinds = [kind_of(p) for p in paths]
-    if len(set(kinds)) > 1:
-        pairs = ", ".join(f"{p} is {k}" for p, k in zip(paths, kinds))
+    found = [kind_of(p) for p in paths]
+    if len(set(found)) > 1:
+        pairs = ", ".join(f"{p} is {k}" for p, k in zip(paths, found))
         raise MemcliError(f"compare checkpoints: checkpoints of different kinds ({pairs}); compare like with like")
-    kind = kinds[0]
+    kind = found[0]
     results, fp0 = [], None
     for p in paths:
         run = load_run(p)
@@ -63,7 +39,7 @@ def compare_checkpoints(paths: list[Path], data: Path, num: int | None = None, m
         elif fp != fp0:
             raise MemcliError(f"compare checkpoints: {p} uses a different tokenizer than {paths[0]}; their scores "
                               "are not comparable")
-        results.append(_evaluate(run, data, num, max_new_tokens))
+        results.append(kinds.resolve_ref(kinds.get(run.kind).evaluate)(run, data, num, max_new_tokens))
         del run
     metrics = [m for m in results[0] if all(m in r for r in results)]
     return {"kind": kind, "data": str(data), "checkpoints": [str(p) for p in paths],
@@ -130,7 +106,7 @@ def compare_hippo(checkpoints: list[Path] | None, data: Path | None, num: int | 
     """matrix vs selective (+ no memory, full history): parameters, bytes, latency per turn, exact match."""
     from memcli.backbone import load_backbone
     from memcli.bench.hippo import bench_turns
-    from memcli.hippo.encoder import HippoConfig
+    from memcli.hippo.config import HippoConfig
     from memcli.hippo.model import HippoModel
 
     if checkpoints and data is None:  # before minutes of timing
@@ -138,14 +114,14 @@ def compare_hippo(checkpoints: list[Path] | None, data: Path | None, num: int | 
     from memcli.rundir import kind_of
 
     for ck in checkpoints or []:
-        if kind_of(ck) != "hippo":
+        if kind_of(ck) != kinds.HIPPO:
             raise MemcliError(f"compare hippo: {ck} is not a HIPPO run")
     bb, _ = load_backbone("tiny")
     # turns 1, 10, 50 as the issue's table asks, more points for the latency plot, and always the last turn
     marks = tuple(sorted({m for m in (1, 5, 10, 20, 30, 40, 50) if m <= turns} | {turns}))
     rows: dict[str, dict] = {}
     for variant in ("matrix", "selective"):
-        mdl = HippoModel(bb, HippoConfig(variant=variant, hidden_size=bb.config.hidden_size))
+        mdl = HippoModel(bb, HippoConfig(hippo_variant=variant, hidden_size=bb.config.hidden_size))
         params = sum(p.numel() for p in mdl.memory_parameters())
         lat = bench_turns(turns=turns, new_tokens=new_tokens, marks=marks, repeats=repeats, variant=variant)
         r = {"params": params, "fp32 MB": params * 4 / 2**20, "fp16 MB": params * 2 / 2**20}
@@ -165,8 +141,9 @@ def compare_hippo(checkpoints: list[Path] | None, data: Path | None, num: int | 
         for i, ck in enumerate(checkpoints):
             run = load_run(ck)
             model, tok = run.model, run.tok
-            items = load_dialogs(tok, data, 64, 64)[:num]
-            v = model.cfg.variant
+            ds = run.config.get("dataset", {})  # the lengths the run was trained with
+            items = load_dialogs(tok, data, ds.get("max_turn_length", 64), ds.get("max_prompt_length", 64))[:num]
+            v = model.cfg.hippo_variant
             label = v if v not in rows or "exact match" not in rows[v] else f"{v} ({Path(ck).name})"
             rows.setdefault(label, dict(rows.get(v, {})))["exact match"] = exact_match(model, tok, items, True)
             if i == 0:  # baselines on the first checkpoint's backbone
@@ -190,7 +167,7 @@ def compare_formats(path: Path, data: Path, num: int | None = None) -> dict:
     from memcli.rundir import require_kind
     from memcli.runs import load_run
 
-    require_kind(path, "explicit-memory")
+    require_kind(path, kinds.EXPLICIT)
     omcq_path = Path(data) / "omcq_val.json"
     if not omcq_path.is_file():
         raise MemcliError(f"{omcq_path}: not found (expected the held-out questions written by 'memcli gen-data')")

@@ -199,8 +199,7 @@ def router_recall(mem, items: list[Item], ks: tuple[int, ...] = (1,), batch: int
             recs = [mem.retrieve(mem.prompt_features(ids, att))]
             last = [r["cells"] for r in recs]
         else:
-            mem(input_ids=ids, attention_mask=att, collect=True)
-            recs = mem.ctx["records"]
+            recs = mem(input_ids=ids, attention_mask=att, collect=True).memory_records
             last = [r["cells"].reshape(len(chunk), ids.shape[1], -1)[:, -1] for r in recs]
         for rec, cells in zip(recs, last):
             for k in ks:
@@ -279,6 +278,21 @@ def evaluate_run(mem, tok, bank, data_dir: str | Path, fmt: str, num_samples: in
     omcq, items = load_eval_data(tok, bank, omcq_path, d / "sft_val.jsonl", d / "keys" / "val_labeled.jsonl",
                                  max_prompt_length, fmt)
     omcq, items = omcq[:num_samples], items[:num_samples]
+    row_of = bank.row_of_uuid()
+    absent = sum(q["target"][0].get("uuid") not in row_of for q in omcq)
+    if absent:  # scoring them would measure the memory on facts it does not hold: a silent wrong figure
+        raise MemcliError(f"{omcq_path}: {absent} of {len(omcq)} questions ask about facts that are not in this run's "
+                          f"bank (no entry has their uuid); add them first with 'memcli memory add -m RUN --from "
+                          f"{d / 'sentence_trex_data.json'}', or evaluate on the run's own data directory")
     formats = (fmt, "letter" if fmt == "cloze" else "cloze") if both_formats else (fmt,)
     res = evaluate(mem, tok, bank, omcq, items, fmt, formats)
     return dict(res, labelled_items=len(items))
+
+
+def compare_rows(run, data: Path, num: int | None, max_new_tokens: int) -> dict:
+    """``memcli compare checkpoints`` rows of an explicit-memory run: the held-out evaluation on a data directory."""
+    if not data.is_dir():
+        raise MemcliError(f"--data {data}: expected a data directory (omcq_val.json, ...) for explicit-memory runs")
+    prompt_len = run.config.get("dataset", {}).get("max_prompt_length", 128)
+    res = evaluate_run(run.model, run.tok, run.bank, data, run.info.get("answer_format", "letter"), num, prompt_len)
+    return {k: v for k, v in res.items() if isinstance(v, (int, float))}

@@ -7,7 +7,10 @@ import string
 
 import torch
 
+from pathlib import Path
+
 from memcli.backbone import left_pad
+from memcli.errors import MemcliError
 from memcli.hippo.data import DialogItem, pad_turns
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -81,3 +84,15 @@ def evaluate(model, tok, items: list[DialogItem], batch: int = 32) -> dict:
     return {"exact_match_memory": exact_match(model, tok, items, True, batch),
             "exact_match_no_history": exact_match(model, tok, items, False, batch),
             "val_loss": validation_loss(model, tok, items, batch)}
+
+
+def compare_rows(run, data: Path, num: int | None, max_new_tokens: int) -> dict:
+    """``memcli compare checkpoints`` rows of a HIPPO run: its validation figures on a dialog file, cut to the lengths
+    the run was trained with."""
+    from memcli.hippo.data import load_dialogs
+
+    if not data.is_file():
+        raise MemcliError(f"--data {data}: expected a dialog JSONL file (data_val.jsonl) for HIPPO runs")
+    ds = run.config.get("dataset", {})
+    items = load_dialogs(run.tok, data, ds.get("max_turn_length", 64), ds.get("max_prompt_length", 64))[:num]
+    return dict(evaluate(run.model, run.tok, items), dialogs=len(items))

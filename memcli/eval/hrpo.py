@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from memcli.errors import MemcliError
 from memcli.hrpo.data import encode_prompts
 from memcli.hrpo.rewards import extract_answer, gsm8k_reward
 
@@ -24,3 +27,14 @@ def evaluate(model, tok, problems: list[dict], max_new_tokens: int, max_prompt_l
         formed += sum(extract_answer(t) is not None for t in texts)
     n = max(1, len(problems))
     return {"accuracy": correct / n, "well_formed": formed / n, "eval_n": len(problems)}
+
+
+def compare_rows(run, data: Path, num: int | None, max_new_tokens: int) -> dict:
+    """``memcli compare checkpoints`` rows of an HRPO run: greedy accuracy on a GSM8K-format file, prompts cut as
+    the run was trained."""
+    from memcli.hrpo.data import load_problems
+
+    if not data.is_file():
+        raise MemcliError(f"--data {data}: expected a GSM8K-format JSONL file for HRPO runs")
+    prompt_len = run.config.get("dataset", {}).get("max_prompt_length", 512)
+    return evaluate(run.model, run.tok, load_problems(data)[:num], max_new_tokens, prompt_len)

@@ -55,10 +55,10 @@ def query_view(model, bank, tok, query: str, top: int = 5) -> list[dict]:
         return [{"layer": rec["layer"], "position": "all", "token": query,
                  "entries": [{"row": r, "weight": round(float(x), 4), "text": t}
                              for r, x, t in zip(rows, rec["weights"][0, :top].tolist(), bank.decode(tok, rows))]}]
-    model(**enc, collect=True)
+    records = model(**enc, collect=True).memory_records
     pieces = [tok.decode([t]) for t in ids[0].tolist()]
     out = []
-    for rec in model.ctx["records"]:
+    for rec in records:
         cells, w = rec["cells"], rec["weights"]
         for t, piece in enumerate(pieces):
             rows = cells[t, :top].tolist()

@@ -19,10 +19,12 @@ from memcli import rundir
 from memcli.checkpoint import check_shape, load_tensors, save_tensors
 from memcli.data.bank import Bank, load_bank
 from memcli.errors import MemcliError
-from memcli.explicit.model import MemoryAugmentedLM, MemoryConfig
+from memcli.kinds import EXPLICIT
+from memcli.explicit.config import MemoryConfig
+from memcli.explicit.model import MemoryAugmentedLM
 from memcli.records import atomic_dir, read_json_object, require_dir, write_json
 
-KIND = "explicit-memory"
+KIND = EXPLICIT
 MEMORY, BANK = "memory", "bank"
 EXACT_LIMIT = 16384  # banks up to this size use exact content-key search under retrieval=auto
 
@@ -60,12 +62,11 @@ def separator_ids(tok) -> list[int]:
     return tok("\n", add_special_tokens=False)["input_ids"]
 
 
-def build_model(backbone: str, cache_path, keys_path, memory_layers=(1, 3), num_candidates: int = 16,
-                topk_per_half: int | None = None, gate_rank: int = 0, fusion_rank: int = 0,
-                freeze_keys: bool = False, mode: str = "full", seed: int = 0, rerank: bool = True,
-                retrieval: str = "auto", trust_remote_code: bool = False, query: str = "token",
-                entry_key: str = "embeddings", read: str = "additive", prefix_entries: int = 1):
-    """-> (model, tokenizer, bank). Hidden-state entry features are computed (and their statistics fitted) here."""
+def build_model(backbone: str, cache_path, keys_path, seed: int = 0, trust_remote_code: bool = False,
+                retrieval: str = "auto", **fields):
+    """-> (model, tokenizer, bank). ``fields``: MemoryConfig fields by name (a recipe passes its ``model`` section's,
+    :func:`memcli.config.model_fields`); sizes, ids and fingerprints come from the bank, keys and backbone.
+    Hidden-state entry features are computed (and their statistics fitted) here."""
     from memcli.backbone import load_backbone
 
     bank = load_bank(cache_path)
@@ -76,16 +77,14 @@ def build_model(backbone: str, cache_path, keys_path, memory_layers=(1, 3), num_
     fp = bank.check_tokenizer(tok, backbone)
     if int(bank.token_ids.max()) >= model.get_input_embeddings().weight.shape[0]:
         raise MemcliError(f"{cache_path}: bank holds token ids beyond the backbone's vocabulary")
-    cfg = MemoryConfig(
-        knowledge_num=bank.knowledge_num, knowledge_length=bank.knowledge_length,
+    fields = {k: v for k, v in fields.items() if k not in ("knowledge_num", "knowledge_length", "knowledge_dim")}
+    read = fields.get("read", "additive")
+    cfg = MemoryConfig.from_dict(dict(
+        fields, knowledge_num=bank.knowledge_num, knowledge_length=bank.knowledge_length,
         knowledge_dim=int(keys.shape[0] * keys.shape[2]), hidden_size=model.config.hidden_size,
-        vocab_size=len(tok), pad_id=bank.pad_id, memory_layers=list(memory_layers),
-        num_candidates=num_candidates, topk_per_half=topk_per_half, gate_rank=gate_rank, fusion_rank=fusion_rank,
-        freeze_keys=freeze_keys, rerank=rerank, retrieval=resolve_retrieval(retrieval, bank.knowledge_num),
-        query=query, entry_key=entry_key, read=read, prefix_entries=prefix_entries,
+        vocab_size=len(tok), pad_id=bank.pad_id, retrieval=resolve_retrieval(retrieval, bank.knowledge_num),
         prefix_separator=separator_ids(tok) if read == "prefix" else [],
-        backbone=backbone, mode=mode, tokenizer_fingerprint=fp, index_id=bank.meta["index_id"],
-    )
+        backbone=backbone, tokenizer_fingerprint=fp, index_id=bank.meta["index_id"]), "model config")
     mem = MemoryAugmentedLM(model, cfg, bank.token_ids, bank.valid_rows(), keys)
     mem.refresh_entry_features(fit=True)
     return mem, tok, bank
@@ -122,22 +121,27 @@ def _entry_feats(model: MemoryAugmentedLM) -> dict[str, torch.Tensor]:
     return {str(i): model.entry_feats(i) for i in model.cfg.memory_layers if model.entry_feats(i) is not None}
 
 
+def write_memory_files(d: Path, model: MemoryAugmentedLM) -> None:
+    """The memory part's files into directory ``d`` (callers stage it whole with ``atomic_dir``)."""
+    save_tensors(d / "memory.safetensors", memory_state_dict(model))
+    write_json(d / "memory_config.json", model.cfg.to_dict())
+    save_tensors(d / "usage.safetensors", {"usage": model.usage, "last_updated": model.last_updated})
+    if _entry_feats(model):
+        save_tensors(d / "entry_features.safetensors", _entry_feats(model))
+
+
 def save_memory(model: MemoryAugmentedLM, tok, bank: Bank, run_dir: str | Path, info: dict,
                 extra_parts=None) -> Path:
     """Write the run's parts (memory/, bank/, backbone/ or lora/), then checkpoint.json."""
     run_dir = Path(run_dir)
     rundir.begin(run_dir)
     with atomic_dir(run_dir / MEMORY) as tmp:
-        save_tensors(tmp / "memory.safetensors", memory_state_dict(model))
-        write_json(tmp / "memory_config.json", model.cfg.to_dict())
-        save_tensors(tmp / "usage.safetensors", {"usage": model.usage, "last_updated": model.last_updated})
-        if _entry_feats(model):
-            save_tensors(tmp / "entry_features.safetensors", _entry_feats(model))
+        write_memory_files(tmp, model)
     Bank(model.bank.detach().cpu(), bank.entries, dict(bank.meta)).save(run_dir / BANK)
     if extra_parts is not None:
         extra_parts(run_dir)
     info = dict(info, backbone=model.cfg.backbone,
-                **rundir.save_backbone(run_dir, model.backbone, tok, model.cfg.mode))
+                **rundir.save_backbone(run_dir, model.backbone, tok, model.cfg.finetuning_method))
     rundir.finish(run_dir, KIND, info)
     return run_dir
 
@@ -196,3 +200,9 @@ def save_bank_edit(run_dir: str | Path, model: MemoryAugmentedLM, bank: Bank) ->
     save_tensors(d / MEMORY / "usage.safetensors", {"usage": model.usage, "last_updated": model.last_updated})
     if _entry_feats(model):
         save_tensors(d / MEMORY / "entry_features.safetensors", _entry_feats(model))
+
+
+def open_run(path: str | Path, device: str = "cpu") -> dict:
+    """The registry's loader (memcli/kinds.py): the parts of a :class:`memcli.runs.Run`."""
+    model, tok, bank, info = load_memory(path, device)
+    return {"model": model, "tok": tok, "bank": bank, "info": info}

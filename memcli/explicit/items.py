@@ -183,22 +183,11 @@ def collate(items: list[Item], pad_id: int, step_seed: int, cf_prob: float) -> d
     return out
 
 
-def prompt_batch(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prompts of a batch alone (answers dropped), left-padded: what ``read=prefix`` retrieves from."""
-    ids, att, end = batch["input_ids"], batch["attention_mask"], batch["prompt_end"]
-    T = int(end.max())
-    out_ids = torch.full((ids.shape[0], T), int(ids[0, 0]), dtype=ids.dtype, device=ids.device)
-    out_att = torch.zeros((ids.shape[0], T), dtype=att.dtype, device=att.device)
-    for b in range(ids.shape[0]):
-        e = int(end[b])
-        out_ids[b, T - e:] = ids[b, :e]
-        out_att[b, T - e:] = att[b, :e]
-    return out_ids, out_att
-
-
-def tail_lm_loss(model, batch: dict, **kw) -> torch.Tensor:
-    """LM loss on the answer tail of a left-padded batch (``backbone.answer_loss``); memory records are collected."""
-    return answer_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"], collect=True, **kw)
+def tail_lm_loss(model, batch: dict, **kw) -> tuple[torch.Tensor, list[dict]]:
+    """LM loss on the answer tail of a left-padded batch (``backbone.answer_loss``) and the forward's memory records."""
+    loss, out = answer_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"], with_output=True,
+                            collect=True, **kw)
+    return loss, (out.memory_records if out is not None else [])
 
 
 def router_positions(batch: dict, records: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,55 +17,14 @@ Nothing in transformers is patched. Two ways for a retrieved entry to reach the 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass, field
-
 import torch
 import torch.nn as nn
 
 from memcli.backbone import decoder_layers, decoder_stack, layer_output, left_pad
 from memcli.errors import MemcliError
+from memcli.explicit.config import MemoryConfig
 from memcli.explicit.fusion import GatedMemoryFusion, MemoryNorm
 from memcli.explicit.gate import MemoryGate
-
-
-@dataclass
-class MemoryConfig:
-    knowledge_num: int
-    knowledge_length: int
-    knowledge_dim: int
-    hidden_size: int
-    vocab_size: int
-    pad_id: int
-    memory_layers: list[int] = field(default_factory=lambda: [1, 3])
-    num_candidates: int = 16
-    topk_per_half: int | None = None
-    gate_rank: int = 0
-    fusion_rank: int = 0
-    freeze_keys: bool = False
-    rerank: bool = True
-    retrieval: str = "product"  # product | exact (resolved from config's "auto" when the model is built)
-    query: str = "token"  # token | mean
-    entry_key: str = "embeddings"  # embeddings | hidden
-    read: str = "additive"  # additive | prefix
-    prefix_entries: int = 1
-    prefix_separator: list[int] = field(default_factory=list)  # token ids between the prefix and the input
-    backbone: str = "tiny"
-    mode: str = "full"  # frozen | lora | full
-    tokenizer_fingerprint: str | None = None
-    index_id: str | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "memory_config.json") -> "MemoryConfig":
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise MemcliError(f"{where}: unknown field(s) {sorted(unknown)}")
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise MemcliError(f"{where}: {e}") from None
 
 
 class MemoryAugmentedLM(nn.Module):
@@ -103,8 +62,13 @@ class MemoryAugmentedLM(nn.Module):
             if cfg.entry_key == "hidden":
                 self.register_buffer(f"entry_feats_{i}", torch.zeros(N, D), persistent=False)
         self.memory_enabled = True
-        self.ctx: dict = {"collect": False, "records": [], "attention_mask": None, "bank_override": None,
-                          "running": {}, "rows": None}
+        # per-call plumbing between forward and the layer hooks (never read by callers): forwards return their records
+        self._mask: torch.Tensor | None = None  # the decoder's 2-D attention mask, captured by a pre-hook
+        self._running: dict = {}  # query=mean: running sums across KV-cached calls of one generate
+        self._records: list | None = None  # gate records of the current call, when collected
+        self._override = None  # (rows, ids): batch-local counterfactual rows
+        self._override_feats: dict = {}
+        self._feature_cache: dict = {}  # entry features per token sequence (the base model does not change)
         self._hooks = []
         if cfg.read == "additive":
             self._hooks.append(decoder_stack(backbone).register_forward_pre_hook(self._capture_mask, with_kwargs=True))
@@ -114,7 +78,7 @@ class MemoryAugmentedLM(nn.Module):
     # ------------------------------------------------------------------ plumbing
     def _capture_mask(self, module, args, kwargs):
         am = kwargs.get("attention_mask")
-        self.ctx["attention_mask"] = am if (am is not None and am.dim() == 2) else None
+        self._mask = am if (am is not None and am.dim() == 2) else None
 
     def embed_weight(self) -> torch.Tensor:
         return self.backbone.get_input_embeddings().weight
@@ -166,7 +130,7 @@ class MemoryAugmentedLM(nn.Module):
         The base model does not change (entry_key=hidden needs a frozen or LoRA backbone), so the features of
         a token sequence are computed once: counterfactual and edited rows come back every step.
         """
-        cache = self.ctx.setdefault("feature_cache", {})
+        cache = self._feature_cache
         keys = [(layer, tuple(r)) for r in ids.tolist()]
         todo = [i for i, k in enumerate(keys) if k not in cache]
         if todo:
@@ -194,7 +158,7 @@ class MemoryAugmentedLM(nn.Module):
 
     def _bank_for_read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Bank and entry features, with the batch-local counterfactual rows swapped in when set."""
-        ov = self.ctx.get("bank_override")
+        ov = self._override
         feats = self.entry_feats(layer)
         if ov is None:
             return self.bank, feats
@@ -203,7 +167,7 @@ class MemoryAugmentedLM(nn.Module):
         bank = self.bank.clone()
         bank[rows] = ids.to(device=bank.device, dtype=bank.dtype)
         if feats is not None:
-            cache = self.ctx.setdefault("override_feats", {})
+            cache = self._override_feats
             if layer not in cache:  # features of the rewritten rows, once per override
                 cache[layer] = self.entry_features(bank[rows], layer).to(feats.dtype)
             feats = feats.clone()
@@ -212,8 +176,8 @@ class MemoryAugmentedLM(nn.Module):
 
     def set_override(self, rows: torch.Tensor | None, ids: torch.Tensor | None = None) -> None:
         """Rewrite ``rows`` to token ids ``ids`` for the following forwards only (None: back to the bank)."""
-        self.ctx["bank_override"] = None if rows is None else (rows, ids)
-        self.ctx["override_feats"] = {}
+        self._override = None if rows is None else (rows, ids)
+        self._override_feats = {}
 
     # ------------------------------------------------------------------ additive read (hooks)
     def read(self, layer: int, h: torch.Tensor, q_in: torch.Tensor | None = None):
@@ -233,11 +197,11 @@ class MemoryAugmentedLM(nn.Module):
         w = mask.unsqueeze(-1).to(h.dtype)
         s = (h * w).cumsum(1)
         c = w.cumsum(1)
-        prev = None if fresh else self.ctx["running"].get(layer)
+        prev = None if fresh else self._running.get(layer)
         if prev is not None:
             s = s + prev[0].unsqueeze(1)
             c = c + prev[1].unsqueeze(1)
-        self.ctx["running"][layer] = (s[:, -1].detach(), c[:, -1].detach())
+        self._running[layer] = (s[:, -1].detach(), c[:, -1].detach())
         return s / c.clamp_min(1)
 
     def _make_hook(self, layer: int):
@@ -246,18 +210,18 @@ class MemoryAugmentedLM(nn.Module):
                 return output
             h = output[0] if isinstance(output, tuple) else output
             B, T, D = h.shape
-            am = self.ctx.get("attention_mask")
+            am = self._mask
             mask = am[:, -T:].bool() if am is not None else torch.ones(B, T, dtype=torch.bool, device=h.device)
             q_in = None
             if self.cfg.query == "mean":
                 q_in = self._running_mean(layer, h, mask, kwargs).reshape(B * T, D)
             fused, rec = self.read(layer, h.reshape(B * T, D), q_in)
             new = torch.where(mask.reshape(B * T, 1), fused, h.reshape(B * T, D)).reshape(B, T, D)
-            if self.ctx["collect"]:
+            if self._records is not None:
                 rec["mask"] = mask.reshape(-1)
                 rec["layer"] = layer
                 rec["shape"] = (B, T)
-                self.ctx["records"].append(rec)
+                self._records.append(rec)
             return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
 
         return hook
@@ -298,22 +262,31 @@ class MemoryAugmentedLM(nn.Module):
             if feats is None:
                 feats = self.prompt_features(input_ids, attention_mask)
             rec = self.retrieve(feats)
-            if self.ctx["collect"]:
-                self.ctx["records"].append(rec)
+            if self._records is not None:
+                self._records.append(rec)
             rows = rec["cells"][:, : self.cfg.prefix_entries]
         return self.prefixed(input_ids, attention_mask, rows)
 
     # ------------------------------------------------------------------ use
     def forward(self, input_ids=None, attention_mask=None, labels=None, collect: bool = False, rows=None,
                 prompt_feats=None, **kw):
-        """The backbone's forward with memory.
+        """The backbone's forward with memory; with ``collect`` the output's ``memory_records`` holds the gate record of
+        every retrieval (layer, cells, weights, scores, mask): what the router and usage terms are computed from.
 
         ``read=prefix`` retrieves from the whole input, which is right for a prompt; when the input holds
         an answer, pass ``rows [B, k]`` (entries to place) or ``prompt_feats [B, D]`` (features of the
         prompt alone, e.g. cached) so the answer never reaches the query. Logits keep the input's positions.
         """
-        self.ctx["records"] = []
-        self.ctx["collect"] = collect
+        records: list = []
+        self._records = records if collect else None
+        try:
+            out = self._forward(input_ids, attention_mask, labels, rows, prompt_feats, **kw)
+        finally:
+            self._records = None
+        out.memory_records = records
+        return out
+
+    def _forward(self, input_ids, attention_mask, labels, rows, prompt_feats, **kw):
         if self.cfg.read == "additive":
             return self.backbone(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kw)
         if labels is not None:
@@ -327,16 +300,19 @@ class MemoryAugmentedLM(nn.Module):
         return out
 
     @torch.no_grad()
-    def generate(self, input_ids=None, attention_mask=None, rows=None, **kw):
-        """HF ``generate`` with memory; returns the input followed by the new tokens (prefixes stay hidden)."""
-        self.ctx["collect"] = kw.pop("collect", False)
-        self.ctx["records"] = []
-        self.ctx["running"] = {}
-        if self.cfg.read == "additive":
-            return self.backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
-        ids, att = self._prefix_inputs(input_ids, attention_mask, rows)
-        out = self.backbone.generate(input_ids=ids, attention_mask=att, **kw)
-        return torch.cat([input_ids, out[:, ids.shape[1]:].to(input_ids.device)], dim=1)
+    def generate(self, input_ids=None, attention_mask=None, rows=None, records: list | None = None, **kw):
+        """HF ``generate`` with memory; returns the input followed by the new tokens (prefixes stay hidden). Gate
+        records of the prompt and of every generated token are appended to ``records`` when a list is given."""
+        self._records = records
+        self._running = {}
+        try:
+            if self.cfg.read == "additive":
+                return self.backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
+            ids, att = self._prefix_inputs(input_ids, attention_mask, rows)
+            out = self.backbone.generate(input_ids=ids, attention_mask=att, **kw)
+            return torch.cat([input_ids, out[:, ids.shape[1]:].to(input_ids.device)], dim=1)
+        finally:
+            self._records = None
 
     def update_usage(self, records: list[dict], step: int | None = None) -> None:
         """Accumulate selection weights per entry on device (no host sync)."""
@@ -355,6 +331,3 @@ class MemoryAugmentedLM(nn.Module):
         self.last_updated[row] = step
         self.refresh_entry_features(torch.tensor([row]))  # the key follows the new content
 
-
-def num_params(module: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

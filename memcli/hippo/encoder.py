@@ -20,77 +20,13 @@ state is exactly zero.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from memcli.errors import MemcliError
-
-VARIANTS = ("matrix", "selective")
-INITS = ("s4d_real", "legs")
-POOLS = ("last", "mean", "tokens")
-READS = ("additive", "prefix")
-
-
-@dataclass
-class HippoConfig:
-    variant: str = "matrix"
-    hidden_size: int = 256  # the backbone's
-    num_heads: int = 4
-    state_dim: int = 32  # dk per head
-    value_dim: int = 64  # dv per head
-    init: str = "s4d_real"  # A from S4D-Real (diagonal) or HiPPO-LegS (dense)
-    dt_min: float = 1e-3
-    dt_max: float = 1e-1
-    expand: int = 2  # selective: inner width = expand * hidden_size
-    fusion_layers: list[int] = field(default_factory=lambda: [1])
-    feature_layer: int = -1  # backbone hidden state the turn features come from (-1: last)
-    pool: str = "last"  # last (causal position that has seen the whole turn) | mean | tokens (every position writes)
-    standardise: bool = False  # standardise turn features and read states per dimension (pretrained backbones)
-    read: str = "additive"  # additive (fused into the layers' outputs) | prefix (memory tokens before the prompt)
-    memory_tokens: int = 16  # read=prefix: content tokens kept per turn, read back as memory tokens
-    prompt_tokens: int = 8  # read=prefix: learned soft-prompt vectors before the memory tokens
-    backbone: str = "tiny"
-    tokenizer_fingerprint: str = ""
-
-    def check(self, where: str = "hippo config") -> None:
-        if self.variant not in VARIANTS:
-            raise MemcliError(f"{where}: variant '{self.variant}', expected one of {', '.join(VARIANTS)}")
-        if self.init not in INITS:
-            raise MemcliError(f"{where}: init '{self.init}', expected one of {', '.join(INITS)}")
-        if self.pool not in POOLS:
-            raise MemcliError(f"{where}: pool '{self.pool}', expected one of {', '.join(POOLS)}")
-        for k in ("hidden_size", "num_heads", "state_dim", "value_dim", "expand"):
-            if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
-                raise MemcliError(f"{where}: {k} got {getattr(self, k)!r}, expected a positive integer")
-        if not 0 < self.dt_min <= self.dt_max:
-            raise MemcliError(f"{where}: dt_min/dt_max got {self.dt_min}/{self.dt_max}, expected 0 < dt_min <= dt_max")
-        if not self.fusion_layers:
-            raise MemcliError(f"{where}: fusion_layers is empty, expected at least one decoder layer")
-        if self.read not in READS:
-            raise MemcliError(f"{where}: read '{self.read}', expected one of {', '.join(READS)}")
-        if self.read == "prefix" and self.pool == "tokens":
-            raise MemcliError(f"{where}: read=prefix writes one key per turn, expected pool last or mean")
-        for k in ("memory_tokens", "prompt_tokens"):
-            if getattr(self, k) < (1 if k == "memory_tokens" else 0):
-                raise MemcliError(f"{where}: {k} got {getattr(self, k)}, expected a positive integer")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "hippo config") -> "HippoConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise MemcliError(f"{where}: unknown key '{unknown[0]}'")
-        cfg = cls(**d)
-        cfg.check(where)
-        return cfg
-
+from memcli.hippo.config import HippoConfig
 
 def legs_matrix(n: int) -> torch.Tensor:
     """HiPPO-LegS transition: -sqrt(2i+1)sqrt(2j+1) below the diagonal, -(i+1) on it, 0 above."""
@@ -136,8 +72,8 @@ class _Transition(nn.Module):
 
     def __init__(self, cfg: HippoConfig):
         super().__init__()
-        H, N = cfg.num_heads, cfg.state_dim
-        self.dense = cfg.init == "legs"
+        H, N = cfg.hippo_heads, cfg.hippo_state_dim
+        self.dense = cfg.hippo_init == "legs"
         if self.dense:
             self.A = nn.Parameter(legs_matrix(N).expand(H, N, N).clone())
         else:
@@ -171,7 +107,7 @@ class HippoEncoder(nn.Module):
 
     def init_state(self, batch: int, device=None, dtype=torch.float32) -> torch.Tensor:
         c = self.cfg
-        return torch.zeros(batch, c.num_heads, c.state_dim, c.value_dim, device=device, dtype=dtype)
+        return torch.zeros(batch, c.hippo_heads, c.hippo_state_dim, c.hippo_value_dim, device=device, dtype=dtype)
 
     def write(self, S: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None,
               tok_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -217,7 +153,7 @@ class MatrixMemory(HippoEncoder):
     def __init__(self, cfg: HippoConfig):
         super().__init__()
         self.cfg = cfg
-        D, H, N, V = cfg.hidden_size, cfg.num_heads, cfg.state_dim, cfg.value_dim
+        D, H, N, V = cfg.hidden_size, cfg.hippo_heads, cfg.hippo_state_dim, cfg.hippo_value_dim
         self.trans = _Transition(cfg)
         self.log_dt = nn.Parameter(torch.log(_init_dt(H, cfg.dt_min, cfg.dt_max)))
         self.W_k = nn.Linear(D, H * N, bias=False)
@@ -225,14 +161,14 @@ class MatrixMemory(HippoEncoder):
         self.readers = nn.ModuleDict({str(i): _MatrixReader(cfg) for i in _fused(cfg)})
 
     def _write(self, S, x, tok_mask):
-        H = self.cfg.num_heads
+        H = self.cfg.hippo_heads
         k = F.normalize(_heads(self.W_k(x), H).float(), dim=-1)
         v = _heads(self.W_v(x), H).float()
         return self.trans.step(S, k, v, torch.exp(self.log_dt), tok_mask)
 
     def read(self, S: torch.Tensor, h: torch.Tensor, layer: int) -> torch.Tensor:
         r = self.readers[str(layer)]
-        H = self.cfg.num_heads
+        H = self.cfg.hippo_heads
         q = F.normalize(_heads(r.W_q(h), H).float(), dim=-1)
         v_skip = _heads(self.W_v(h), H).float()
         y = self._read_out(S, q, v_skip, r.norm, r.D)
@@ -242,7 +178,7 @@ class MatrixMemory(HippoEncoder):
 class _MatrixReader(nn.Module):
     def __init__(self, cfg: HippoConfig):
         super().__init__()
-        D, H, N, V = cfg.hidden_size, cfg.num_heads, cfg.state_dim, cfg.value_dim
+        D, H, N, V = cfg.hidden_size, cfg.hippo_heads, cfg.hippo_state_dim, cfg.hippo_value_dim
         self.W_q = nn.Linear(D, H * N, bias=False)
         self.norm = _HeadNorm(H, V)
         self.D = nn.Parameter(torch.zeros(H, V))  # skip starts off: at init only the state is read
@@ -256,11 +192,11 @@ class SelectiveMemory(HippoEncoder):
     def __init__(self, cfg: HippoConfig):
         super().__init__()
         self.cfg = cfg
-        D, H, N = cfg.hidden_size, cfg.num_heads, cfg.state_dim
-        E = cfg.expand * D
+        D, H, N = cfg.hidden_size, cfg.hippo_heads, cfg.hippo_state_dim
+        E = cfg.hippo_expand * D
         if E % H:
             raise MemcliError(f"hippo config: expand*hidden_size ({E}) must be divisible by num_heads ({H})")
-        cfg.value_dim = E // H
+        cfg.hippo_value_dim = E // H
         self.trans = _Transition(cfg)
         self.in_proj = nn.Linear(D, E, bias=False)
         self.W_k = nn.Linear(E, H * N, bias=False)  # B(x)
@@ -273,7 +209,7 @@ class SelectiveMemory(HippoEncoder):
         self.readers = nn.ModuleDict({str(i): _SelectiveReader(cfg) for i in _fused(cfg)})
 
     def _write(self, S, x, tok_mask):
-        H = self.cfg.num_heads
+        H = self.cfg.hippo_heads
         u = F.silu(self.in_proj(x))  # [B, L, E]
         k = F.normalize(_heads(self.W_k(u), H).float(), dim=-1)
         v = _heads(self.W_v(u), H).float()
@@ -284,7 +220,7 @@ class SelectiveMemory(HippoEncoder):
 
     def read(self, S: torch.Tensor, h: torch.Tensor, layer: int) -> torch.Tensor:
         r = self.readers[str(layer)]
-        H = self.cfg.num_heads
+        H = self.cfg.hippo_heads
         u, z = r.in_proj(h).chunk(2, dim=-1)
         u = F.silu(u)
         q = F.normalize(_heads(r.W_q(u), H).float(), dim=-1)  # C(x)
@@ -296,8 +232,8 @@ class SelectiveMemory(HippoEncoder):
 class _SelectiveReader(nn.Module):
     def __init__(self, cfg: HippoConfig):
         super().__init__()
-        D, H, N = cfg.hidden_size, cfg.num_heads, cfg.state_dim
-        E = cfg.expand * D
+        D, H, N = cfg.hidden_size, cfg.hippo_heads, cfg.hippo_state_dim
+        E = cfg.hippo_expand * D
         self.in_proj = nn.Linear(D, 2 * E, bias=False)
         self.W_q = nn.Linear(E, H * N, bias=False)
         self.norm = _HeadNorm(H, E // H)
@@ -308,7 +244,7 @@ class _SelectiveReader(nn.Module):
 
 def _fused(cfg: HippoConfig) -> list[int]:
     """Layers with an additive reader (a prefix read reads the state once, into memory tokens)."""
-    return list(cfg.fusion_layers) if cfg.read == "additive" else []
+    return list(cfg.memory_layers) if cfg.hippo_read == "additive" else []
 
 
 class TokenMemory(nn.Module):
@@ -325,12 +261,12 @@ class TokenMemory(nn.Module):
 
     def __init__(self, cfg: HippoConfig, embed_rms: float, prompt_init: torch.Tensor):
         super().__init__()
-        D, H, N = cfg.hidden_size, cfg.num_heads, cfg.state_dim
+        D, H, N = cfg.hidden_size, cfg.hippo_heads, cfg.hippo_state_dim
         if D % H:
             raise MemcliError(f"hippo config: hidden_size ({D}) must be divisible by num_heads ({H}) for read=prefix")
         self.cfg = cfg
         self.trans = _Transition(cfg)
-        if cfg.variant == "matrix":
+        if cfg.hippo_variant == "matrix":
             self.log_dt = nn.Parameter(torch.log(_init_dt(H, cfg.dt_min, cfg.dt_max)))
         else:
             self.dt_proj = nn.Linear(D, H, bias=True)
@@ -349,23 +285,23 @@ class TokenMemory(nn.Module):
 
     def init_state(self, batch: int, device=None, dtype=torch.float32) -> torch.Tensor:
         c = self.cfg
-        return torch.zeros(batch, c.num_heads, c.state_dim, c.memory_tokens * c.hidden_size // c.num_heads,
+        return torch.zeros(batch, c.hippo_heads, c.hippo_state_dim, c.hippo_memory_tokens * c.hidden_size // c.hippo_heads,
                            device=device, dtype=dtype)
 
     def write(self, S: torch.Tensor, x: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """One turn: features ``x [B, D]``, token embeddings ``tokens [B, m, D]`` (zeros where there is none)."""
         B, m, D = tokens.shape
-        H = self.cfg.num_heads
+        H = self.cfg.hippo_heads
         k = F.normalize(_heads(self.W_k(x), H).float(), dim=-1)  # [B, H, N]
         v = tokens.float().reshape(B, m, H, D // H).permute(0, 2, 1, 3).reshape(B, H, m * D // H)
-        dt = torch.exp(self.log_dt) if self.cfg.variant == "matrix" else F.softplus(self.dt_proj(x).float())
+        dt = torch.exp(self.log_dt) if self.cfg.hippo_variant == "matrix" else F.softplus(self.dt_proj(x).float())
         new = self.trans.step(S, k[:, None], v[:, None], dt)
         return new if mask is None else torch.where(mask.view(-1, 1, 1, 1), new, S)
 
     def read(self, S: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
         """``question [B, D]`` -> the soft prompt and the memory tokens ``[B, p + m, D]`` (memory tokens per head
         normalised, then at the embedding scale; an empty state reads zeros)."""
-        H, m, D = self.cfg.num_heads, self.cfg.memory_tokens, self.cfg.hidden_size
+        H, m, D = self.cfg.hippo_heads, self.cfg.hippo_memory_tokens, self.cfg.hidden_size
         q = F.normalize(_heads(self.W_q(question), H).float(), dim=-1)
         y = torch.einsum("bhn,bhnv->bhv", q, S.float())  # [B, H, m*D/H]
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-12)
@@ -375,12 +311,4 @@ class TokenMemory(nn.Module):
 
 def build_encoder(cfg: HippoConfig) -> HippoEncoder:
     cfg.check()
-    return MatrixMemory(cfg) if cfg.variant == "matrix" else SelectiveMemory(cfg)
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def describe(cfg: HippoConfig) -> dict[str, Any]:
-    return {"variant": cfg.variant, "heads": cfg.num_heads, "state": f"{cfg.state_dim}x{cfg.value_dim}", "init": cfg.init}
+    return MatrixMemory(cfg) if cfg.hippo_variant == "matrix" else SelectiveMemory(cfg)

@@ -9,25 +9,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from memcli import rundir
-from memcli.checkpoint import load_tensors, save_tensors
+from memcli.checkpoint import load_tensors
 from memcli.errors import MemcliError
-from memcli.hippo.encoder import HippoConfig
+from memcli.kinds import HIPPO
+from memcli.hippo.config import HippoConfig
 from memcli.hippo.model import HippoModel
-from memcli.records import atomic_dir, read_json_object, require_dir, write_json
+from memcli.records import read_json_object, require_dir
 
-KIND = "hippo"
+KIND = HIPPO
 PART = "hippo_model"
 
 
 def save_hippo(model: HippoModel, tok, run_dir: str | Path, method: str, info: dict | None = None) -> Path:
-    run_dir = Path(run_dir)
-    rundir.begin(run_dir)
-    with atomic_dir(run_dir / PART) as tmp:
-        save_tensors(tmp / "hippo_model.safetensors", model.memory_state_dict())
-        write_json(tmp / "hippo_config.json", model.cfg.to_dict())
-    info = dict(info or {}, backbone=model.cfg.backbone, **rundir.save_backbone(run_dir, model.backbone, tok, method))
-    rundir.finish(run_dir, KIND, info)
-    return run_dir
+    return rundir.save_run(run_dir, KIND, PART, model.memory_state_dict(), "hippo_config.json", model.cfg.to_dict(),
+                           model, tok, method, info)
 
 
 def load_hippo(path: str | Path, device: str = "cpu"):
@@ -56,3 +51,9 @@ def load_hippo(path: str | Path, device: str = "cpu"):
     model.load_memory_state_dict(load_tensors(hd / "hippo_model.safetensors"), hd / "hippo_model.safetensors")
     info = dict(info, finetuning_method=info.get("finetuning_method", method), loaded_as=method)
     return model.to(device).eval(), tok, info
+
+
+def open_run(path: str | Path, device: str = "cpu") -> dict:
+    """The registry's loader (memcli/kinds.py): the parts of a :class:`memcli.runs.Run`."""
+    model, tok, info = load_hippo(path, device)
+    return {"model": model, "tok": tok, "info": info}

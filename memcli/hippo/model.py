@@ -17,7 +17,8 @@ from torch import nn
 
 from memcli.backbone import Standardise, answer_loss, decoder_layers, layer_output
 from memcli.errors import MemcliError
-from memcli.hippo.encoder import HippoConfig, TokenMemory, build_encoder
+from memcli.hippo.config import HippoConfig
+from memcli.hippo.encoder import TokenMemory, build_encoder
 
 PARTS = ("encoder", "gates", "norms")
 
@@ -28,25 +29,25 @@ class HippoModel(nn.Module):
         self.backbone = backbone
         self.cfg = cfg
         n_layers = len(decoder_layers(backbone))
-        for i in cfg.fusion_layers:
+        for i in cfg.memory_layers:
             if not -n_layers <= i < n_layers:
                 raise MemcliError(f"hippo fusion layer {i} is out of range for a backbone with {n_layers} decoder layers")
-        if not -(n_layers + 1) <= cfg.feature_layer <= n_layers:
-            raise MemcliError(f"hippo feature layer {cfg.feature_layer} is out of range (backbone has {n_layers} layers)")
-        additive = cfg.read == "additive"
+        if not -(n_layers + 1) <= cfg.hippo_feature_layer <= n_layers:
+            raise MemcliError(f"hippo feature layer {cfg.hippo_feature_layer} is out of range (backbone has {n_layers} layers)")
+        additive = cfg.hippo_read == "additive"
         if additive:
             self.encoder = build_encoder(cfg)
         else:  # prefix read: the turns' tokens are the values; the question's state at fusion_layers[0] reads them
             cfg.check()
             W = backbone.get_input_embeddings().weight.detach().float()
-            rows = torch.randperm(W.shape[0], generator=torch.Generator().manual_seed(0))[: cfg.prompt_tokens]
+            rows = torch.randperm(W.shape[0], generator=torch.Generator().manual_seed(0))[: cfg.hippo_prompt_tokens]
             self.encoder = TokenMemory(cfg, float(W.pow(2).mean().sqrt()), W[rows])  # prompt starts as real tokens
-        fused = list(cfg.fusion_layers) if additive else []
+        fused = list(cfg.memory_layers) if additive else []
         self.gates = nn.ParameterDict({str(i): nn.Parameter(torch.ones(cfg.hidden_size)) for i in fused})
         # a pretrained model's states are dominated by a few large dimensions: without standardising them every turn
         # writes (and every position reads) nearly the same direction (DESIGN.md, last lessons)
         self.norms = nn.ModuleDict()
-        if cfg.standardise:
+        if cfg.hippo_standardise:
             self.norms["features"] = Standardise(cfg.hidden_size)
             for i in fused:
                 self.norms[f"read{i}"] = Standardise(cfg.hidden_size)
@@ -65,7 +66,7 @@ class HippoModel(nn.Module):
             h = output[0] if isinstance(output, tuple) else output
             if S.shape[0] != h.shape[0]:
                 raise MemcliError(f"memory state has batch {S.shape[0]}, input has batch {h.shape[0]}")
-            hr = self.norms[f"read{layer}"](h) if self.cfg.standardise else h
+            hr = self.norms[f"read{layer}"](h) if self.cfg.hippo_standardise else h
             new = h + self.gates[str(layer)].to(h.dtype) * self.encoder.read(S, hr, layer)
             return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
 
@@ -100,12 +101,12 @@ class HippoModel(nn.Module):
         ``[N, D]`` (pool last / mean) or ``[N, L, D]`` (pool tokens: every position writes)."""
         train_bb = any(p.requires_grad for p in self.backbone.parameters())
         with self.memory(None), torch.set_grad_enabled(torch.is_grad_enabled() and train_bb):
-            h = self._layer_states(ids, mask, self.cfg.feature_layer)
-        if self.cfg.standardise:
+            h = self._layer_states(ids, mask, self.cfg.hippo_feature_layer)
+        if self.cfg.hippo_standardise:
             h = self.norms["features"](h)
-        if self.cfg.pool == "tokens":
+        if self.cfg.hippo_pool == "tokens":
             return h
-        if self.cfg.pool == "last":
+        if self.cfg.hippo_pool == "last":
             last = (mask.sum(1) - 1).clamp(min=0)
             return h[torch.arange(h.shape[0], device=h.device), last]
         m = mask.unsqueeze(-1).to(h.dtype)
@@ -115,22 +116,22 @@ class HippoModel(nn.Module):
     def fit_norms(self, turn_ids: torch.Tensor, turn_mask: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> None:
         """Fit the standardisation on sample turns ``[N, L]`` (their pooled features) and prompts ``[B, T]`` (the states
         at each fusion layer, real positions only)."""
-        if not self.cfg.standardise:
+        if not self.cfg.hippo_standardise:
             return
         with self.memory(None):
-            h = self._layer_states(turn_ids, turn_mask, self.cfg.feature_layer).float()
+            h = self._layer_states(turn_ids, turn_mask, self.cfg.hippo_feature_layer).float()
             real = turn_mask.bool()
-            if self.cfg.pool == "last":
+            if self.cfg.hippo_pool == "last":
                 feats = h[torch.arange(h.shape[0]), (turn_mask.sum(1) - 1).clamp(min=0)]
-            elif self.cfg.pool == "mean":
+            elif self.cfg.hippo_pool == "mean":
                 feats = (h * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp(min=1)
             else:
                 feats = h[real]
             self.norms["features"].fit(feats)
-            if self.cfg.read == "prefix":
+            if self.cfg.hippo_read == "prefix":
                 self.norms["question"].fit(self.question_features(ids, mask, standardised=False))
                 return
-            for i in self.cfg.fusion_layers:
+            for i in self.cfg.memory_layers:
                 self.norms[f"read{i}"].fit(layer_output(self.backbone, ids, mask, i).float()[mask.bool()])
 
     def init_state(self, batch: int = 1) -> torch.Tensor:
@@ -139,7 +140,7 @@ class HippoModel(nn.Module):
 
     def token_values(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The last ``memory_tokens`` real tokens of each row ``[N, L]`` as embeddings ``[N, m, D]`` (zeros after)."""
-        m = self.cfg.memory_tokens
+        m = self.cfg.hippo_memory_tokens
         emb = self.backbone.get_input_embeddings()
         out = torch.zeros(ids.shape[0], m, self.cfg.hidden_size, device=ids.device)
         with torch.no_grad():
@@ -154,7 +155,7 @@ class HippoModel(nn.Module):
                     content_mask: torch.Tensor | None = None) -> torch.Tensor:
         """One turn per dialog: ``ids, mask [B, L]`` (chat blocks) -> the updated state. ``read=prefix`` also stores
         the turn's words: ``content_ids, content_mask [B, Lc]`` (its text without the template)."""
-        if self.cfg.read == "prefix":
+        if self.cfg.hippo_read == "prefix":
             return self.encoder.write(state, self.turn_features(ids, mask), self.token_values(content_ids, content_mask),
                                       turn_mask)
         return self.encoder.write(state, self.turn_features(ids, mask), turn_mask, mask)
@@ -166,7 +167,7 @@ class HippoModel(nn.Module):
         when None); features of all turns in one pass. ``read=prefix`` also takes the turns' words."""
         B, T, L = ids.shape
         flat = turn_mask.reshape(-1)
-        if self.cfg.read == "prefix":
+        if self.cfg.hippo_read == "prefix":
             feats = self.turn_features(ids.reshape(B * T, L), mask.reshape(B * T, L)).view(B, T, -1)
             Lc = content_ids.shape[-1]
             vals = self.token_values(content_ids.reshape(B * T, Lc), content_mask.reshape(B * T, Lc))
@@ -175,7 +176,7 @@ class HippoModel(nn.Module):
             for t in range(T):
                 S = self.encoder.write(S, feats[:, t], vals[:, t], turn_mask[:, t])
             return S
-        tokens = self.cfg.pool == "tokens"
+        tokens = self.cfg.hippo_pool == "tokens"
         D = self.cfg.hidden_size
         feats = torch.zeros((B * T, L, D) if tokens else (B * T, D), device=ids.device)
         if flat.any():
@@ -190,10 +191,10 @@ class HippoModel(nn.Module):
         """Mean of the prompt's states after decoder layer ``fusion_layers[0]`` over its real tokens ``[B, D]``."""
         train_bb = any(p.requires_grad for p in self.backbone.parameters())
         with self.memory(None), torch.set_grad_enabled(torch.is_grad_enabled() and train_bb):
-            h = layer_output(self.backbone, ids, mask, self.cfg.fusion_layers[0]).float()
+            h = layer_output(self.backbone, ids, mask, self.cfg.memory_layers[0]).float()
         w = mask.unsqueeze(-1).to(h.dtype)
         q = (h * w).sum(1) / w.sum(1).clamp(min=1)
-        return self.norms["question"](q) if (standardised and self.cfg.standardise) else q
+        return self.norms["question"](q) if (standardised and self.cfg.hippo_standardise) else q
 
     def prefix_inputs(self, input_ids, attention_mask, state, query_ids=None, query_mask=None):
         """``[memory tokens of the state] + input`` as left-padded input embeddings and mask."""
@@ -212,10 +213,14 @@ class HippoModel(nn.Module):
         return out, att
 
     # ---- LM
-    def forward(self, input_ids, attention_mask=None, state=None, query_ids=None, query_mask=None, **kw):
+    def forward(self, input_ids=None, attention_mask=None, state=None, query_ids=None, query_mask=None, batch=None,
+                **kw):
         """The backbone with the memory read. ``read=prefix``: ``query_ids`` (the prompt alone) choose what the memory
-        tokens read when ``input_ids`` also hold an answer; logits keep the input's positions."""
-        if self.cfg.read == "prefix" and state is not None:
+        tokens read when ``input_ids`` also hold an answer; logits keep the input's positions. ``batch`` (a training
+        batch of ``hippo.data.collate``): its answer loss instead, so a DDP-wrapped model syncs the training step."""
+        if batch is not None:
+            return self.answer_loss(batch)
+        if self.cfg.hippo_read == "prefix" and state is not None:
             E, att = self.prefix_inputs(input_ids, attention_mask, state, query_ids, query_mask)
             out = self.backbone(inputs_embeds=E, attention_mask=att, **kw)
             T = input_ids.shape[1]
@@ -228,7 +233,7 @@ class HippoModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, state=None, **kw):
         """HF ``generate`` with the memory; returns the input followed by the new tokens."""
-        if self.cfg.read == "prefix" and state is not None:
+        if self.cfg.hippo_read == "prefix" and state is not None:
             E, att = self.prefix_inputs(input_ids, attention_mask, state)
             new = self.backbone.generate(inputs_embeds=E, attention_mask=att, **kw)
             return torch.cat([input_ids, new.to(input_ids.device)], dim=1)

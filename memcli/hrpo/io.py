@@ -9,25 +9,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from memcli import rundir
-from memcli.checkpoint import load_tensors, save_tensors
+from memcli.checkpoint import load_tensors
 from memcli.errors import MemcliError
+from memcli.kinds import HRPO
 from memcli.hrpo.model import HrpoModel
-from memcli.hrpo.residual import HrpoConfig
-from memcli.records import atomic_dir, read_json_object, write_json
+from memcli.hrpo.config import HrpoConfig
+from memcli.records import read_json_object
 
-KIND = "hrpo"
-PART = "thinking_residual"
+KIND = HRPO
+PART, CONFIG = "thinking_residual", "hrpo_config.json"
 
 
 def save_hrpo(model: HrpoModel, tok, run_dir: str | Path, method: str, info: dict | None = None) -> Path:
-    run_dir = Path(run_dir)
-    rundir.begin(run_dir)
-    with atomic_dir(run_dir / PART) as tmp:
-        save_tensors(tmp / "thinking_residual.safetensors", model.residual_state_dict())
-        write_json(tmp / "hrpo_config.json", model.cfg.to_dict())
-    info = dict(info or {}, backbone=model.cfg.backbone, **rundir.save_backbone(run_dir, model.backbone, tok, method))
-    rundir.finish(run_dir, KIND, info)
-    return run_dir
+    return rundir.save_run(run_dir, KIND, PART, model.residual_state_dict(), CONFIG, model.cfg.to_dict(), model, tok,
+                           method, info)
 
 
 def load_hrpo(path: str | Path, device: str = "cpu"):
@@ -47,3 +42,9 @@ def load_hrpo(path: str | Path, device: str = "cpu"):
     tok.padding_side = "left"
     info = dict(info, finetuning_method=info.get("finetuning_method", method), loaded_as=method)
     return model.to(device).eval(), tok, info
+
+
+def open_run(path: str | Path, device: str = "cpu") -> dict:
+    """The registry's loader (memcli/kinds.py): the parts of a :class:`memcli.runs.Run`."""
+    model, tok, info = load_hrpo(path, device)
+    return {"model": model, "tok": tok, "info": info}

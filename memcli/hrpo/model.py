@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from memcli.hrpo.residual import HrpoConfig, ThinkingResidual
+from memcli.hrpo.config import HrpoConfig
+from memcli.hrpo.residual import ThinkingResidual
 from memcli.hrpo.rollout import hybrid_generate
 
 

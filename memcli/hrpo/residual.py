@@ -11,48 +11,13 @@ embedding ``(p @ W_embed) / ||p||_2`` or, with ``source="projection"``, a learna
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from memcli.errors import MemcliError
+from memcli.hrpo.config import HrpoConfig
 
 C = 8.0
-
-
-@dataclass
-class HrpoConfig:
-    hidden_size: int
-    source: str = "probs"  # probs | projection
-    r_min: float = 0.99
-    r_max: float = 0.999
-    marker: str = "####"
-    instruction: str = "Think step by step, then give the final answer after '####'."  # appended to every problem
-    backbone: str = "tiny"
-    tokenizer_fingerprint: str = ""
-    hybrid: bool = True  # how the run was trained, so how it decodes (False: plain GRPO, token inputs only)
-
-    def __post_init__(self):
-        if self.source not in ("probs", "projection"):
-            raise MemcliError(f"key 'model.thinking_source' got '{self.source}', expected probs or projection")
-        if not 0.0 < self.r_min <= self.r_max < 1.0:
-            raise MemcliError(f"keys 'model.thinking_r_min/r_max' got {self.r_min}/{self.r_max}, expected 0 < r_min <= r_max < 1")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str) -> "HrpoConfig":
-        known = set(cls.__dataclass_fields__)
-        bad = sorted(set(d) - known)
-        if bad:
-            raise MemcliError(f"{where}: unknown field '{bad[0]}'")
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise MemcliError(f"{where}: {e}") from None
 
 
 class ThinkingResidual(nn.Module):
@@ -63,11 +28,11 @@ class ThinkingResidual(nn.Module):
         self.thinking_residual_gate_r = nn.Linear(D, D)
         self.thinking_residual_gate_i = nn.Linear(D, D)
         # a at r = 1 is uniform in [r_min, r_max]; softplus(-Lambda) = -log(a) / c
-        a0 = torch.empty(D).uniform_(cfg.r_min, cfg.r_max)
+        a0 = torch.empty(D).uniform_(cfg.thinking_r_min, cfg.thinking_r_max)
         y = -torch.log(a0) / C
         self.thinking_residual_Lambda = nn.Parameter(-torch.log(torch.expm1(y)))
         self.thinking_projection = None
-        if cfg.source == "projection":
+        if cfg.thinking_source == "projection":
             self.thinking_projection = nn.Linear(D, D, bias=False)
             nn.init.normal_(self.thinking_projection.weight, std=0.02 / math.sqrt(D))  # small: starts near no-op
         self.register_buffer("embed_row_norm", torch.tensor(float(embed_row_norm)), persistent=True)

@@ -9,23 +9,23 @@ from the history's turns.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from memcli.backbone import apply_lora, load_backbone, tokenizer_fingerprint
 from memcli.checkpoint import load_tensors, save_tensors
-from memcli.config import backbone_spec, resolve
+from memcli.config import backbone_spec, model_fields
 from memcli.console import err_console
 from memcli.errors import MemcliError
 from memcli.eval.hippo import evaluate
 from memcli.hippo.data import collate, load_dialogs
-from memcli.hippo.encoder import HippoConfig
+from memcli.hippo.config import HippoConfig
 from memcli.hippo.io import save_hippo
 from memcli.hippo.model import HippoModel
-from memcli.training.loop import TrainTask, run_training
-from memcli.training.state import trainable_io
+from memcli.kinds import HIPPO
+from memcli.training.loop import train
+from memcli.training.recipe import Plan, Recipe
 
 # the data the tiny model learns from in minutes: names from a pool of 200 (chance 0.5%) and dialog
 # lengths 1..6 (short dialogs teach reading the state, long ones choosing among turns)
@@ -47,14 +47,10 @@ def resolve_paths(cfg) -> tuple[str, str | None]:
 
 
 def hippo_config(cfg, backbone, tok, spec: str) -> HippoConfig:
-    m = cfg.model
-    return HippoConfig(variant=m.hippo_variant.value, hidden_size=backbone.config.hidden_size, num_heads=m.hippo_heads,
-                       state_dim=m.hippo_state_dim, value_dim=m.hippo_value_dim or 64, init=m.hippo_init.value,
-                       expand=m.hippo_expand or 2, fusion_layers=list(m.memory_layers),
-                       feature_layer=m.hippo_feature_layer, pool=m.hippo_pool.value,
-                       standardise=m.hippo_standardise, read=m.hippo_read.value,
-                       memory_tokens=m.hippo_memory_tokens, prompt_tokens=m.hippo_prompt_tokens, backbone=spec,
-                       tokenizer_fingerprint=tokenizer_fingerprint(tok))
+    """The recipe's ``model`` section by its own names, plus what the backbone decides."""
+    fields = model_fields(HippoConfig, cfg.model, hidden_size=backbone.config.hidden_size, backbone=spec,
+                          tokenizer_fingerprint=tokenizer_fingerprint(tok))
+    return HippoConfig.from_dict(fields, "model config")
 
 
 def build(cfg, spec: str, method: str):
@@ -76,101 +72,123 @@ def backbone_trainables(model: HippoModel, method: str) -> list[tuple[str, torch
     return [(n, p) for n, p in named if "lora_" in n] if method == "lora" else named
 
 
-def answer_loss(model: HippoModel, batch: dict) -> torch.Tensor:
-    return model.answer_loss(batch)
+class HippoRecipe(Recipe):
+    """``train hippo``: stage 1 trains the encoder and gates, stage 2 (from ``training.stage1_epochs``) the backbone too."""
+
+    kind = HIPPO
+    command = "train hippo"
+    default_run_name = "hippo"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.method = self.cfg.model.finetuning_method.value
+
+    def build_model(self) -> None:
+        cfg, t = self.cfg, self.cfg.training
+        self.train_path, self.val_path = resolve_paths(cfg)
+        torch.manual_seed(t.seed)
+        self.model, self.tok = build(cfg, backbone_spec(cfg), self.method)
+        self.bb_named = backbone_trainables(self.model, self.method)
+        self.mem_params = self.model.memory_parameters()
+        self.param_groups = [{"name": "hippo", "params": self.mem_params, "lr": t.learning_rate},
+                             {"name": "backbone", "params": [p for _, p in self.bb_named], "lr": t.backbone_lr}]
+
+    def build_data(self) -> None:
+        ds, t, tok, model = self.cfg.dataset, self.cfg.training, self.tok, self.model
+        self.train_items = load_dialogs(tok, self.train_path, ds.max_turn_length, ds.max_prompt_length)
+        vp = self.val_path
+        self.val = load_dialogs(tok, vp, ds.max_turn_length, ds.max_prompt_length) if vp and Path(vp).exists() else []
+        if len(self.train_items) < t.batch_size:
+            raise MemcliError(f"{self.train_path}: {len(self.train_items)} dialogs, fewer than one batch "
+                              f"(training.batch_size={t.batch_size})")
+        if model.cfg.hippo_standardise:  # statistics of the backbone's states on the first training dialogs
+            sample = collate(self.train_items[:64], tok.pad_token_id)
+            real = sample["turns"].reshape(-1)
+            model.fit_norms(sample["turn_ids"].flatten(0, 1)[real], sample["turn_mask"].flatten(0, 1)[real],
+                            sample["query_ids"], sample["query_mask"])
+        self.best = Best(self)
+
+    def plan(self, plan: Plan) -> None:
+        super().plan(plan)
+        self.boundary = plan.step_of_epochs(self.cfg.training.stage1_epochs)  # first optimizer step of stage 2
+        if self.bb_named and self.boundary and plan.world > 1:
+            raise MemcliError("train hippo: unfreezing the backbone mid-run is not supported under DDP; run stage 1 "
+                              "and stage 2 as two runs (training.stage1_epochs=0 for the second), or train on one "
+                              "process")
+        self.stage = None
+        self.set_stage(0)
+
+    def set_stage(self, step: int) -> None:
+        s = 1 if (step < self.boundary or not self.bb_named) else 2
+        if s != self.stage:
+            for _, p in self.bb_named:
+                p.requires_grad_(s == 2)
+            self.stage = s
+
+    def trainable(self) -> dict[str, torch.Tensor]:
+        named = {f"memory.{i}": p for i, p in enumerate(self.mem_params)}
+        named.update({f"backbone.{n}": p for n, p in self.bb_named})
+        return named
+
+    def collate(self, items: list, micro: int) -> dict:
+        return collate(items, self.tok.pad_token_id)
+
+    def step(self, model, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
+        self.set_stage(step)
+        return model(batch=batch), {"stage": float(self.stage)}  # through the (DDP-wrapped) model's forward
+
+    @property
+    def has_eval(self) -> bool:
+        return bool(self.val)
+
+    def evaluate(self, step: int, final: bool = False) -> dict:
+        if final:
+            return self.best.final(step, self.val[:self.final_n])
+        res = evaluate(self.model, self.tok, self.val[:self.eval_n])
+        self.best.seen(step, res["val_loss"])
+        return res
+
+    def save(self, out: Path, info: dict) -> None:
+        save_hippo(self.model, self.tok, out, self.method, dict(info, stage1_steps=self.boundary))
+
+    def info(self) -> dict:
+        return dict(super().info(), variant=self.model.cfg.hippo_variant)
+
+
+class Best:
+    """The seed's ``--load_best_model``: keep the weights of the lowest validation loss (states/best.safetensors, which
+    survives a resume) and end with them when the last evaluation is worse."""
+
+    def __init__(self, recipe: HippoRecipe):
+        self.recipe = recipe
+        self.path = recipe.run_dir() / "states" / "best.safetensors"
+        self.on = recipe.cfg.training.load_best_model
+        self.loss, self.step = float("inf"), -1
+        if self.on and recipe.cfg.training.resume and self.path.is_file():
+            saved = load_tensors(self.path)
+            self.loss, self.step = float(saved["val_loss"]), int(saved["step"])
+
+    def seen(self, step: int, loss: float) -> None:
+        if self.on and loss < self.loss:
+            self.loss, self.step = loss, step
+            save_tensors(self.path, dict(self.recipe.state_dict(), val_loss=torch.tensor(loss), step=torch.tensor(step)))
+
+    def final(self, step: int, val: list) -> dict:
+        r = self.recipe
+        if not (self.on and self.loss < float("inf")):  # no evaluation of this run (or the run it resumes) saved one
+            return evaluate(r.model, r.tok, val)
+        last = evaluate(r.model, r.tok, r.val[:r.eval_n])["val_loss"]
+        if last > self.loss:  # the end is worse than the best evaluation: the best weights are the run's
+            sd = load_tensors(self.path)
+            sd.pop("val_loss")
+            sd.pop("step")
+            r.load_state_dict(sd)
+            err_console.print(f"train hippo: keeping the weights of step {self.step}, the lowest validation loss "
+                              f"({self.loss:.4f}; the last was {last:.4f})")
+        else:
+            self.loss, self.step = last, step
+        return dict(evaluate(r.model, r.tok, val), best_step=self.step)
 
 
 def train_hippo(cfg) -> dict:
-    resolve(cfg)
-    t, ds = cfg.training, cfg.dataset
-    spec = backbone_spec(cfg)
-    method = cfg.model.finetuning_method.value
-    if t.stage1_epochs < 0:
-        raise MemcliError(f"key 'training.stage1_epochs' got {t.stage1_epochs}, expected >= 0")
-    train_path, val_path = resolve_paths(cfg)
-    torch.manual_seed(t.seed)
-    model, tok = build(cfg, spec, method)
-    items = load_dialogs(tok, train_path, ds.max_turn_length, ds.max_prompt_length)
-    val = load_dialogs(tok, val_path, ds.max_turn_length, ds.max_prompt_length) if val_path and Path(val_path).exists() else []
-    if len(items) < t.batch_size:
-        raise MemcliError(f"{train_path}: {len(items)} dialogs, fewer than one batch (training.batch_size={t.batch_size})")
-
-    if model.cfg.standardise:  # statistics of the backbone's states on the first training dialogs
-        sample = collate(items[:64], tok.pad_token_id)
-        real = sample["turns"].reshape(-1)
-        model.fit_norms(sample["turn_ids"].flatten(0, 1)[real], sample["turn_mask"].flatten(0, 1)[real],
-                        sample["query_ids"], sample["query_mask"])
-    bb_named = backbone_trainables(model, method)
-    mem_params = model.memory_parameters()
-    groups = [{"name": "hippo", "params": mem_params, "lr": t.learning_rate},
-              {"name": "backbone", "params": [p for _, p in bb_named], "lr": t.backbone_lr}]
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    per_epoch = max(1, len(items) // (t.batch_size * world))
-    boundary = int(t.stage1_epochs * per_epoch) // t.accumulation_steps  # first optimizer step of stage 2
-    if bb_named and boundary and world > 1:
-        raise MemcliError("train hippo: unfreezing the backbone mid-run is not supported under DDP; run stage 1 and "
-                          "stage 2 as two runs (training.stage1_epochs=0 for the second), or train on one process")
-    stage = {"now": None}
-
-    def set_stage(step: int) -> None:
-        s = 1 if (step < boundary or not bb_named) else 2
-        if s != stage["now"]:
-            for _, p in bb_named:
-                p.requires_grad_(s == 2)
-            stage["now"] = s
-
-    def step_fn(m, batch, step):
-        set_stage(step)
-        loss = answer_loss(model, batch)
-        return loss, {"stage": float(stage["now"])}
-
-    eval_n, final_n = t.eval_num_samples, t.final_eval_num_samples
-    trainable = {f"memory.{i}": p for i, p in enumerate(mem_params)}
-    trainable.update({f"backbone.{n}": p for n, p in bb_named})
-    trainable_state, load_trainable = trainable_io(trainable)
-    run_dir = Path(cfg.logging.out_dir) / (cfg.logging.run_name or "hippo")
-    best_path = run_dir / "states" / "best.safetensors"  # the seed's --load_best_model: weights of the lowest val loss
-    keep_best = t.load_best_model
-    best = {"loss": float("inf"), "step": -1}
-    if keep_best and t.resume and best_path.is_file():
-        saved = load_tensors(best_path)
-        best.update(loss=float(saved["val_loss"]), step=int(saved["step"]))
-
-    def eval_fn(step):
-        res = evaluate(model, tok, val[:eval_n] if eval_n else val)
-        if keep_best and res["val_loss"] < best["loss"]:
-            best.update(loss=res["val_loss"], step=step)
-            save_tensors(best_path, dict(trainable_state(), val_loss=torch.tensor(res["val_loss"]), step=torch.tensor(step)))
-        return res
-
-    def final_eval(step):
-        if keep_best and best["loss"] < float("inf"):  # an evaluation of this run (or the run it resumes) saved one
-            last = evaluate(model, tok, val[:eval_n] if eval_n else val)["val_loss"]
-            if last > best["loss"]:  # the end is worse than the best evaluation: the best weights are the run's
-                sd = load_tensors(best_path)
-                sd.pop("val_loss")
-                sd.pop("step")
-                load_trainable(sd)
-                err_console.print(f"train hippo: keeping the weights of step {best['step']}, the lowest validation "
-                                  f"loss ({best['loss']:.4f}; the last was {last:.4f})")
-            else:
-                best.update(loss=last, step=step)
-            return dict(evaluate(model, tok, val[:final_n]), best_step=best["step"])
-        return evaluate(model, tok, val[:final_n])
-
-    def save_fn(out, info):
-        save_hippo(model, tok, out, method, dict(info, stage1_steps=boundary))
-
-    set_stage(0)
-    task = TrainTask(
-        model=model, param_groups=groups, train_items=items,
-        collate=lambda its, micro: collate(its, tok.pad_token_id),
-        step_fn=step_fn, trainable_state=trainable_state, load_trainable=load_trainable, save_fn=save_fn,
-        eval_fn=eval_fn if val else None,
-        final_eval_fn=final_eval if val else None,
-        info={"kind": "hippo", "variant": model.cfg.variant},
-    )
-    return run_training(cfg, task, run_dir, "train hippo")
-
-
-
+    return train(HippoRecipe(cfg))

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from pathlib import Path
 
 import torch
 
 from memcli.backbone import apply_lora, enable_checkpointing, load_backbone, tokenizer_fingerprint
-from memcli.config import backbone_spec, resolve
+from memcli.config import backbone_spec, model_fields
 from memcli.console import err_console
 from memcli.errors import MemcliError
 from memcli.eval.hrpo import decode, evaluate
@@ -24,11 +23,12 @@ from memcli.hrpo.data import encode_prompts, load_problems, prompt_token_ids, wr
 from memcli.hrpo.grpo import group_advantages, grpo_loss
 from memcli.hrpo.io import save_hrpo
 from memcli.hrpo.model import HrpoModel
-from memcli.hrpo.residual import HrpoConfig
+from memcli.hrpo.config import HrpoConfig
 from memcli.hrpo.rewards import check_rewards, load_reward
 from memcli.hrpo.rollout import completion_logps, hybrid_generate, reference_logps
-from memcli.training.loop import TrainTask, run_training
-from memcli.training.state import trainable_io
+from memcli.kinds import HRPO
+from memcli.training.loop import train
+from memcli.training.recipe import Plan, Recipe
 
 DEFAULT_DIR = "data/arithmetic"
 
@@ -48,9 +48,9 @@ def build(cfg, spec: str, method: str):
     m = cfg.model
     bb, tok = load_backbone(spec, seed=0, trust_remote_code=m.trust_remote_code)
     tok.padding_side = "left"
-    hcfg = HrpoConfig(hidden_size=bb.config.hidden_size, source=m.thinking_source.value, r_min=m.thinking_r_min,
-                      r_max=m.thinking_r_max, instruction=cfg.dataset.instruction, backbone=spec,
-                      tokenizer_fingerprint=tokenizer_fingerprint(tok), hybrid=cfg.training.hybrid)
+    hcfg = HrpoConfig(**model_fields(HrpoConfig, m, hidden_size=bb.config.hidden_size, instruction=cfg.dataset.instruction,
+                                     backbone=spec, tokenizer_fingerprint=tokenizer_fingerprint(tok),
+                                     hybrid=cfg.training.hybrid))
     torch.manual_seed(cfg.training.seed)
     ref = None
     for p in bb.parameters():
@@ -74,96 +74,110 @@ def ref_logps_fn(model: HrpoModel, ref, method: str, ro, temperature: float) -> 
         return reference_logps(ref if ref is not None else model.backbone, ro, temperature)
 
 
-def train_hrpo(cfg, reward_fn=None) -> dict:
-    """``reward_fn`` (a callable) overrides ``training.reward_fn`` (the Python API's way in)."""
-    resolve(cfg)
-    t, ds = cfg.training, cfg.dataset
-    spec = backbone_spec(cfg)
-    method = cfg.model.finetuning_method.value
-    for key, val, ok in (("training.group_size", t.group_size, t.group_size >= 2),
-                         ("training.temperature", t.temperature, t.temperature > 0),
-                         ("training.max_completion_length", t.max_completion_length, t.max_completion_length >= 1),
-                         ("training.beta", t.beta, t.beta >= 0)):
-        if not ok:
-            raise MemcliError(f"key '{key}' got {val}, expected {'>= 2' if key.endswith('size') else 'a positive value'}")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # the rollout and replay call the backbone directly, outside a DDP wrapper's forward: gradients would not sync
-        raise MemcliError("train hrpo runs on one process in this release (launch without accelerate launch / torchrun)")
-    reward = reward_fn or load_reward(t.reward_fn)
-    train_path, eval_path = resolve_paths(cfg)
-    problems = load_problems(train_path)
-    test = load_problems(eval_path) if eval_path is not None and Path(eval_path).exists() else []
-    if len(problems) < t.batch_size:
-        raise MemcliError(f"{train_path}: {len(problems)} problems, fewer than one batch (training.batch_size={t.batch_size})")
-    model, tok, ref = build(cfg, spec, method)
-    P = ds.max_prompt_length
-    inst = ds.instruction
-    cut = sum(len(ids) > P for ids in prompt_token_ids(tok, [p["question"] for p in problems + test], inst))
-    if cut:
-        err_console.print(f"[yellow]{cut} prompts are longer than dataset.max_prompt_length={P} tokens and keep only "
-                          "their end[/yellow]")
+class HrpoRecipe(Recipe):
+    """``train hrpo``: per micro-batch, sample each problem ``group_size`` times with the hybrid rollout (no grad),
+    score, normalise within groups and replay under grad for the GRPO loss with a KL to the reference."""
 
-    bb_named = [(n, p) for n, p in model.backbone.named_parameters() if p.requires_grad]
-    rg = model.residual_groups()
-    groups = [{"name": "backbone", "params": [p for _, p in bb_named], "lr": t.backbone_lr},
-              {"name": "gates", "params": rg["gates"], "lr": t.gate_lr},
-              {"name": "lambda", "params": rg["lambda"], "lr": t.lambda_lr},
-              {"name": "projection", "params": rg["projection"], "lr": t.projection_lr}]
-    G, temp, hybrid, beta, log_every = t.group_size, t.temperature, t.hybrid, t.beta, t.log_completions_interval
-    gen = torch.Generator().manual_seed(t.seed)
+    kind = HRPO
+    command = "train hrpo"
+    default_run_name = "hrpo"
 
-    def collate(items, micro):
+    def __init__(self, cfg, reward_fn=None):
+        """``reward_fn`` (a callable) overrides ``training.reward_fn`` (the Python API's way in)."""
+        super().__init__(cfg)
+        self.method = self.cfg.model.finetuning_method.value
+        self.reward = reward_fn or load_reward(self.cfg.training.reward_fn)
+
+    def build_data(self) -> None:
+        pass  # the problems are read before the model (build_model): a bad file fails before the backbone loads
+
+    def build_model(self) -> None:
+        cfg, t, ds = self.cfg, self.cfg.training, self.cfg.dataset
+        train_path, eval_path = resolve_paths(cfg)
+        self.train_items = load_problems(train_path)
+        self.test = load_problems(eval_path) if eval_path is not None and Path(eval_path).exists() else []
+        if len(self.train_items) < t.batch_size:
+            raise MemcliError(f"{train_path}: {len(self.train_items)} problems, fewer than one batch "
+                              f"(training.batch_size={t.batch_size})")
+        self.model, self.tok, self.ref = build(cfg, backbone_spec(cfg), self.method)
+        qs = [p["question"] for p in self.train_items + self.test]
+        cut = sum(len(ids) > ds.max_prompt_length for ids in prompt_token_ids(self.tok, qs, ds.instruction))
+        if cut:
+            err_console.print(f"[yellow]{cut} prompts are longer than dataset.max_prompt_length={ds.max_prompt_length} "
+                              "tokens and keep only their end[/yellow]")
+        self.bb_named = [(n, p) for n, p in self.model.backbone.named_parameters() if p.requires_grad]
+        rg = self.model.residual_groups()
+        self.param_groups = [{"name": "backbone", "params": [p for _, p in self.bb_named], "lr": t.backbone_lr},
+                             {"name": "gates", "params": rg["gates"], "lr": t.gate_lr},
+                             {"name": "lambda", "params": rg["lambda"], "lr": t.lambda_lr},
+                             {"name": "projection", "params": rg["projection"], "lr": t.projection_lr}]
+        self.gen = torch.Generator().manual_seed(t.seed)
+
+    def plan(self, plan: Plan) -> None:
+        super().plan(plan)
+        if plan.world > 1:
+            # the rollout and replay call the backbone directly, outside a DDP wrapper's forward: gradients would not sync
+            raise MemcliError("train hrpo runs on one process in this release (launch without accelerate launch / "
+                              "torchrun)")
+
+    def trainable(self) -> dict[str, torch.Tensor]:
+        named = {f"backbone.{n}": p for n, p in self.bb_named}
+        named.update({f"residual.{n}": p for n, p in self.model.residual.named_parameters()})
+        return named
+
+    def collate(self, items: list, micro: int) -> dict:
+        G, ds = self.cfg.training.group_size, self.cfg.dataset
         qs = [it["question"] for it in items for _ in range(G)]
-        ids, mask = encode_prompts(tok, qs, P, inst)
+        ids, mask = encode_prompts(self.tok, qs, ds.max_prompt_length, ds.instruction)
         return {"input_ids": ids, "attention_mask": mask, "micro": micro,
                 "answers": [it["answer"] for it in items for _ in range(G)], "questions": qs}
 
-    def step_fn(m, batch, step):
-        gen.manual_seed(t.seed * 100003 + batch["micro"])  # rollouts replay exactly on resume
+    def step(self, m, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
+        t, model, tok = self.cfg.training, self.model, self.tok
+        self.gen.manual_seed(t.seed * 100003 + batch["micro"])  # rollouts replay exactly on resume
         model.eval()
         ro = hybrid_generate(model.backbone, model.residual, tok, batch["input_ids"], batch["attention_mask"],
-                             t.max_completion_length, temperature=temp, hybrid=hybrid, generator=gen)
+                             t.max_completion_length, temperature=t.temperature, hybrid=t.hybrid, generator=self.gen)
         model.train()
         texts = decode(tok, ro)
-        r = check_rewards(reward(texts, batch["answers"], batch["questions"]), len(texts), t.reward_fn, step)
-        adv, stats = group_advantages(r, G)
-        logps, mix_stats = completion_logps(model.backbone, model.residual, ro, temp, hybrid=hybrid)
-        ref_lp = ref_logps_fn(model, ref, method, ro, temp) if beta else None
-        loss, lstats = grpo_loss(logps, ro.completion_mask, adv.to(logps.device), ref_lp, beta)
+        r = check_rewards(self.reward(texts, batch["answers"], batch["questions"]), len(texts), t.reward_fn, step)
+        adv, stats = group_advantages(r, t.group_size)
+        logps, mix_stats = completion_logps(model.backbone, model.residual, ro, t.temperature, hybrid=t.hybrid)
+        ref_lp = ref_logps_fn(model, self.ref, self.method, ro, t.temperature) if t.beta else None
+        loss, lstats = grpo_loss(logps, ro.completion_mask, adv.to(logps.device), ref_lp, t.beta)
         stats.update(lstats)
         stats.update(mix_stats)
-        if log_every and step % log_every == 0 and batch["micro"] % t.accumulation_steps == 0:
-            for j in list(range(0, len(texts), G))[:4]:  # one sample per group
+        if t.log_completions_interval and step % t.log_completions_interval == 0 \
+                and batch["micro"] % t.accumulation_steps == 0:
+            for j in list(range(0, len(texts), t.group_size))[:4]:  # one sample per group
                 err_console.print(f"sample at step {step} (reward {float(r[j]):.2f}): {batch['questions'][j][:50]!r} -> "
                                   f"{texts[j][:80]!r}", markup=False)
         return loss, stats
 
-    eval_n, final_n = t.eval_num_samples, t.final_eval_num_samples
+    @property
+    def has_eval(self) -> bool:
+        return bool(self.test)
 
-    def eval_fn(step):
-        return evaluate(model, tok, test[:eval_n] if eval_n else test, t.max_completion_length, P)
+    def evaluate(self, step: int, final: bool = False) -> dict:
+        t = self.cfg.training
+        n = (self.final_n if final else self.eval_n) or None
+        return evaluate(self.model, self.tok, self.test[:n], t.max_completion_length, self.cfg.dataset.max_prompt_length)
 
-    named = {f"backbone.{n}": p for n, p in bb_named}
-    named.update({f"residual.{n}": p for n, p in model.residual.named_parameters()})
-    trainable_state, load_trainable = trainable_io(named)
-    run_dir = Path(cfg.logging.out_dir) / (cfg.logging.run_name or "hrpo")
+    def save(self, out: Path, info: dict) -> None:
+        save_hrpo(self.model, self.tok, out, self.method, info)
 
-    def save_fn(out, info):
-        save_hrpo(model, tok, out, method, info)
+    def info(self) -> dict:
+        return dict(super().info(), thinking_source=self.model.cfg.thinking_source, hybrid=self.cfg.training.hybrid)
 
-    task = TrainTask(
-        model=model, param_groups=groups, train_items=problems, collate=collate, step_fn=step_fn,
-        trainable_state=trainable_state, load_trainable=load_trainable, save_fn=save_fn,
-        eval_fn=eval_fn if test else None,
-        final_eval_fn=(lambda step: evaluate(model, tok, test[:final_n] if final_n else test, t.max_completion_length,
-                                             P)) if test else None,
-        tokens_in=lambda b: int(b["attention_mask"].sum()),
-        info={"kind": "hrpo", "thinking_source": model.cfg.source, "hybrid": hybrid},
-    )
-    res = run_training(cfg, task, run_dir, "train hrpo")
-    hist = res["history"]
-    if hist:
-        k = max(1, math.ceil(len(hist) / 5))
-        res["reward_first"] = sum(h["reward_mean"] for h in hist[:k]) / k
-        res["reward_last"] = sum(h["reward_mean"] for h in hist[-k:]) / k
-    return res
+    def result(self, res: dict) -> dict:
+        hist = res["history"]
+        if hist:
+            k = max(1, math.ceil(len(hist) / 5))
+            res["reward_first"] = sum(h["reward_mean"] for h in hist[:k]) / k
+            res["reward_last"] = sum(h["reward_mean"] for h in hist[-k:]) / k
+        return res
+
+
+def train_hrpo(cfg, reward_fn=None) -> dict:
+    """``memcli train hrpo`` from Python; ``reward_fn`` (a callable) overrides ``training.reward_fn``."""
+    return train(HrpoRecipe(cfg, reward_fn))

@@ -22,7 +22,6 @@ import warnings
 from datetime import timedelta
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -36,27 +35,7 @@ if not torch.cuda.is_available():
     _os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns on every import here
 from memcli.console import err_console, progress
 from memcli.training import state as S
-
-
-@dataclass
-class TrainTask:
-    model: torch.nn.Module
-    param_groups: list[dict]  # {"name", "params", "lr"}
-    train_items: list
-    collate: Callable[[list, int], dict]  # (items, optimizer step) -> batch
-    step_fn: Callable[[torch.nn.Module, dict, int], tuple[torch.Tensor, dict]]
-    trainable_state: Callable[[], dict[str, torch.Tensor]]
-    load_trainable: Callable[[dict[str, torch.Tensor]], None]
-    save_fn: Callable[[Path, dict], None]
-    eval_fn: Callable[[int], dict] | None = None
-    final_eval_fn: Callable[[int], dict] | None = None  # at the end (default: eval_fn)
-    after_step: Callable[[int], None] | None = None
-    extra_state: Callable[[], dict[str, torch.Tensor]] | None = None
-    load_extra_state: Callable[[dict[str, torch.Tensor]], None] | None = None
-    # collective: bring per-rank statistics (buffers DDP does not sync) together before saves; all ranks call it
-    sync_state: Callable[[], None] | None = None
-    tokens_in: Callable[[dict], int] = lambda b: int(b["attention_mask"].sum()) if "attention_mask" in b else 0
-    info: dict = field(default_factory=dict)
+from memcli.training.recipe import Plan, Recipe
 
 
 def make_scheduler(optimizer, kind: str, total: int, warmup: int):
@@ -193,27 +172,30 @@ def _dist_failure(e: BaseException) -> bool:
                                                                    "timed out", "timeout", "broken pipe"))
 
 
-def run_training(cfg, task: TrainTask, run_dir: Path, command: str) -> dict:
-    t = cfg.training
-    acc = make_accelerator(t, run_dir, _trackers(cfg.logging))  # refuses a bad launch before anything is written
-    params = list(task.model.parameters())
-    trainable = [p for g in task.param_groups for p in g["params"]]
+def train(recipe: Recipe) -> dict:
+    """Drive ``recipe`` through its phases (recipe.py): setup, plan, resume, steps, finish."""
+    recipe.setup()
+    cfg, run_dir = recipe.cfg, recipe.run_dir()
+    acc = make_accelerator(cfg.training, run_dir, _trackers(cfg.logging))  # refuses a bad launch before anything is written
+    params = list(recipe.model.parameters())
+    trainable = [p for g in recipe.param_groups for p in g["params"]]
     # final checkpoint (every weight, to be safe) + `keep` resumable states of weights and two AdamW moments each
     if acc.is_main_process:
         preflight_output(run_dir, _nbytes(params) + 2 * 3 * _nbytes(trainable))
     run_dir.mkdir(parents=True, exist_ok=True)
     if acc.num_processes == 1:
-        return _run(cfg, task, run_dir, command, acc)
+        return recipe.result(_run(recipe, acc, run_dir))
     prev = signal.signal(signal.SIGTERM, _on_sigterm)  # a launcher ends the survivors of a dead rank with SIGTERM
     try:
-        return _run(cfg, task, run_dir, command, acc)
+        return recipe.result(_run(recipe, acc, run_dir))
     except Exception as e:
         if isinstance(e, MemcliError) or not _dist_failure(e):
             raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:160]  # gloo prefixes its source location
-        raise RunAborted(f"{command}: rank {acc.process_index} lost contact with another rank ({first}); stopping. "
-                         f"The last complete state in {run_dir / 'states'} is kept: rerun with training.resume=auto") from None
+        raise RunAborted(f"{recipe.command}: rank {acc.process_index} lost contact with another rank ({first}); "
+                         f"stopping. The last complete state in {run_dir / 'states'} is kept: rerun with "
+                         "training.resume=auto") from None
     finally:
         signal.signal(signal.SIGTERM, prev)
 
@@ -269,180 +251,217 @@ def step_line(logged: dict, groups: list[str], lrs: list[float]) -> str:
     return " ".join(parts) + (" lr " + " ".join(shown) if shown else "")
 
 
-def _run(cfg, task: TrainTask, run_dir: Path, command: str, acc) -> dict:
-    t = cfg.training
-    world, rank = acc.num_processes, acc.process_index
-    n = len(task.train_items)
-    global_batch = t.batch_size * world
-    per_epoch = max(1, n // global_batch)  # drop the ragged tail: every rank sees equal batches
+def make_plan(t, n_items: int, acc) -> Plan:
+    world = acc.num_processes
+    per_epoch = max(1, n_items // (t.batch_size * world))  # drop the ragged tail: every rank sees equal batches
     total_micro = per_epoch * t.epochs
     if t.max_steps is not None:
         total_micro = min(total_micro, t.max_steps * t.accumulation_steps) if t.max_steps > 0 else 0
     total_micro -= total_micro % t.accumulation_steps  # a ragged last window would never step
-    total_opt = max(1, total_micro // t.accumulation_steps)
-    warmup = int(t.warmup_ratio * total_opt)
-    max_skipped, on_nonfinite = t.max_skipped_steps, t.on_nonfinite.value
-    zero_stage = getattr(t, "zero_stage", 0)
+    return Plan(world=world, rank=acc.process_index, per_epoch=per_epoch, total_micro=total_micro,
+                total_steps=max(1, total_micro // t.accumulation_steps), accumulation=t.accumulation_steps)
 
-    live = [g for g in task.param_groups if g["params"]]
-    optimizer = torch.optim.AdamW([{"params": g["params"], "lr": g["lr"], "name": g["name"]} for g in live],
-                                  weight_decay=t.weight_decay)
-    scheduler = make_scheduler(optimizer, t.lr_scheduler.value, total_opt, warmup)
-    start_micro = 0
+
+def _resume(recipe: Recipe, acc, optimizer, scheduler, run_dir: Path) -> tuple[int, dict]:
+    """Load the state to resume from, if any, and write config.yaml -> (first micro-batch, resolved config)."""
+    cfg, t = recipe.cfg, recipe.cfg.training
     if t.resume and acc.state.deepspeed_plugin is not None:
         raise MemcliError("training.resume is not supported with DeepSpeed ZeRO (its optimizer state is partitioned "
                           "across ranks and memcli does not write it); resume a DDP run instead")
     st = S.find_state(run_dir, t.resume) if t.resume else None
     resolved = _save_config(cfg, run_dir, st is not None, write=st is None) if acc.is_main_process else {}
-    if st is not None:
-        meta, trainable, other, opt_sd = S.load_state(st)
-        task.load_trainable(trainable)
-        optimizer.load_state_dict(opt_sd)
-        scheduler.load_state_dict(meta["scheduler"])
-        S.set_rng_state(other, meta["rng"])
-        if acc.is_main_process:
-            _save_config(cfg, run_dir, False)
-        if task.load_extra_state:
-            task.load_extra_state({k[6:]: v for k, v in other.items() if k.startswith("extra.")})
-        start_micro = int(meta["micro_step"])
-        if acc.is_main_process:
-            err_console.print(f"resumed from {st} (optimizer step {meta['step']}, micro-batch {start_micro})")
-    model, optimizer = acc.prepare(task.model, optimizer)
-    if acc.is_main_process and acc.trackers:
-        acc.init_trackers(command.replace(" ", "_"), config=_tracker_config(dict(resolved, command=command)))
-    metrics_path = run_dir / "metrics.jsonl"
-    if acc.is_main_process and metrics_path.exists():
-        # a fresh run starts a new log; a resumed one keeps the lines up to the state it resumed from
-        keep_upto = start_micro // t.accumulation_steps
-        lines = [ln for ln in metrics_path.read_text().splitlines() if ln.strip()]
+    if st is None:
+        return 0, resolved
+    meta, trainable, other, opt_sd = S.load_state(st)
+    recipe.load_state_dict(trainable)
+    optimizer.load_state_dict(opt_sd)
+    scheduler.load_state_dict(meta["scheduler"])
+    S.set_rng_state(other, meta["rng"])
+    if acc.is_main_process:
+        _save_config(cfg, run_dir, False)
+    recipe.load_extra_state({k[6:]: v for k, v in other.items() if k.startswith("extra.")})
+    start = int(meta["micro_step"])
+    if acc.is_main_process:
+        err_console.print(f"resumed from {st} (optimizer step {meta['step']}, micro-batch {start})")
+    return start, resolved
+
+
+def _open_metrics(acc, run_dir: Path, start_micro: int, accumulation: int) -> Path:
+    """metrics.jsonl: a fresh run starts a new log; a resumed one keeps the lines up to the state it resumed from."""
+    path = run_dir / "metrics.jsonl"
+    if acc.is_main_process and path.exists():
+        keep_upto = start_micro // accumulation
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
         kept = [ln for ln in lines if start_micro and json.loads(ln).get("step", 0) <= keep_upto]
-        atomic_write_text(metrics_path, "".join(ln + "\n" for ln in kept))
+        atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+    return path
 
-    def order(epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(t.seed * 1000 + epoch)
-        return torch.randperm(n, generator=g).tolist()
 
-    history: list[dict] = []
-    skipped, window_bad = 0, False
-    opt_step = start_micro // t.accumulation_steps
-    t0 = time.time()
-    tokens = 0
-    last_eval: dict = {}
-    eval_s = 0.0  # time spent in evaluations during training (not counted in s/step)
+def _batch(recipe: Recipe, plan: Plan, seed: int, micro: int, device) -> dict:
+    """Micro-batch ``micro`` of this rank: a deterministic permutation per epoch, so a resume continues exactly."""
+    epoch, j = divmod(micro, plan.per_epoch)
+    perm = torch.randperm(len(recipe.train_items), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    bs = recipe.cfg.training.batch_size
+    ids = perm[j * bs * plan.world: (j + 1) * bs * plan.world][plan.rank * bs: (plan.rank + 1) * bs]
+    batch = recipe.collate([recipe.train_items[i] for i in ids], micro)
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+@dataclass
+class _Window:
+    """What the loop carries across the micro-batches of one optimizer step."""
+
+    limit: int  # training.max_skipped_steps
+    running: dict = field(default_factory=dict)
+    bad: bool = False
+    skipped: int = 0  # optimizer steps dropped so far
+
+
+def _micro_step(recipe: Recipe, acc, model, optimizer, batch: dict, step: int, micro: int, win: _Window,
+                run_dir: Path) -> None:
+    """Forward, backward and (at the window's end) the optimizer step; a non-finite loss or gradient drops the
+    whole window (no partial update) or stops the run, by training.on_nonfinite."""
+    t, cmd = recipe.cfg.training, recipe.command
+    stop = t.on_nonfinite.value == "stop"
+    kept = f"the last good state in {run_dir / 'states'} is kept (training.on_nonfinite=skip drops such steps instead)"
+    with acc.accumulate(model):
+        loss, mets = recipe.step(model, batch, step)
+        bad = _any_rank(acc, not bool(torch.isfinite(loss.detach())))  # every rank takes the same branch
+        if bad and stop:
+            raise MemcliError(f"{cmd}: loss is {loss.item()} at optimizer step {step + 1} (micro-batch {micro}); "
+                              f"stopping, {kept}")
+        win.bad = win.bad or bad
+        if not bad and loss.requires_grad:
+            acc.backward(loss)
+        if acc.sync_gradients and not win.bad and not getattr(t, "zero_stage", 0):
+            if t.max_grad_norm:
+                gnorm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            else:
+                gnorm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            if gnorm is not None and not torch.isfinite(torch.as_tensor(gnorm)):
+                if stop:
+                    raise MemcliError(f"{cmd}: gradient norm is {float(gnorm)} at optimizer step {step + 1}; "
+                                      f"stopping, {kept}")
+                win.bad = True
+        if not (acc.sync_gradients and win.bad):  # a bad window is dropped whole: no partial update
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if not bad:
+        for k, v in dict(mets, loss=loss.detach()).items():
+            win.running[k] = win.running.get(k, 0.0) + float(v) / t.accumulation_steps
+
+
+def _close_window(recipe: Recipe, acc, scheduler, win: _Window, step: int, names: list[str], run_dir: Path) -> dict:
+    """After an optimizer step: advance the schedule, reduce the window's metrics over ranks, count a dropped step."""
+    with warnings.catch_warnings():
+        # a dropped step still consumes its data and its place in the schedule; torch warns when the first
+        # optimizer step is the one dropped, which is intended here
+        warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step", category=UserWarning)
+        scheduler.step()
+    logged = {k: float(acc.reduce(torch.tensor(v, device=acc.device), "mean")) for k, v in win.running.items()}
+    win.running = {}
+    if win.bad:
+        win.skipped += 1
+        win.bad = False
+        logged["skipped"] = 1.0
+        logged.setdefault("loss", None)
+        err_console.print(f"[yellow]{recipe.command}: non-finite loss or gradient, optimizer step {step} dropped "
+                          f"({win.skipped} so far)[/yellow]")
+        if win.skipped > win.limit:
+            raise MemcliError(f"{recipe.command}: {win.skipped} optimizer steps dropped for non-finite loss or "
+                              f"gradients (training.max_skipped_steps={win.limit}); stopping, the last "
+                              f"good state in {run_dir / 'states'} is kept")
+    lrs = scheduler.get_last_lr()
+    logged["lr"] = lrs[0]
+    logged.update({f"lr_{nm}": lr for nm, lr in zip(names, lrs)} if len(names) > 1 else {})
+    return logged
+
+
+def _log(acc, metrics_path: Path, rec: dict) -> None:
+    if acc.is_main_process:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if acc.trackers:
+            acc.log({k: v for k, v in rec.items() if k != "step"}, step=rec["step"])
+
+
+def _run(recipe: Recipe, acc, run_dir: Path) -> dict:
+    cfg, t, cmd = recipe.cfg, recipe.cfg.training, recipe.command
+    plan = make_plan(t, len(recipe.train_items), acc)
+    recipe.plan(plan)
+    live = [g for g in recipe.param_groups if g["params"]]
     names = [g["name"] for g in live]
+    optimizer = torch.optim.AdamW([{"params": g["params"], "lr": g["lr"], "name": g["name"]} for g in live],
+                                  weight_decay=t.weight_decay)
+    scheduler = make_scheduler(optimizer, t.lr_scheduler.value, plan.total_steps, int(t.warmup_ratio * plan.total_steps))
+    start_micro, resolved = _resume(recipe, acc, optimizer, scheduler, run_dir)
+    model, optimizer = acc.prepare(recipe.model, optimizer)
+    if acc.is_main_process and acc.trackers:
+        acc.init_trackers(cmd.replace(" ", "_"), config=_tracker_config(dict(resolved, command=cmd)))
+    metrics_path = _open_metrics(acc, run_dir, start_micro, t.accumulation_steps)
+    history: list[dict] = []
+    win = _Window(limit=t.max_skipped_steps)
+    step = start_micro // t.accumulation_steps
+    t0, tokens, eval_s = time.time(), 0, 0.0  # evaluations during training are not counted in s/step
     model.train()
     with progress(transient=False, info=True) as bar:
-        task_id = bar.add_task(command, total=total_opt, completed=opt_step, info="")
-        running: dict[str, float] = {}
-        for micro in range(start_micro, total_micro):
-            epoch, j = divmod(micro, per_epoch)
-            perm = order(epoch)
-            ids = perm[j * global_batch: (j + 1) * global_batch][rank * t.batch_size: (rank + 1) * t.batch_size]
-            batch = task.collate([task.train_items[i] for i in ids], micro)
-            batch = {k: (v.to(acc.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-            with acc.accumulate(model):
-                loss, mets = task.step_fn(model, batch, opt_step)
-                bad = _any_rank(acc, not bool(torch.isfinite(loss.detach())))  # every rank takes the same branch
-                if bad and on_nonfinite == "stop":
-                    raise MemcliError(f"{command}: loss is {loss.item()} at optimizer step {opt_step + 1} (micro-batch "
-                                      f"{micro}); stopping, the last good state in {run_dir / 'states'} is kept "
-                                      "(training.on_nonfinite=skip drops such steps instead)")
-                window_bad = window_bad or bad
-                if not bad and loss.requires_grad:
-                    acc.backward(loss)
-                if acc.sync_gradients and not window_bad and not zero_stage:
-                    if t.max_grad_norm:
-                        gnorm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                    else:
-                        gnorm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-                    if gnorm is not None and not torch.isfinite(torch.as_tensor(gnorm)):
-                        if on_nonfinite == "stop":
-                            raise MemcliError(f"{command}: gradient norm is {float(gnorm)} at optimizer step "
-                                              f"{opt_step + 1}; stopping, the last good state in {run_dir / 'states'} "
-                                              "is kept (training.on_nonfinite=skip drops such steps instead)")
-                        window_bad = True
-                if not (acc.sync_gradients and window_bad):  # a bad window is dropped whole: no partial update
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            tokens += task.tokens_in(batch) * world
-            if not bad:
-                for k, v in dict(mets, loss=loss.detach()).items():
-                    running[k] = running.get(k, 0.0) + float(v) / t.accumulation_steps
+        bar_id = bar.add_task(cmd, total=plan.total_steps, completed=step, info="")
+        for micro in range(start_micro, plan.total_micro):
+            batch = _batch(recipe, plan, t.seed, micro, acc.device)
+            _micro_step(recipe, acc, model, optimizer, batch, step, micro, win, run_dir)
+            tokens += recipe.tokens_in(batch) * plan.world
             if not acc.sync_gradients:
                 continue
-            with warnings.catch_warnings():
-                # a dropped step still consumes its data and its place in the schedule; torch warns when the
-                # first optimizer step is the one dropped, which is intended here
-                warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step", category=UserWarning)
-                scheduler.step()
-            opt_step += 1
-            logged = {k: float(acc.reduce(torch.tensor(v, device=acc.device), "mean")) for k, v in running.items()}
-            running = {}
-            if window_bad:
-                skipped += 1
-                window_bad = False
-                logged["skipped"] = 1.0
-                logged.setdefault("loss", None)
-                err_console.print(f"[yellow]{command}: non-finite loss or gradient, optimizer step {opt_step} dropped "
-                                  f"({skipped} so far)[/yellow]")
-                if skipped > max_skipped:
-                    raise MemcliError(f"{command}: {skipped} optimizer steps dropped for non-finite loss or gradients "
-                                      f"(training.max_skipped_steps={max_skipped}); stopping, the last good "
-                                      f"state in {run_dir / 'states'} is kept")
-            lrs = scheduler.get_last_lr()
-            logged["lr"] = lrs[0]
-            logged.update({f"lr_{nm}": lr for nm, lr in zip(names, lrs)} if len(names) > 1 else {})
-            el = time.time() - t0
-            logged["tokens_per_s"] = tokens / max(el, 1e-9)
+            step += 1
+            logged = _close_window(recipe, acc, scheduler, win, step, names, run_dir)
+            logged["tokens_per_s"] = tokens / max(time.time() - t0, 1e-9)
             logged["peak_rss_mb"] = round(peak_rss_mb(), 1)
-            if task.after_step:
-                task.after_step(opt_step)
-            if t.eval_interval and opt_step % t.eval_interval == 0 and opt_step < total_opt and task.eval_fn:
+            recipe.after_step(step)
+            if t.eval_interval and step % t.eval_interval == 0 and step < plan.total_steps and recipe.has_eval:
                 e0 = time.time()
                 model.eval()
-                last_eval = task.eval_fn(opt_step) if acc.is_main_process else {}
+                res = recipe.evaluate(step) if acc.is_main_process else {}
                 model.train()
                 eval_s += time.time() - e0
-                logged.update({f"eval/{k}": v for k, v in last_eval.items() if isinstance(v, (int, float))})
-            rec = {"step": opt_step, **logged}
-            history.append(rec)
-            if acc.is_main_process:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                if acc.trackers:
-                    acc.log({k: v for k, v in logged.items()}, step=opt_step)
-            line = step_line(logged, names, lrs)
-            bar.update(task_id, completed=opt_step, info=f"{line} {logged['tokens_per_s']:.0f} tok/s")
-            if t.save_interval and opt_step % t.save_interval == 0 and opt_step < total_opt:
-                if task.sync_state:
-                    task.sync_state()
-                _save(acc, task, optimizer, scheduler, run_dir, opt_step, micro + 1)
-            if cfg.logging.log_interval and opt_step % cfg.logging.log_interval == 0 and acc.is_main_process \
+                logged.update({f"eval/{k}": v for k, v in res.items() if isinstance(v, (int, float))})
+            history.append({"step": step, **logged})
+            _log(acc, metrics_path, history[-1])
+            line = step_line(logged, names, scheduler.get_last_lr())
+            bar.update(bar_id, completed=step, info=f"{line} {logged['tokens_per_s']:.0f} tok/s")
+            if t.save_interval and step % t.save_interval == 0 and step < plan.total_steps:
+                recipe.sync_state()
+                _save(acc, recipe, optimizer, scheduler, run_dir, step, micro + 1)
+            if cfg.logging.log_interval and step % cfg.logging.log_interval == 0 and acc.is_main_process \
                     and not bar.live.is_started:
-                err_console.print(f"step {opt_step}/{total_opt} {line}")
+                err_console.print(f"step {step}/{plan.total_steps} {line}")
+    done = max(1, step - start_micro // t.accumulation_steps)
+    return _finish(recipe, acc, optimizer, scheduler, run_dir, plan, step, history,
+                   dict(t0=t0, train_s=time.time() - t0 - eval_s, eval_s=eval_s, done=done))
+
+
+def _finish(recipe: Recipe, acc, optimizer, scheduler, run_dir: Path, plan: Plan, step: int, history: list,
+            clock: dict) -> dict:
+    """The final evaluation and checkpoint (main process), the last resumable state, the trackers closed."""
     acc.wait_for_everyone()
-    if task.sync_state:
-        task.sync_state()
-    train_s = time.time() - t0 - eval_s
-    done = max(1, opt_step - start_micro // t.accumulation_steps)
+    recipe.sync_state()
     final_eval = {}
+    s_per_step = round(clock["train_s"] / clock["done"], 3)
     if acc.is_main_process:
-        model.eval()
-        fe = task.final_eval_fn or task.eval_fn
+        recipe.model.eval()
         e0 = time.time()
-        final_eval = fe(opt_step) if fe else {}
-        info = dict(task.info, step=opt_step, command=command, final_loss=history[-1]["loss"] if history else None,
-                    eval=final_eval, world_size=world, elapsed_s=round(time.time() - t0, 1),
-                    train_s=round(train_s, 1), eval_s=round(eval_s + time.time() - e0, 1),
-                    s_per_step=round(train_s / done, 3), peak_rss_mb=round(peak_rss_mb(), 1))
-        task.save_fn(run_dir, info)
-    _save(acc, task, optimizer, scheduler, run_dir, opt_step, total_micro)
+        final_eval = recipe.evaluate(step, final=True) if recipe.has_eval else {}
+        info = dict(recipe.info(), step=step, command=recipe.command,
+                    final_loss=history[-1]["loss"] if history else None, eval=final_eval, world_size=plan.world,
+                    elapsed_s=round(time.time() - clock["t0"], 1), train_s=round(clock["train_s"], 1),
+                    eval_s=round(clock["eval_s"] + time.time() - e0, 1), s_per_step=s_per_step,
+                    peak_rss_mb=round(peak_rss_mb(), 1))
+        recipe.save(run_dir, info)
+    _save(acc, recipe, optimizer, scheduler, run_dir, step, plan.total_micro)
     if acc.trackers:
         acc.end_training()
-    return {"steps": opt_step, "history": history, "eval": final_eval, "run_dir": str(run_dir),
-            "elapsed_s": time.time() - t0, "world_size": world, "is_main": acc.is_main_process,
-            "s_per_step": round(train_s / done, 3),
-            "peak_rss_mb": round(peak_rss_mb(), 1)}
+    return {"steps": step, "history": history, "eval": final_eval, "run_dir": str(run_dir),
+            "elapsed_s": time.time() - clock["t0"], "world_size": plan.world, "is_main": acc.is_main_process,
+            "s_per_step": s_per_step, "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
 def _any_rank(acc, flag: bool) -> bool:
@@ -451,9 +470,9 @@ def _any_rank(acc, flag: bool) -> bool:
     return bool(acc.reduce(torch.tensor(float(flag), device=acc.device), "sum") > 0)
 
 
-def _save(acc, task: TrainTask, optimizer, scheduler, run_dir: Path, step: int, micro: int) -> None:
+def _save(acc, recipe: Recipe, optimizer, scheduler, run_dir: Path, step: int, micro: int) -> None:
     try:
-        _save_state(acc, task, optimizer, scheduler, run_dir, step, micro)
+        _save_state(acc, recipe, optimizer, scheduler, run_dir, step, micro)
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG):
             raise
@@ -461,10 +480,10 @@ def _save(acc, task: TrainTask, optimizer, scheduler, run_dir: Path, step: int, 
                           "was left, the previous state is kept: free space and rerun with training.resume=auto") from None
 
 
-def _save_state(acc, task: TrainTask, optimizer, scheduler, run_dir: Path, step: int, micro: int) -> None:
+def _save_state(acc, recipe: Recipe, optimizer, scheduler, run_dir: Path, step: int, micro: int) -> None:
     acc.wait_for_everyone()
     if not acc.is_main_process or acc.state.deepspeed_plugin is not None:
         return  # ZeRO partitions the optimizer across ranks; resumable states are written for DDP / 1 process only
     opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
-    extra = {f"extra.{k}": v for k, v in (task.extra_state() if task.extra_state else {}).items()}
-    S.save_state(run_dir, step, task.trainable_state(), opt, scheduler, {"micro_step": micro}, extra)
+    extra = {f"extra.{k}": v for k, v in recipe.extra_state().items()}
+    S.save_state(run_dir, step, recipe.state_dict(), opt, scheduler, {"micro_step": micro}, extra)

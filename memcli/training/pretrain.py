@@ -16,44 +16,64 @@ import torch
 from memcli.config import load_config
 from memcli.console import err_console
 from memcli.errors import MemcliError
+from memcli.training.loop import train
+from memcli.training.recipe import Recipe
 
 VARIANTS = ("memory", "memory + EMA", "dense")
 
 
-def _dense_baseline(data_dir: Path, out_dir: Path, steps: int, batch_size: int, extra_params: int, seed: int) -> dict:
+class DenseBaseline(Recipe):
     """The tiny backbone with a wider MLP (``extra_params`` more weights), trained on the same texts, no memory."""
-    from memcli.backbone import TINY_CONFIG, load_backbone
-    from memcli.explicit import items as X
-    from memcli.training.loop import TrainTask, run_training
-    from memcli.training.state import trainable_io
 
-    width = TINY_CONFIG["intermediate_size"] + round(extra_params / (3 * TINY_CONFIG["hidden_size"] *
-                                                                    TINY_CONFIG["num_hidden_layers"]))
-    model, tok = load_backbone("tiny", seed=seed, intermediate_size=width)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    texts = X.load_texts(tok, data_dir / "text_train.jsonl", 64)
-    val = X.load_texts(tok, data_dir / "text_val.jsonl", 64)
+    command = "compare pretrain (dense)"
+    default_run_name = "dense"
 
-    def step_fn(m, batch, step):
-        loss = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    def __init__(self, cfg, data_dir: Path, extra_params: int, seed: int):
+        super().__init__(cfg)
+        self.data_dir, self.extra_params, self.seed = data_dir, extra_params, seed
+
+    def build_model(self) -> None:
+        from memcli.backbone import TINY_CONFIG, load_backbone
+
+        per_unit = 3 * TINY_CONFIG["hidden_size"] * TINY_CONFIG["num_hidden_layers"]
+        width = TINY_CONFIG["intermediate_size"] + round(self.extra_params / per_unit)
+        self.model, self.tok = load_backbone("tiny", seed=self.seed, intermediate_size=width)
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+        self.param_groups = [{"name": "backbone", "params": list(self.model.parameters()),
+                              "lr": self.cfg.training.backbone_lr}]
+
+    def build_data(self) -> None:
+        from memcli.explicit import items as X
+
+        self.train_items = X.load_texts(self.tok, self.data_dir / "text_train.jsonl", 64)
+        self.val = X.load_texts(self.tok, self.data_dir / "text_val.jsonl", 64)
+
+    def collate(self, items: list, micro: int) -> dict:
+        from memcli.explicit import items as X
+
+        return X.text_collate(items, self.tok.pad_token_id)
+
+    def step(self, model, batch: dict, step: int):
+        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
         return loss, {"lm": loss.detach()}
 
-    def evaluate(step):
-        return _plain_perplexity(model, val, tok.pad_token_id)
+    @property
+    def has_eval(self) -> bool:
+        return True
 
-    state, load = trainable_io({n: p for n, p in model.named_parameters()})
+    def evaluate(self, step: int, final: bool = False) -> dict:
+        return _plain_perplexity(self.model, self.val, self.tok.pad_token_id)
+
+
+def _dense_baseline(data_dir: Path, out_dir: Path, steps: int, batch_size: int, extra_params: int, seed: int) -> dict:
     cfg = load_config("memory", overrides=[f"training.max_steps={steps}", f"training.batch_size={batch_size}",
-                                           "training.epochs=1000",
-                                           f"training.eval_interval={_every(steps)}", f"logging.out_dir={out_dir}", "logging.run_name=dense",
+                                           "training.epochs=1000", f"training.eval_interval={_every(steps)}",
+                                           f"logging.out_dir={out_dir}", "logging.run_name=dense",
                                            "logging.tensorboard=false", f"training.seed={seed}"])
-    task = TrainTask(model=model, param_groups=[{"name": "backbone", "params": list(model.parameters()),
-                                                 "lr": cfg.training.backbone_lr}],
-                     train_items=texts, collate=lambda its, micro: X.text_collate(its, tok.pad_token_id),
-                     step_fn=step_fn, trainable_state=state, load_trainable=load, save_fn=lambda d, info: None,
-                     eval_fn=evaluate, info={"kind": "dense-baseline"})
-    res = run_training(cfg, task, out_dir / "dense", "compare pretrain (dense)")
-    return dict(res["eval"], params=sum(p.numel() for p in model.parameters()), tokens_per_s=_tps(res),
+    recipe = DenseBaseline(cfg, data_dir, extra_params, seed)
+    res = train(recipe)
+    return dict(res["eval"], params=sum(p.numel() for p in recipe.model.parameters()), tokens_per_s=_tps(res),
                 peak_rss_mb=res["peak_rss_mb"], steps=res["steps"])
 
 
@@ -89,7 +109,7 @@ def _tps(res: dict) -> float:
 def pretrain_comparison(data_dir: str | Path, out_dir: str | Path, steps: int = 1000, batch_size: int = 32,
                         seed: int = 42) -> dict:
     """Train every variant for ``steps`` optimizer steps and return their validation figures side by side."""
-    from memcli.training.explicit import train_explicit
+    from memcli.training.explicit import TextRecipe
 
     d, out = Path(data_dir), Path(out_dir)
     if not (d / "text_train.jsonl").is_file() or not (d / "cache").is_dir():
@@ -108,8 +128,8 @@ def pretrain_comparison(data_dir: str | Path, out_dir: str | Path, steps: int = 
                         ("memory + EMA", ["training.ema_update_freq=5", "training.ema_decay=0.9",
                                           "training.balance_loss_coef=0.1", "training.balance_form=seed"])):
         err_console.print(f"compare pretrain: training '{name}' ({steps} steps)")
-        res = train_explicit(load_config("memory", overrides=common + extra + [f"logging.run_name={name.replace(' + ', '-')}"]),
-                             "memory")
+        res = train(TextRecipe(load_config("memory", overrides=common + extra +
+                                           [f"logging.run_name={name.replace(' + ', '-')}"])))
         from memcli.runs import load_run
 
         run = load_run(res["run_dir"])

@@ -1,0 +1,45 @@
+"""The explicit memory's model config (saved as ``memory/memory_config.json``): the ``model`` keys of ``train
+router|fusion|memory`` by their own names, plus what the bank, keys and backbone decide (sizes, ids, fingerprints)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from memcli.config import EntryKey, ModelConfig, Query, Read
+from memcli.errors import MemcliError
+
+
+@dataclass
+class MemoryConfig(ModelConfig):
+    LEGACY: ClassVar[dict] = {"mode": "finetuning_method"}  # the name in memory_config.json before release 3
+
+    knowledge_num: int
+    knowledge_length: int
+    knowledge_dim: int
+    hidden_size: int
+    vocab_size: int
+    pad_id: int
+    memory_layers: list[int] = field(default_factory=lambda: [1, 3])
+    num_candidates: int = 16
+    topk_per_half: int | None = None
+    gate_rank: int = 0
+    fusion_rank: int = 0
+    freeze_keys: bool = False
+    rerank: bool = True
+    retrieval: str = "product"  # product | exact (resolved from the schema's "auto" when the model is built)
+    query: str = Query.token.value  # token | mean
+    entry_key: str = EntryKey.embeddings.value  # embeddings | hidden
+    read: str = Read.additive.value  # additive | prefix
+    prefix_entries: int = 1
+    prefix_separator: list[int] = field(default_factory=list)  # token ids between the prefix and the input
+    backbone: str = "tiny"
+    finetuning_method: str = "full"  # frozen | lora | full
+    tokenizer_fingerprint: str | None = None
+    index_id: str | None = None
+
+    def check(self, where: str) -> None:
+        for k, enum in (("query", Query), ("entry_key", EntryKey), ("read", Read)):
+            if getattr(self, k) not in {e.value for e in enum}:
+                raise MemcliError(f"{where}: {k} '{getattr(self, k)}', expected one of "
+                                  f"{', '.join(e.value for e in enum)}")

@@ -1,0 +1,35 @@
+"""HRPO's model config (saved as ``thinking_residual/hrpo_config.json``): the ``model`` keys of ``train hrpo`` by
+their own names, plus what the run's data and training decide about decoding (instruction, hybrid)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from memcli.config import ModelConfig, ThinkingSource
+from memcli.errors import MemcliError
+
+
+@dataclass
+class HrpoConfig(ModelConfig):
+    LEGACY: ClassVar[dict] = {"source": "thinking_source", "r_min": "thinking_r_min", "r_max": "thinking_r_max"}
+
+    hidden_size: int
+    thinking_source: str = ThinkingSource.probs.value  # probs | projection
+    thinking_r_min: float = 0.99
+    thinking_r_max: float = 0.999
+    marker: str = "####"
+    instruction: str = "Think step by step, then give the final answer after '####'."  # appended to every problem
+    backbone: str = "tiny"
+    tokenizer_fingerprint: str = ""
+    hybrid: bool = True  # how the run was trained, so how it decodes (False: plain GRPO, token inputs only)
+
+    def __post_init__(self):
+        self.check("hrpo config")
+
+    def check(self, where: str) -> None:
+        if self.thinking_source not in {s.value for s in ThinkingSource}:
+            raise MemcliError(f"key 'model.thinking_source' got '{self.thinking_source}', expected probs or projection")
+        if not 0.0 < self.thinking_r_min <= self.thinking_r_max < 1.0:
+            raise MemcliError(f"keys 'model.thinking_r_min/r_max' got {self.thinking_r_min}/{self.thinking_r_max}, "
+                              "expected 0 < r_min <= r_max < 1")
