@@ -63,6 +63,25 @@ def cached(name: str) -> Path | None:
     return d if (d / "config.json").is_file() and (d / SOURCE_FILE).is_file() else None
 
 
+def damage(d: Path) -> str | None:
+    """Why the weights in model directory ``d`` cannot be whole, or None: a safetensors file shorter than its own
+    header says (a download or copy cut short) or with an unreadable header. Reads headers only (milliseconds)."""
+    for f in sorted(d.glob("*.safetensors")):
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n)) if 0 < n < 1 << 30 else None
+        except (OSError, ValueError):
+            header = None
+        if not isinstance(header, dict):
+            return f"{f.name} has no readable safetensors header"
+        need = 8 + n + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        size = f.stat().st_size
+        if size < need:
+            return f"{f.name} is {size:,} bytes, its header says {need:,}"
+    return None
+
+
 def is_hub_id(spec: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", spec)) and not Path(spec).exists()
 
@@ -79,8 +98,10 @@ def list_cached() -> list[dict]:
         except (OSError, ValueError):
             continue
         size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
-        out.append({"name": info.get("name", d.name), "path": str(d), "size_mb": round(size / 2**20, 1),
-                    "source": info.get("source", "")})
+        bad = damage(d) if (d / "config.json").is_file() else "no config.json"
+        name = info.get("name", d.name)
+        out.append({"name": name, "path": str(d), "size_mb": round(size / 2**20, 1), "source": info.get("source", ""),
+                    "status": f"damaged: {bad} (memcli download {name} --force)" if bad else "ready"})
     return out
 
 

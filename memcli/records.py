@@ -169,6 +169,17 @@ def validate_knowledge_item(row: Any, where: str) -> None:
             raise MemcliError(f"{where}: target[0]: field '{k}' is {type(entry[k]).__name__}, expected a string")
 
 
+def validate_fact(row: Any, where: str) -> None:
+    """A user's fact: {"text": "Basim was born in Cairo ."} with optional "subject", "predicate", "object", "uuid"."""
+    row = _require_object(row, where)
+    _check_field(row, "text", str, where, nonempty=True)
+    for k in ("subject", "predicate", "object", "uuid"):
+        if k in row and row[k] is not None and not isinstance(row[k], str):
+            raise MemcliError(f"{where}: field '{k}' is {type(row[k]).__name__}, expected a string")
+    if row.get("object") and row["object"] not in row["text"]:
+        raise MemcliError(f"{where}: object {row['object']!r} does not occur in text {row['text']!r}")
+
+
 def validate_omcq_item(row: Any, where: str) -> None:
     """ExplicitLM OMCQ item: {"target": [{"question", "options": "A:x,...", "correct_answer": "C:z", "uuid"}]}.
 
@@ -246,6 +257,7 @@ class Format:
 
 KNOWLEDGE = Format("knowledge", validate_knowledge_item, "ExplicitLM knowledge base (sentence_trex_data.json)")
 OMCQ = Format("omcq", validate_omcq_item, "ExplicitLM multiple-choice set (omcq_trex_data.json)")
+FACTS = Format("facts", validate_fact, "facts JSONL ({\"text\": ...} per line, optional subject, predicate, object, uuid)")
 CONVERSATION = Format("conversation", validate_conversation, "SFT conversations JSONL")
 LABELED = Format("labeled", validate_labeled, "router labels JSONL (train_labeled.jsonl)")
 DIALOG = Format("dialog", validate_dialog, "HIPPO dialogs JSONL")

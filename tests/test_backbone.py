@@ -4,6 +4,7 @@ for the download smoke test and a short learning smoke on the real model."""
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -148,3 +149,57 @@ def test_smollm2_retrieval_learns_in_a_few_steps(smollm2_home, tmp_path, monkeyp
     print(f"\nSmolLM2 smoke: router loss {first:.3f} -> {last:.3f}; {res}")
     assert last < 0.7 * first
     assert res["recall@16_l8"] >= 0.8 and res["heldout_memory_on"] > res["heldout_memory_off"] + 0.2
+
+
+def _fake_cache(home: Path, name: str = "smollm2-135m") -> Path:
+    """A cached model directory as `memcli download` leaves it (the tiny model's weights stand in)."""
+    from memcli.backbone import load_backbone
+    from memcli.download import SOURCE_FILE, model_dir
+
+    d = model_dir(name)
+    model, tok = load_backbone("tiny")
+    model.save_pretrained(str(d))
+    tok.save_pretrained(str(d))
+    (d / SOURCE_FILE).write_text(json.dumps({"name": name, "source": "test"}))
+    return d
+
+
+def test_a_damaged_cached_model_is_refused_before_any_data_work(cli, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MEMCLI_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    d = _fake_cache(tmp_path / "home")
+    capsys.readouterr()  # what saving the stand-in printed (DeepSpeed's first import) is not the command's output
+    code, out, _ = cli("download", "--list", "--json")
+    assert code == 0 and json.loads(out)[0]["status"] == "ready"
+    w = d / "model.safetensors"
+    size = w.stat().st_size
+    with open(w, "r+b") as f:  # cut short, as an interrupted copy leaves it
+        f.truncate(size // 2)
+    code, _, err = cli("train", "memory", "model.backbone=smollm2-135m")
+    assert_one_line_error(code, err, "damaged", f"model.safetensors is {size // 2:,} bytes",
+                          "memcli download smollm2-135m --force")
+    assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()  # nothing half-written
+    code, out, _ = cli("download", "--list", "--json")
+    assert code == 0 and json.loads(out)[0]["status"].startswith("damaged: model.safetensors is")
+
+
+def test_generated_data_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    from memcli.data import pipeline
+    from memcli.errors import MemcliError
+
+    def broken(*a, **k):
+        raise MemcliError("build-keys failed")
+
+    monkeypatch.setattr(pipeline, "build_keys", broken)
+    with pytest.raises(MemcliError, match="build-keys failed"):
+        pipeline.default_data(tmp_path / "fresh", num_facts=64)
+    assert not (tmp_path / "fresh").exists() and not list(tmp_path.iterdir())  # no temporary left either
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(MemcliError):
+        pipeline.default_data(mine, num_facts=64)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and [p.name for p in tmp_path.iterdir()] == ["mine"]
+    monkeypatch.undo()
+    pipeline.default_data(mine, num_facts=64)  # into a directory with other files: they stay, the data joins them
+    assert (mine / "notes.txt").read_text() == "keep me" and (mine / "keys" / "meta.json").is_file()

@@ -40,12 +40,13 @@ def _root(
 
 
 def _register() -> None:
-    from memcli.cli import chat, compare, data, inspect, train
+    from memcli.cli import chat, compare, data, inspect, memory, train
 
     data.register(app)
     train.register(app)
     chat.register(app)
     inspect.register(app)
+    memory.register(app)
     compare.register(app)
 
 

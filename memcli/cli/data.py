@@ -146,7 +146,9 @@ def convert_omcq(
 
 
 def build_cache(
-    knowledge: Path = typer.Option(..., "--knowledge", "-k", help="Knowledge base JSON (sentence_trex_data.json)."),
+    knowledge: Path = typer.Option(..., "--knowledge", "-k", help="Knowledge base JSON (sentence_trex_data.json), or "
+                                   "plain sentences: a JSONL file of {\"text\": ...} lines (optional subject, "
+                                   "predicate, object, uuid)."),
     out: Path = typer.Option(..., "--out", "-o", help="Cache directory to write."),
     tokenizer: str = typer.Option("tiny", help="Backbone whose tokenizer to use: tiny, smollm2-135m, a local HF "
                                   "directory or a .gguf file."),
@@ -159,6 +161,7 @@ def build_cache(
     [bold]Example[/bold]
 
       memcli build-cache --knowledge data/default/sentence_trex_data.json --out data/default/cache
+      memcli build-cache --knowledge my_facts.jsonl --tokenizer smollm2-135m --knowledge-length 32 --out data/mine/cache
     """
     from memcli.data.pipeline import build_cache as run
 
@@ -226,8 +229,9 @@ def download(
 
     if list_:
         rows = dl.list_cached()
-        emit(rows, as_json, lambda r: table(f"cached models ({dl.home() / 'models'})", ["name", "path", "size MB", "source"],
-                                            [(x["name"], x["path"], x["size_mb"], x["source"]) for x in r]))
+        emit(rows, as_json, lambda r: table(f"cached models ({dl.home() / 'models'})",
+                                            ["name", "status", "path", "size MB", "source"],
+                                            [(x["name"], x["status"], x["path"], x["size_mb"], x["source"]) for x in r]))
         return
     if not name:
         raise MemcliError(f"memcli download: give a model name ({', '.join(dl.REGISTRY)} or org/name) or --list")

@@ -88,10 +88,14 @@ class Bank:
 
     def save(self, path: str | Path) -> None:
         with atomic_dir(path) as tmp:
-            save_tensors(tmp / BANK_FILE, {"token_ids": self.token_ids.to(torch.int32)})
-            write_jsonl(tmp / ENTRIES_FILE, self.entries)
-            write_json(tmp / META_FILE, self.meta)
+            self.write(tmp)
         self.path = Path(path)
+
+    def write(self, d: Path) -> None:
+        """The bank's files into directory ``d`` (callers stage it: :func:`memcli.records.atomic_dir`)."""
+        save_tensors(d / BANK_FILE, {"token_ids": self.token_ids.to(torch.int32)})
+        write_jsonl(d / ENTRIES_FILE, self.entries)
+        write_json(d / META_FILE, self.meta)
 
 
 def tokenize_entries(tok, sentences: list[str], length: int, pad_id: int) -> tuple[torch.Tensor, int]:

@@ -1,0 +1,161 @@
+"""The user's own knowledge in a trained run, without retraining: add, replace and remove bank entries.
+
+A trained router is not tied to its bank (retrieval scores an entry by its content), so a run answers over
+facts it never saw once their entries are in its bank. Every change here:
+
+- checks all of its input before touching anything (an unknown uuid, a fact already stored, an empty text);
+- recomputes the entry features of the changed rows only (``entry_key=hidden``: the base model's states);
+- grows the bank to the next perfect square when the free (padding) rows do not suffice, keeping every
+  row where it was (exact retrieval; a run that retrieves through product keys cannot grow without new
+  keys and is refused);
+- is written as new ``bank/`` and ``memory/`` parts beside the old ones and swapped in, so a failure
+  leaves the run as it was. The bank's ``index_id`` and the memory config follow the new row contents.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from memcli.data.bank import Bank, index_id, tokenize_entries
+from memcli.errors import MemcliError
+from memcli.explicit.model import MemoryAugmentedLM
+from memcli.records import atomic_dir
+
+PADDING = {"uuid": None, "sentence": "", "subject": None, "predicate": None, "object": None}
+
+
+@dataclass
+class Change:
+    added: list[int] = field(default_factory=list)
+    replaced: list[int] = field(default_factory=list)
+    removed: list[int] = field(default_factory=list)
+    grown: tuple[int, int] | None = None  # (entries before, after)
+
+    def summary(self) -> dict:
+        out = {"added": len(self.added), "replaced": len(self.replaced), "removed": len(self.removed)}
+        if self.grown:
+            out["bank grown"] = f"{self.grown[0]} -> {self.grown[1]} entries"
+        return out
+
+
+def _write_rows(mem: MemoryAugmentedLM, bank: Bank, tok, rows: list[int], entries: list[dict], step: int) -> None:
+    """Token ids, entry records and validity of ``rows``; their features recomputed in one batch."""
+    ids, _ = tokenize_entries(tok, [e["sentence"] for e in entries], bank.knowledge_length, bank.pad_id)
+    idx = torch.tensor(rows, dtype=torch.long)
+    for r, e in zip(rows, entries):
+        bank.entries[r] = dict(e, row=r)
+    bank.token_ids[idx] = ids.to(bank.token_ids.dtype)
+    mem.bank[idx.to(mem.bank.device)] = ids.to(device=mem.bank.device, dtype=mem.bank.dtype)
+    mem.valid[idx] = torch.tensor([e.get("uuid") is not None for e in entries])
+    mem.usage[idx] = 0
+    mem.last_updated[idx] = step
+    bank.meta["index_id"] = index_id(bank.uuids())
+    mem.cfg.index_id = bank.meta["index_id"]
+    _refresh(mem, idx)
+
+
+def _refresh(mem: MemoryAugmentedLM, rows: torch.Tensor, chunk: int = 256) -> None:
+    """Entry features of the changed rows only, with a progress bar (the base model runs over each entry)."""
+    from memcli.console import progress
+
+    if mem.cfg.entry_key != "hidden":
+        return  # pooled input embeddings are computed at every forward
+    with progress() as bar:
+        task = bar.add_task("entry features", total=len(rows))
+        for s in range(0, len(rows), chunk):
+            mem.refresh_entry_features(rows[s: s + chunk])
+            bar.advance(task, min(chunk, len(rows) - s))
+
+
+def add(mem: MemoryAugmentedLM, bank: Bank, tok, entries: list[dict], step: int = 0):
+    """Store ``entries`` in free rows (growing the bank when needed) -> (model, bank, Change)."""
+    have = bank.row_of_uuid()
+    stored = [e["uuid"] for e in entries if e["uuid"] in have]
+    if stored:
+        raise MemcliError(f"{len(stored)} of the {len(entries)} facts are already in the bank (e.g. uuid '{stored[0]}' at "
+                          f"row {have[stored[0]]}); use 'memcli memory replace' to change them")
+    change = Change()
+    free = [i for i, e in enumerate(bank.entries) if e.get("uuid") is None]
+    if len(free) < len(entries):
+        need = bank.knowledge_num - len(free) + len(entries)
+        side = math.isqrt(need - 1) + 1
+        mem, bank = grow(mem, bank, side * side)
+        change.grown = (len(have) + len(free), bank.knowledge_num)
+        free = [i for i, e in enumerate(bank.entries) if e.get("uuid") is None]
+    rows = free[: len(entries)]
+    _write_rows(mem, bank, tok, rows, entries, step)
+    change.added = rows
+    return mem, bank, change
+
+
+def replace_entries(mem: MemoryAugmentedLM, bank: Bank, tok, entries: list[dict], step: int = 0) -> Change:
+    """Rewrite the entries whose uuids are given (a fact's new wording or object)."""
+    have = bank.row_of_uuid()
+    missing = [e["uuid"] for e in entries if e["uuid"] not in have]
+    if missing:
+        raise MemcliError(f"{len(missing)} of the {len(entries)} facts are not in the bank (e.g. uuid '{missing[0]}'); "
+                          "use 'memcli memory add' to store new facts")
+    rows = [have[e["uuid"]] for e in entries]
+    _write_rows(mem, bank, tok, rows, entries, step)
+    return Change(replaced=rows)
+
+
+def remove(mem: MemoryAugmentedLM, bank: Bank, tok, rows: list[int], step: int = 0) -> Change:
+    """Turn ``rows`` into padding: they are never retrieved again, and ``add`` reuses them."""
+    bad = [r for r in rows if not 0 <= r < bank.knowledge_num]
+    if bad:
+        raise MemcliError(f"row {bad[0]} is outside the bank [0, {bank.knowledge_num})")
+    empty = [r for r in rows if bank.entries[r].get("uuid") is None]
+    if empty:
+        raise MemcliError(f"row {empty[0]} holds no entry (padding)")
+    rows = sorted(set(rows))
+    _write_rows(mem, bank, tok, rows, [dict(PADDING) for _ in rows], step)
+    return Change(removed=rows)
+
+
+def grow(mem: MemoryAugmentedLM, bank: Bank, n: int):
+    """The same model over a bank of ``n`` entries (a perfect square): rows keep their place, new rows are padding."""
+    from memcli.explicit.io import load_memory_state_dict, memory_state_dict
+
+    if mem.cfg.retrieval != "exact":
+        raise MemcliError("this run retrieves through product keys (model.retrieval=product), which are fitted to its "
+                          "bank: growing it needs new keys (build-keys) and training; remove entries to make room")
+    old_n, S = bank.knowledge_num, math.isqrt(n)
+    ids = torch.full((n, bank.knowledge_length), bank.pad_id, dtype=bank.token_ids.dtype)
+    ids[:old_n] = bank.token_ids
+    entries = bank.entries + [dict(PADDING, row=i) for i in range(old_n, n)]
+    new_bank = Bank(ids, entries, dict(bank.meta, knowledge_num=n, num_keys=S, index_id=index_id([e.get("uuid") for e
+                                                                                                  in entries])), bank.path)
+    sd = memory_state_dict(mem)
+    gen = torch.Generator().manual_seed(n)
+    for k, v in list(sd.items()):
+        if k.endswith(".keys"):  # product keys: exact retrieval never reads them; new cells start random
+            more = torch.randn(v.shape[0], S - v.shape[1], v.shape[2], generator=gen, dtype=v.dtype)
+            sd[k] = torch.cat([v, torch.nn.functional.normalize(more, dim=-1)], dim=1)
+    for h in mem._hooks:  # the new wrapper hooks the same backbone
+        h.remove()
+    cfg = replace(mem.cfg, knowledge_num=n, index_id=new_bank.meta["index_id"])
+    new = MemoryAugmentedLM(mem.backbone, cfg, ids, new_bank.valid_rows())
+    load_memory_state_dict(new, sd, "grown memory")
+    new.usage[:old_n] = mem.usage
+    new.last_updated[:old_n] = mem.last_updated
+    for i in cfg.memory_layers:
+        if mem.entry_feats(i) is not None:
+            new.entry_feats(i)[:old_n] = mem.entry_feats(i)
+    new.memory_enabled = mem.memory_enabled
+    return new.to(mem.bank.device).train(mem.training), new_bank
+
+
+def save(run_dir: str | Path, mem: MemoryAugmentedLM, bank: Bank) -> None:
+    """Write the run's new ``memory/`` and ``bank/`` parts: both are written whole beside the old ones, then renamed
+    into place one after the other (a failure while writing leaves the run as it was)."""
+    from memcli.explicit.io import BANK, MEMORY, write_memory_files
+
+    d = Path(run_dir)
+    with atomic_dir(d / MEMORY) as tm, atomic_dir(d / BANK) as tb:
+        write_memory_files(tm, mem)
+        Bank(mem.bank.detach().cpu(), bank.entries, bank.meta).write(tb)

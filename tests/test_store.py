@@ -1,0 +1,166 @@
+"""The user's own knowledge in a trained run (`memcli memory list|add|replace|remove`, `build-cache` on plain
+sentences): changed rows' features equal a full recompute, the bank grows to the next perfect square and reloads
+strictly, a failed change leaves the run byte for byte as it was, and evaluating on facts the bank does not hold
+is refused in one line."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_one_line_error
+
+FACTS = [{"text": "Basim was born in Cairo .", "subject": "Basim", "object": "Cairo"},
+         {"text": "Zelda works as a pilot .", "subject": "Zelda", "object": "pilot"},
+         {"text": "Orlan plays the violin ."}]
+
+
+@pytest.fixture(scope="module")
+def run(default_data, tmp_path_factory):
+    """A tiny run with the pretrained recipe's retrieval (mean query, hidden-state entry keys, prefix read)."""
+    from conftest import run_cli
+
+    out = tmp_path_factory.mktemp("store")
+    code, _, err = run_cli(["train", "memory", f"dataset.data_dir={default_data}", f"logging.out_dir={out}",
+                            "model.entry_key=hidden", "model.query=mean", "model.read=prefix",
+                            "model.finetuning_method=frozen", "training.max_steps=2",
+                            "training.eval_interval=0", "training.final_eval_num_samples=8",
+                            "logging.tensorboard=false"])
+    assert code == 0, err
+    return out / "memory"
+
+
+def _copy(run, tmp_path) -> Path:
+    import shutil
+
+    d = tmp_path / "run"
+    shutil.copytree(run, d)
+    return d
+
+
+def _digest(d: Path) -> dict:
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _facts(tmp_path, rows, name="facts.jsonl") -> Path:
+    p = tmp_path / name
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+def test_add_grows_the_bank_and_new_features_equal_a_full_recompute(run, tmp_path, cli):
+    from memcli.runs import load_run
+
+    d = _copy(run, tmp_path)
+    before = load_run(d)
+    assert before.bank.knowledge_num == 1024 and int(before.model.valid.sum()) == 1024  # full: no free row
+    code, out, err = cli("memory", "add", "-m", d, "--from", _facts(tmp_path, FACTS), "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["added"] == 3 and res["bank grown"] == "1024 -> 1089 entries" and res["entries"] == 1027
+    after = load_run(d)  # strict load: config, bank, keys and features agree
+    mem, bank = after.model, after.bank
+    assert bank.knowledge_num == mem.cfg.knowledge_num == 1089 and mem.cfg.index_id == bank.meta["index_id"]
+    assert bank.decode(after.tok, [1024, 1025, 1026]) == [f["text"] for f in FACTS]
+    assert bank.entries[1024]["object"] == "Cairo" and not bank.entries[1027].get("uuid")
+    assert torch.equal(mem.bank[:1024], before.model.bank)  # every old row kept its place
+    feats = mem.entry_feats(1).clone()
+    assert torch.equal(feats[:1024], before.model.entry_feats(1))
+    mem.refresh_entry_features()  # the whole bank again: the changed rows computed alone are the same numbers
+    assert torch.allclose(feats[1024:1027], mem.entry_feats(1)[1024:1027], atol=1e-5)
+    for k, v in before.model.gates["1"].state_dict().items():  # the trained router is kept as it was
+        if k != "keys":
+            assert torch.equal(v, after.model.gates["1"].state_dict()[k]), k
+
+
+def test_new_entries_are_retrieved_by_their_content(run, tmp_path, cli):
+    d = _copy(run, tmp_path)
+    assert cli("memory", "add", "-m", d, "--from", _facts(tmp_path, FACTS))[0] == 0
+    code, out, err = cli("inspect-memory", "-m", d, "--query", "Zelda works as a pilot .", "--top", "5", "--json")
+    assert code == 0, err
+    rows = {e["row"] for r in json.loads(out) for e in r["entries"]}
+    assert 1025 in rows  # the entry's own sentence finds it among 1,027 (exact search over content keys)
+    code, out, err = cli("chat", "-m", d, "--prompt", FACTS[1]["text"], "--json", "--max-new-tokens", "2")
+    assert code == 0, err
+    assert json.loads(out)["memory"][0]["text"] == FACTS[1]["text"]  # chat's /memory shows the entry it read
+
+
+def test_replace_and_remove_round_trip(run, tmp_path, cli):
+    from memcli.data.facts import fact_uuid
+    from memcli.runs import load_run
+
+    d = _copy(run, tmp_path)
+    assert cli("memory", "add", "-m", d, "--from", _facts(tmp_path, FACTS))[0] == 0
+    u = fact_uuid(FACTS[0]["text"])
+    fix = _facts(tmp_path, [{"text": "Basim was born in Rome .", "uuid": u, "object": "Rome"}], "fix.jsonl")
+    code, out, err = cli("memory", "replace", "-m", d, "--from", fix, "--json")
+    assert code == 0 and json.loads(out)["replaced"] == 1, err
+    r = load_run(d)
+    assert r.bank.decode(r.tok, [1024]) == ["Basim was born in Rome ."] and r.bank.entries[1024]["uuid"] == u
+    code, out, err = cli("memory", "remove", "-m", d, "--uuid", u, "--rows", "1025", "--json")
+    assert code == 0 and json.loads(out)["removed"] == 2 and json.loads(out)["entries"] == 1025, err
+    r = load_run(d)
+    assert not r.model.valid[1024] and not r.model.valid[1025] and r.bank.entries[1025]["uuid"] is None
+    code, out, err = cli("memory", "add", "-m", d, "--from", _facts(tmp_path, FACTS[:2], "again.jsonl"), "--json")
+    assert code == 0 and "bank grown" not in json.loads(out), err  # the freed rows are reused
+    assert load_run(d).bank.decode(r.tok, [1024, 1025]) == [FACTS[0]["text"], FACTS[1]["text"]]
+
+
+@pytest.mark.parametrize("case,needles", [
+    ("stored", ["already in the bank", "memory replace"]),
+    ("unknown", ["not in the bank", "memory add"]),
+    ("malformed", ["facts.jsonl:2", "'text'"]),
+    ("duplicate", ["facts.jsonl:2", "duplicate uuid"]),
+    ("padding", ["row 1000", "holds no entry"]),
+])
+def test_a_failed_change_leaves_the_run_as_it_was(run, tmp_path, cli, case, needles):
+    d = _copy(run, tmp_path)
+    assert cli("memory", "add", "-m", d, "--from", _facts(tmp_path, FACTS[:1], "first.jsonl"))[0] == 0
+    if case == "padding":
+        assert cli("memory", "remove", "-m", d, "--rows", "1000")[0] == 0
+    snap = _digest(d)
+    args = {"stored": ["add", "--from", _facts(tmp_path, FACTS)],
+            "unknown": ["replace", "--from", _facts(tmp_path, [{"text": "x .", "uuid": "no-such"}], "unknown.jsonl")],
+            "malformed": ["add", "--from", tmp_path / "facts.jsonl"],
+            "duplicate": ["add", "--from", tmp_path / "facts.jsonl"],
+            "padding": ["remove", "--rows", "999:1001"]}[case]
+    if case == "malformed":
+        (tmp_path / "facts.jsonl").write_text('{"text": "fine ."}\n{"txt": "typo"}\n')
+    if case == "duplicate":
+        (tmp_path / "facts.jsonl").write_text('{"text": "twice ."}\n{"text": "twice ."}\n')
+    code, _, err = cli("memory", args[0], "-m", d, *args[1:])
+    assert_one_line_error(code, err, *needles)
+    assert _digest(d) == snap
+
+
+def test_evaluating_on_facts_the_bank_does_not_hold_is_refused(run, tmp_path, cli):
+    """Another data directory's questions: refused with the count, until their facts are added."""
+    from memcli.data.pipeline import default_data
+
+    other = tmp_path / "other"
+    default_data(other, seed=7, num_facts=64)
+    d = _copy(run, tmp_path)
+    code, _, err = cli("inspect-memory", "-m", d, "--eval", other, "--json")
+    assert_one_line_error(code, err, "of 13 questions ask about facts that are not in this run's bank",
+                          "memory add", "sentence_trex_data.json")
+    assert cli("memory", "add", "-m", d, "--from", other / "sentence_trex_data.json")[0] == 0
+    code, out, err = cli("inspect-memory", "-m", d, "--eval", other, "--json")
+    assert code == 0, err
+    assert json.loads(out)["questions"] == 13
+
+
+def test_build_cache_reads_plain_sentences(tmp_path, cli):
+    from memcli.data.bank import load_bank
+
+    p = _facts(tmp_path, FACTS)
+    code, out, err = cli("build-cache", "--knowledge", p, "--out", tmp_path / "cache", "--json")
+    assert code == 0, err
+    bank = load_bank(tmp_path / "cache")
+    assert bank.knowledge_num == 4 and [e["sentence"] for e in bank.entries[:3]] == [f["text"] for f in FACTS]
+    assert bank.entries[0]["object"] == "Cairo" and bank.entries[3]["uuid"] is None
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "Basim lives in Oslo .", "object": "Cairo"}\n')
+    assert_one_line_error(*cli("build-cache", "--knowledge", bad, "--out", tmp_path / "c2")[::2], "bad.jsonl:1",
+                          "does not occur in text")
