@@ -77,8 +77,8 @@ class ChatSession:
     def _memory_read(self, records: list[dict], top: int = 5) -> list[dict]:
         """Entries that carried the most weight over the answer's positions (first memory layer)."""
         recs = [r for r in records if r["layer"] == self.model.cfg.memory_layers[0]]
-        if not recs:
-            return []
+        if not recs or ("read_rows" in recs[0] and bool((recs[0]["read_rows"] < 0).all())):
+            return []  # retrieval abstained: no entry was read
         N = self.model.cfg.knowledge_num
         total = torch.zeros(N)
         for r in recs[1:] or recs:  # records after the first cover the generated tokens (KV cache)
@@ -103,8 +103,10 @@ class ChatSession:
             self.reset()
             return "history cleared"
         if text == "/memory":
-            if not self.last_memory:
+            if not self.history:
                 return "no answer yet"
+            if not self.last_memory:
+                return "none: no entry was read for the last answer (the best scored below model.abstain_below)"
             return ("memory read for the last answer", ["row", "share", "entry"],
                     [(m["row"], m["share"], m["text"]) for m in self.last_memory])
         return None

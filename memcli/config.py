@@ -237,6 +237,7 @@ class FusionModel(RouterModel):
 class MemoryModel(FusionModel, LoraFields):
     read: Optional[Read] = None  # additive (fused at the layer) | prefix (entry tokens before the input); None: per backbone
     prefix_entries: int = 1  # read=prefix: retrieved entries placed before the input
+    abstain_below: Optional[float] = None  # read=prefix, cosine retrieval: read no entry when the best one's cosine is below this
 
 
 @dataclass
@@ -357,6 +358,10 @@ class MemoryRecipe(Schema):
                               "taken over the states of the backbone being trained)")
         if self.dataset.text_path and m.read != Read.additive:
             raise MemcliError("dataset.text_path (language-model pretraining) needs model.read=additive")
+        if m.abstain_below is not None and not (m.read == Read.prefix and m.query == Query.mean
+                                                and m.entry_key == EntryKey.hidden and -1 <= m.abstain_below <= 1):
+            raise MemcliError(f"key 'model.abstain_below' got {m.abstain_below}: it is a cosine in [-1, 1] and needs the "
+                              "cosine retrieval of model.read=prefix, query=mean, entry_key=hidden")
         if self.training.ema_update_freq and m.read == Read.prefix:
             raise MemcliError("training.ema_update_freq needs model.read=additive (EMA moves entries toward the hidden "
                               "states that read them)")

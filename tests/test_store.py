@@ -25,6 +25,7 @@ def run(default_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("store")
     code, _, err = run_cli(["train", "memory", f"dataset.data_dir={default_data}", f"logging.out_dir={out}",
                             "model.entry_key=hidden", "model.query=mean", "model.read=prefix",
+                            "dataset.answer_format=cloze",  # chat completes the typed text (no template)
                             "model.finetuning_method=frozen", "training.max_steps=2",
                             "training.eval_interval=0", "training.final_eval_num_samples=8",
                             "logging.tensorboard=false"])
@@ -164,3 +165,44 @@ def test_build_cache_reads_plain_sentences(tmp_path, cli):
     bad.write_text('{"text": "Basim lives in Oslo .", "object": "Cairo"}\n')
     assert_one_line_error(*cli("build-cache", "--knowledge", bad, "--out", tmp_path / "c2")[::2], "bad.jsonl:1",
                           "does not occur in text")
+
+
+def test_retrieval_abstains_when_nothing_in_the_bank_fits(run, tmp_path, cli):
+    """model.abstain_below: a prompt about nothing in the bank reads no entry (the same tokens as memory off) and
+    chat's /memory says so; a prompt an entry answers still reads it."""
+    from memcli.runs import load_run
+
+    d = _copy(run, tmp_path)
+    r = load_run(d)
+    mem, tok = r.model, r.tok
+    own, unrelated = r.bank.entries[5]["sentence"], "Qzx vrk plim ?"
+
+    def best_cosine(text):
+        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        return float(mem.retrieve(mem.prompt_features(ids, torch.ones_like(ids)))["scores"][0, 0])
+
+    hi, lo = best_cosine(own), best_cosine(unrelated)
+    assert hi > lo + 0.05, (hi, lo)
+    cfg_file = d / "memory" / "memory_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["abstain_below"] = (hi + lo) / 2
+    cfg_file.write_text(json.dumps(cfg))
+    r = load_run(d)
+    ids = torch.tensor([tok(unrelated, add_special_tokens=False)["input_ids"]])
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        out = r.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+        with r.model.base_model() as bb:
+            base = bb.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+    assert torch.equal(out, base)
+    code, out, err = cli("chat", "-m", d, "--prompt", unrelated, "--json", "--max-new-tokens", "2")
+    assert code == 0 and json.loads(out)["memory"] == [], err
+    code, out, err = cli("chat", "-m", d, "--prompt", own, "--json", "--max-new-tokens", "2")
+    assert code == 0 and json.loads(out)["memory"][0]["text"] == own, err
+
+
+def test_abstain_below_needs_cosine_retrieval(cli, tmp_path, default_data):
+    code, _, err = cli("train", "memory", f"dataset.data_dir={default_data}", f"logging.out_dir={tmp_path}",
+                       "model.abstain_below=0.5")  # tiny's default: additive read, token queries
+    assert_one_line_error(code, err, "model.abstain_below", "read=prefix, query=mean, entry_key=hidden")
+    assert not (tmp_path / "memory").exists()

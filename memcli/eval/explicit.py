@@ -98,7 +98,7 @@ def _retrieved_rows(mem, prompts: list[list[int]]) -> torch.Tensor:
     ids, att = left_pad(prompts, mem.cfg.pad_id)
     dev = mem.bank.device
     rec = mem.retrieve(mem.prompt_features(ids.to(dev), att.to(dev)))
-    return rec["cells"][:, : mem.cfg.prefix_entries]
+    return mem.chosen_rows(rec)
 
 
 @torch.no_grad()

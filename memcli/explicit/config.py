@@ -32,6 +32,7 @@ class MemoryConfig(ModelConfig):
     entry_key: str = EntryKey.embeddings.value  # embeddings | hidden
     read: str = Read.additive.value  # additive | prefix
     prefix_entries: int = 1
+    abstain_below: float | None = None  # read=prefix: no entry read when the best one's cosine is below this
     prefix_separator: list[int] = field(default_factory=list)  # token ids between the prefix and the input
     backbone: str = "tiny"
     finetuning_method: str = "full"  # frozen | lora | full

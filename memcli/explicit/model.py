@@ -250,7 +250,8 @@ class MemoryAugmentedLM(nn.Module):
         for b in range(input_ids.shape[0]):
             pre: list[int] = []
             for r in rows[b].tolist():
-                pre += [t for t in bank[r].tolist() if t != pad] + list(self.cfg.prefix_separator)
+                if r >= 0:  # -1: retrieval abstained (model.abstain_below)
+                    pre += [t for t in bank[r].tolist() if t != pad] + list(self.cfg.prefix_separator)
             seqs.append(pre + input_ids[b][mask[b].bool()].tolist())
         ids, att = left_pad(seqs, pad)
         return ids.to(input_ids.device), att.to(input_ids.device)
@@ -262,10 +263,18 @@ class MemoryAugmentedLM(nn.Module):
             if feats is None:
                 feats = self.prompt_features(input_ids, attention_mask)
             rec = self.retrieve(feats)
+            rows = rec["read_rows"] = self.chosen_rows(rec)
             if self._records is not None:
                 self._records.append(rec)
-            rows = rec["cells"][:, : self.cfg.prefix_entries]
         return self.prefixed(input_ids, attention_mask, rows)
+
+    def chosen_rows(self, rec: dict) -> torch.Tensor:
+        """The entries ``read=prefix`` places ``[B, prefix_entries]``; -1 where the entry's cosine is below
+        ``abstain_below`` (nothing in the bank fits the question well enough to be read)."""
+        rows = rec["cells"][:, : self.cfg.prefix_entries]
+        if self.cfg.abstain_below is None:
+            return rows
+        return rows.masked_fill(rec["scores"][:, : rows.shape[1]] < self.cfg.abstain_below, -1)
 
     # ------------------------------------------------------------------ use
     def forward(self, input_ids=None, attention_mask=None, labels=None, collect: bool = False, rows=None,

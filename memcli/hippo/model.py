@@ -53,15 +53,15 @@ class HippoModel(nn.Module):
                 self.norms[f"read{i}"] = Standardise(cfg.hidden_size)
             if not additive:
                 self.norms["question"] = Standardise(cfg.hidden_size)
-        self.ctx: dict = {"state": None, "enabled": True}
+        self._state: torch.Tensor | None = None  # what the fusion hooks read, set only inside ``memory(state)``
         layers = decoder_layers(backbone)
         self._hooks = [layers[i].register_forward_hook(self._make_hook(i)) for i in fused]
 
     # ---- fusion
     def _make_hook(self, layer: int):
         def hook(module, args, output):
-            S = self.ctx["state"]
-            if S is None or not self.ctx["enabled"]:
+            S = self._state
+            if S is None:
                 return None
             h = output[0] if isinstance(output, tuple) else output
             if S.shape[0] != h.shape[0]:
@@ -75,12 +75,11 @@ class HippoModel(nn.Module):
     @contextlib.contextmanager
     def memory(self, state: torch.Tensor | None):
         """Run the backbone with ``state`` read at the fusion layers (``None``: plain backbone)."""
-        prev = self.ctx["state"]
-        self.ctx["state"] = state
+        prev, self._state = self._state, state
         try:
             yield
         finally:
-            self.ctx["state"] = prev
+            self._state = prev
 
     # ---- turns -> state
     def _layer_states(self, ids: torch.Tensor, mask: torch.Tensor, index: int) -> torch.Tensor:
