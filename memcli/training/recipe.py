@@ -16,6 +16,7 @@ through it, or its gradients would not be synchronised. A recipe sets ``model``,
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ class Plan:
         return int(epochs * self.per_epoch) // self.accumulation
 
 
-class Recipe:
+class Recipe(ABC):
     command = "train"  # how messages and trackers name it
     kind = ""  # memcli.kinds name of the run it writes ("" for a run that is not loadable, e.g. a baseline)
     default_run_name = "run"
@@ -61,11 +62,13 @@ class Recipe:
         self.build_model()
         self.build_data()
 
+    @abstractmethod
     def build_model(self) -> None:
-        raise NotImplementedError
+        """Set ``model`` and ``param_groups`` (what trains, at which learning rate)."""
 
+    @abstractmethod
     def build_data(self) -> None:
-        raise NotImplementedError
+        """Set ``train_items`` (and whatever the recipe evaluates on)."""
 
     def plan(self, plan: Plan) -> None:
         t = self.cfg.training
@@ -73,11 +76,13 @@ class Recipe:
         # items per evaluation during training and at the end (None: all)
         self.eval_n, self.final_n = t.eval_num_samples or None, t.final_eval_num_samples
 
+    @abstractmethod
     def collate(self, items: list, micro: int) -> dict:
-        raise NotImplementedError
+        """A batch of ``items`` for micro-batch ``micro`` (tensors are moved to the device by the loop)."""
 
+    @abstractmethod
     def step(self, model: torch.nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
-        raise NotImplementedError
+        """(loss, metrics) of one micro-batch, computed through ``model`` (the prepared one)."""
 
     def after_step(self, step: int) -> None:
         pass
