@@ -248,6 +248,8 @@ class RouterDataset:
     labeled_path: Optional[str] = None  # router labels (default: <keys_path>/train_labeled.jsonl)
     answer_format: Optional[AnswerFormat] = None  # letter (ExplicitLM's C:text) | cloze (object after the cut sentence)
     max_prompt_length: int = 128  # prompt tokens kept (the end is kept)
+    # (held-out templates are never trained on: memcli/data/forms.py, compare editing asks with them)
+    paraphrases: Optional[bool] = None  # cloze: also train on the relation's training templates and its question; None: per backbone
 
 
 @dataclass
@@ -291,13 +293,13 @@ class MemoryTraining(FusionTraining):
 
 
 _EXPLICIT_TINY = {"model": {"memory_layers": [1], "query": "token", "entry_key": "embeddings", "read": "additive"},
-                  "dataset": {"answer_format": "letter"},
+                  "dataset": {"answer_format": "letter", "paraphrases": False},
                   "training": {"batch_size": 32, "learning_rate": 3e-3, "backbone_lr": 1e-3,
                                "final_eval_other_format": True}}
 # measured on SmolLM2-135M (README "Explicit memory on a pretrained model"): retrieval from the mean of the
 # layer-8 states, keys from the entries' own layer-8 states, the entry's tokens read as a prefix
 _EXPLICIT_PRETRAINED = {"model": {"memory_layers": [8], "query": "mean", "entry_key": "hidden", "read": "prefix"},
-                        "dataset": {"answer_format": "cloze"},
+                        "dataset": {"answer_format": "cloze", "paraphrases": True},
                         "training": {"batch_size": 64, "learning_rate": 1e-3, "backbone_lr": 1e-4,
                                      "final_eval_other_format": False}}
 
@@ -321,6 +323,16 @@ class RouterRecipe(Schema):
     logging: LoggingSection = field(default_factory=LoggingSection)
 
 
+    def validate(self) -> None:
+        _check_paraphrases(self.dataset)
+
+
+def _check_paraphrases(ds: RouterDataset) -> None:
+    if ds.paraphrases and ds.answer_format == AnswerFormat.letter:
+        raise MemcliError("key 'dataset.paraphrases' is true but dataset.answer_format is letter: the training templates "
+                          "and questions are asked in the cloze format (set answer_format=cloze, or paraphrases=false)")
+
+
 @dataclass
 class FusionRecipe(Schema):
     command: ClassVar[str] = "train fusion"
@@ -331,6 +343,7 @@ class FusionRecipe(Schema):
     logging: LoggingSection = field(default_factory=LoggingSection)
 
     def validate(self) -> None:
+        _check_paraphrases(self.dataset)
         if not self.dataset.pretrained_router_path:
             raise MemcliError("train fusion needs dataset.pretrained_router_path (the output of 'memcli train router')")
 
@@ -346,6 +359,7 @@ class MemoryRecipe(Schema):
     logging: LoggingSection = field(default_factory=LoggingSection)
 
     def validate(self) -> None:
+        _check_paraphrases(self.dataset)
         m, method = self.model, self.model.finetuning_method
         if m.read == Read.prefix and method == Method.full:
             raise MemcliError("model.read=prefix retrieves with the base model's states and cannot train the whole "

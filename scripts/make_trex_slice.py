@@ -2,7 +2,9 @@
 
 For each of the 41 relations, the first 100 triples (in file order) whose subject and object differ,
 do not contain each other and whose subject is not ambiguous in that relation; only the labels are
-kept. LPAQA's canonical template (the first line) of each relation is copied.
+kept. LPAQA's templates of each relation are copied whole (first line canonical, then its paraphrases:
+``memcli compare editing`` asks held-out facts with them; ``memcli/data/forms.py`` splits them into
+training and held-out templates).
 
     python scripts/make_trex_slice.py ../shared/data/trex memcli/assets/trex
 """
@@ -37,8 +39,8 @@ def main(src: str, dst: str) -> None:
             if len(keep) == PER_RELATION:
                 break
         (d / "triples" / p.name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep), encoding="utf-8")
-        t = (s / "templates" / f"{p.stem}.txt").read_text(encoding="utf-8").splitlines()[0].strip()
-        (d / "templates" / f"{p.stem}.txt").write_text(t + "\n", encoding="utf-8")
+        t = [ln.strip() for ln in (s / "templates" / f"{p.stem}.txt").read_text(encoding="utf-8").splitlines()]
+        (d / "templates" / f"{p.stem}.txt").write_text("".join(ln + "\n" for ln in t if ln), encoding="utf-8")
         total += len(keep)
     print(f"{total} triples in {d}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -199,6 +200,58 @@ def formats(
              r["questions"]) for f, r in res["formats"].items()]
     write_markdown(markdown, cols, rows)
     emit(res, as_json, lambda _: table(f"compare formats · {path} · {data}", cols, rows))
+
+
+@compare.command("editing")
+def editing(
+    model_path: Optional[Path] = typer.Option(None, "--model-path", "-m", help="Explicit-memory run (default: the newest under out/)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Data directory whose held-out facts are edited first (default: the run's)."),
+    edits: str = typer.Option("1,10,100,1000", "--edits", help="Numbers of edits T after which everything is scored."),
+    num_samples: int = typer.Option(200, "--num-samples", help="Facts scored per row (a seeded sample when more qualify)."),
+    trex: str = typer.Option("builtin", "--trex", help="LPAQA-layout T-REx directory: templates, questions, outside facts."),
+    seed: int = typer.Option(0, "--seed", help="Edit order, options and samples."),
+    answers: Optional[Path] = typer.Option(None, "--answers", help="Write every scored answer here (JSON lines)."),
+    out_dir: Path = typer.Option(Path("out"), help="Where to look for the newest run."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write the table as Markdown here."),
+):
+    """The knowledge-editing table: T edits written into the bank, then efficacy, generalisation, locality.
+
+    Efficacy asks an edited fact in its entry's own words; generalisation with a held-out LPAQA paraphrase and
+    as a natural question (chat template); locality counts unchanged answers of unedited facts of the same
+    relations, and facts outside the bank with memory on vs off. Two scorings: five options ranked by
+    log-likelihood, and the greedy answer matched exactly (normalised). Beside memory: the (edited) sentence
+    written in the prompt, memory off (the ceiling: column ctx), and memory off. The run directory is not changed.
+
+    [bold]Examples[/bold]
+
+      memcli compare editing -m out/real
+      memcli compare editing -m out/real --edits 1,10,100 --num-samples 50 --markdown editing.md
+    """
+    from memcli.eval.editing import MODES, SCORINGS, SHORT, compare_editing
+    from memcli.kinds import EXPLICIT
+    from memcli.records import atomic_write_text
+    from memcli.rundir import newest_run, read_info
+
+    try:
+        counts = tuple(int(x) for x in edits.split(",") if x.strip())
+    except ValueError:
+        raise MemcliError(f"--edits '{edits}': expected comma-separated counts, e.g. 1,10,100,1000") from None
+    if num_samples < 1:
+        raise MemcliError(f"--num-samples got {num_samples}, expected a positive integer")
+    path = model_path or newest_run(out_dir, EXPLICIT)
+    if data is None:
+        data = Path(read_info(path)[1].get("data_dir") or "data/default")
+    res = compare_editing(Path(path), data, counts, num_samples, trex, seed)
+    records = res.pop("answers")
+    if answers is not None:
+        atomic_write_text(answers, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        res["answers"] = str(answers)
+    keys = ["T", "measure", "n", *[f"{s}: {m}" for s in SCORINGS for m in MODES]]
+    cols = ["T", "measure", "n", *[f"{s} {SHORT[m]}" for s in SCORINGS for m in MODES]]
+    rows = [["-" if r[k] is None else round(r[k], 3) if isinstance(r[k], float) else r[k] for k in keys] for r in res["rows"]]
+    write_markdown(markdown, cols, rows)
+    emit(res, as_json, lambda _: table(f"compare editing · {path} · {res['facts']} editable facts", cols, rows))
 
 
 @compare.command("pretrain")

@@ -79,11 +79,13 @@ def _router_from(tok, bank, row, user: str, p: list[int], full: list[int]) -> in
 
 
 def load_items(tok, bank, sft_path, labeled_path, max_prompt_length: int, fmt: str = "letter",
-               with_questions: bool = True) -> list[Item]:
+               with_questions: bool = True, forms: dict | None = None) -> list[Item]:
     """SFT rows aligned with their labels, in ``fmt``; counterfactual variants pre-tokenised per item.
 
     ``fmt=cloze`` needs each row's entry (its uuid) and, with ``with_questions``, adds a router-only
-    item per row: the chat question alone.
+    item per row: the chat question alone. With ``forms`` (``memcli.data.forms``) each fact is also asked
+    with its relation's training templates (cloze) and its natural question (chat template, answered with
+    the object alone); held-out templates are never used.
     """
     rows = records.read_jsonl(sft_path, records.CONVERSATION)
     labels = records.read_jsonl(labeled_path, records.LABELED) if labeled_path else [None] * len(rows)
@@ -119,8 +121,12 @@ def load_items(tok, bank, sft_path, labeled_path, max_prompt_length: int, fmt: s
             cp, obj = parts
             p, a = cloze_ids(tok, cp, obj)
             p = p[-max_prompt_length:]
-            cf = [(variant(o), cloze_ids(tok, cp, o)[1]) for _, o in alts]
+            variants = {o: variant(o) for _, o in alts}
+            cf = [(variants[o], cloze_ids(tok, cp, o)[1]) for _, o in alts]
             items.append(Item(p, a, row, targets, scores, cf, 0))
+            if forms and e.get("predicate") in forms and e.get("subject"):
+                items += _other_forms(tok, forms[e["predicate"]], e["subject"], obj, variants, max_prompt_length,
+                                      (row, targets, scores))
             if with_questions:
                 q = prompt_ids(tok, user.split("\n")[0])[-max_prompt_length:]
                 items.append(Item(q, [], row, targets, scores, [], 0))
@@ -132,6 +138,22 @@ def load_items(tok, bank, sft_path, labeled_path, max_prompt_length: int, fmt: s
     for j, it in enumerate(items):
         it.index = j
     return items
+
+
+def _other_forms(tok, fm, subject: str, obj: str, variants: dict, max_prompt_length: int, label: tuple) -> list[Item]:
+    """A fact asked with its relation's training templates and its natural question (``dataset.paraphrases``)."""
+    from memcli.data.forms import cloze_prefix
+
+    out = []
+    for t in fm.train:
+        text = cloze_prefix(t, subject)
+        if text is not None:
+            p, a = cloze_ids(tok, text, obj)
+            out.append(Item(p[-max_prompt_length:], a, *label, [(v, cloze_ids(tok, text, o)[1]) for o, v in variants.items()]))
+    if fm.question:
+        q = prompt_ids(tok, fm.question.replace("[X]", subject))[-max_prompt_length:]
+        out.append(Item(q, answer_ids(tok, obj), *label, [(v, answer_ids(tok, o)) for o, v in variants.items()]))
+    return out
 
 
 def collate(items: list[Item], pad_id: int, step_seed: int, cf_prob: float) -> dict:

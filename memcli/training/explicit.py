@@ -26,6 +26,7 @@ from memcli.checkpoint import load_tensors, save_tensors
 from memcli.config import RECIPES as SCHEMAS
 from memcli.config import Method, Read, backbone_kind, backbone_spec, default_data_dir, model_fields
 from memcli.console import err_console
+from memcli.data.forms import load_forms
 from memcli.errors import MemcliError
 from memcli.eval.explicit import MODES, accuracy, evaluate, load_eval_data, questions, text_perplexity
 from memcli.explicit import items as X
@@ -124,8 +125,9 @@ class _ExplicitRecipe(Recipe):
     def build_data(self) -> None:
         ds, mem, tok = self.cfg.dataset, self.mem, self.tok
         fmt = ds.answer_format.value
+        forms = load_forms() if ds.paraphrases else None  # the LPAQA templates and questions shipped with memcli
         self.train_items = X.load_items(tok, self.bank, self.paths["sft"], self.paths["labeled"], ds.max_prompt_length,
-                                        fmt)
+                                        fmt, forms=forms)
         if not self.train_items:
             raise MemcliError(f"{self.paths['sft']}: no conversation has an entry to ask in the {fmt} format "
                               "(dataset.answer_format)")

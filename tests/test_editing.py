@@ -1,0 +1,129 @@
+"""`memcli compare editing`: the knowledge-editing table. Its scoring against hand-computed values, its ranked
+answers against a reference computed the slow way (the edit written with `memcli memory replace`, every option's
+log-likelihood from a full forward), the run directory untouched, and the template split rule."""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_one_line_error
+
+
+@pytest.fixture(scope="module")
+def run(default_data, tmp_path_factory):
+    """A tiny run with the pretrained recipe's retrieval (mean query, hidden-state entry keys, prefix read)."""
+    from conftest import run_cli
+
+    out = tmp_path_factory.mktemp("editing")
+    code, _, err = run_cli(["train", "memory", f"dataset.data_dir={default_data}", f"logging.out_dir={out}",
+                            "model.entry_key=hidden", "model.query=mean", "model.read=prefix",
+                            "dataset.answer_format=cloze", "model.finetuning_method=frozen", "training.max_steps=2",
+                            "training.eval_interval=0", "training.final_eval_num_samples=8",
+                            "logging.tensorboard=false"])
+    assert code == 0, err
+    return out / "memory"
+
+
+def _digest(d: Path) -> dict:
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_exact_match_normalises_and_stops_at_a_word_boundary():
+    from memcli.eval.editing import exact_match, normalise
+
+    assert normalise("The  Hinduism-religion, .") == "hinduism religion"
+    assert exact_match(" Cairo, Egypt.", "Cairo")
+    assert exact_match("the Cairo", "Cairo")  # articles are ignored
+    assert exact_match("cairo", "Cairo")
+    assert not exact_match(" Cairoville", "Cairo")  # not a word boundary
+    assert not exact_match(" in Cairo", "Cairo")  # the answer must come first
+    assert not exact_match("anything", "The")  # an answer that normalises to nothing never matches
+
+
+def test_scores_of_a_row_are_the_hand_counted_shares():
+    from memcli.eval.editing import Case, Fact, right, share
+
+    f = Fact(3, "Basim", "P19", "Basim was born in Cairo .", ["Cairo", "Tunis", "Oslo", "Lima", "Quito"], new=2)
+    edited = Case(f, "own words", [1], [[2]] * 5, target=2)
+    kept = Case(f, "own words", [1], [[2]] * 5, target=0)
+    preds = [(2, " Oslo ."), (2, " Tunis"), (0, "Oslo")]  # ranked right + generated right; ranked only; generated only
+    flags = [right(edited, p) for p in preds]
+    assert flags == [(True, True), (True, False), (False, True)]
+    assert share([r for r, _ in flags]) == pytest.approx(2 / 3) and share([g for _, g in flags]) == pytest.approx(2 / 3)
+    assert right(kept, (0, "Cairo")) == (True, True) and share([]) is None
+    assert f.with_object(2) == "Basim was born in Oslo ."
+
+
+def test_template_split_holds_out_the_best_paraphrase_and_skips_unusable_ones():
+    from memcli.data.forms import cloze_prefix, load_forms, split_templates
+
+    lines = ["[X] was born in [Y] .", "[X] was born in [Y].", "[X] is born in [Y].", "[Y] is where [X] was born.",
+             "[X] [Y] was born.", "[X] comes from [Y].", "[X] was born at [Y].", "[X] is from [Y]."]
+    train, held = split_templates(lines)
+    # the 2nd line repeats the canonical one up to punctuation; [Y] before [X] and nothing between them are unusable
+    assert held == ("[X] is born in [Y].", "[X] was born at [Y].") and train == ("[X] comes from [Y].", "[X] is from [Y].")
+    assert cloze_prefix("The capital of [X] is [Y] .", "Peru") == "The capital of Peru is"
+    forms = load_forms()
+    assert len([k for k in forms if k.startswith("P")]) == 41
+    assert all(f.question and f.heldout and not set(f.heldout) & set(f.train) for k, f in forms.items() if k.startswith("P"))
+
+
+def _reference_rank(mem, tok, prompt: list[int], answers: list[list[int]]) -> int:
+    """Each option's log-likelihood from one full forward of prompt + option (memory as the model reads it)."""
+    best, arg = -float("inf"), -1
+    for k, a in enumerate(answers):
+        ids = torch.tensor([prompt + a])
+        feats = mem.prompt_features(torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long))
+        logits = mem(input_ids=ids, attention_mask=torch.ones_like(ids), prompt_feats=feats).logits[0]
+        lp = torch.log_softmax(logits.float(), -1)
+        s = sum(float(lp[len(prompt) - 1 + j, t]) for j, t in enumerate(a))
+        if s > best:
+            best, arg = s, k
+    return arg
+
+
+def test_edited_answers_match_a_slow_reference_and_the_run_is_untouched(run, default_data, tmp_path, cli):
+    from memcli.data.forms import load_forms
+    from memcli.eval.editing import bank_facts, case, held_out_uuids
+    from memcli.runs import load_run
+
+    d = tmp_path / "run"
+    shutil.copytree(run, d)
+    before = _digest(d)
+    code, out, err = cli("compare", "editing", "-m", d, "--data", default_data, "--edits", "1,4", "--num-samples", "4",
+                         "--answers", tmp_path / "answers.jsonl", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert _digest(d) == before  # edits live in the loaded bank only
+    assert [r["measure"] for r in res["rows"][:5]] == ["efficacy", "paraphrase", "question", "neighbours", "outside bank"]
+    eff4 = next(r for r in res["rows"] if r["T"] == 4 and r["measure"] == "efficacy")
+    assert eff4["n"] == 4
+    answers = [json.loads(x) for x in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    mine = [a for a in answers if a["T"] == 4 and a["measure"] == "efficacy" and a["mode"] == "memory"]
+    assert eff4["rank: memory"] == pytest.approx(sum(a["rank_right"] for a in mine) / 4)
+    # the reference: the same four edits written with `memcli memory replace`, then every option scored slowly
+    run0 = load_run(d)
+    facts = bank_facts(run0.bank, load_forms(), 0, held_out_uuids(default_data))[:4]
+    lines = [dict({k: v for k, v in run0.bank.entries[f.row].items() if k in ("uuid", "subject", "predicate")},
+                  text=f.with_object(f.new), object=f.options[f.new]) for f in facts]
+    (tmp_path / "edits.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    code, _, err = cli("memory", "replace", "-m", d, "--from", tmp_path / "edits.jsonl")
+    assert code == 0, err
+    ref = load_run(d)
+    by_subject = {a["subject"]: a for a in mine}
+    for f in facts:
+        c = case(ref.tok, ref.bank, load_forms(), f, "own words", f.new)
+        with torch.no_grad():
+            k = _reference_rank(ref.model, ref.tok, c.prompt, c.answers)
+        assert by_subject[f.subject]["ranked"] == f.options[k], f.subject
+
+
+def test_edit_counts_beyond_the_bank_are_refused(run, default_data, cli):
+    code, _, err = cli("compare", "editing", "-m", run, "--data", default_data, "--edits", "1,100000")
+    assert_one_line_error(code, err, "--edits", "expected counts from 1 to")
+    code, _, err = cli("compare", "editing", "-m", run, "--edits", "1,x")
+    assert_one_line_error(code, err, "--edits '1,x'")
