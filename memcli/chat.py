@@ -52,17 +52,19 @@ class ChatSession:
     options: GenOptions
     history: list = field(default_factory=list)
     last_memory: list = field(default_factory=list)
-    # a run trained in the cloze format (the pretrained recipe) completes the text as typed: no template, no history
+    # a run trained in the cloze format (the pretrained recipe) completes the text as typed (no template, no
+    # history), and answers a question (text ending in '?') alone in the chat template, as dataset.paraphrases trains
     plain: bool = False
 
     @torch.no_grad()
     def reply(self, text: str, streamer=None) -> str:
         self.history.append({"role": "user", "content": text})
-        if self.plain:
+        if self.plain and not text.rstrip().endswith("?"):
             ids = torch.tensor([self.tok(text, add_special_tokens=False)["input_ids"]])
             att = torch.ones_like(ids)
         else:
-            enc = self.tok.apply_chat_template(self.history, tokenize=True, add_generation_prompt=True,
+            turns = self.history[-1:] if self.plain else self.history
+            enc = self.tok.apply_chat_template(turns, tokenize=True, add_generation_prompt=True,
                                                return_tensors="pt", return_dict=True)
             ids, att = enc["input_ids"], enc["attention_mask"]
         records: list[dict] = []

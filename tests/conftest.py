@@ -5,6 +5,12 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MEMCLI_QUIET", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest-xdist: share the cores between workers instead of oversubscribing
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    os.environ.setdefault("OMP_NUM_THREADS", _threads)  # subprocesses (distributed ranks, the CLI) inherit it
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -149,6 +149,26 @@ def test_smollm2_retrieval_learns_in_a_few_steps(smollm2_home, tmp_path, monkeyp
     print(f"\nSmolLM2 smoke: router loss {first:.3f} -> {last:.3f}; {res}")
     assert last < 0.7 * first
     assert res["recall@16_l8"] >= 0.8 and res["heldout_memory_on"] > res["heldout_memory_off"] + 0.2
+    # asked in other words: a held-out paraphrase and a natural question (dataset.paraphrases is on by default here)
+    code, out, err = cli("compare", "editing", "-m", "out/memory", "--data", "data/smol", "--edits", "10",
+                         "--num-samples", "10", "--json")
+    assert code == 0, err
+    rows = {r["measure"]: r for r in json.loads(out)["rows"]}
+    print(f"SmolLM2 smoke, 10 edits: {rows}")
+    for m in ("efficacy", "paraphrase", "question"):  # the edited object is unknown to the model without memory
+        assert rows[m]["rank: memory"] >= rows[m]["rank: off"] + 0.3, m
+    # chat answers a question from memory and shows the entry it read
+    from memcli.data.forms import load_forms
+
+    data = tmp_path / "data" / "smol"
+    kb = {e["target"][0]["uuid"]: e["target"][0] for e in json.loads((data / "sentence_trex_data.json").read_text())}
+    fact = kb[json.loads((data / "omcq_val.json").read_text())[0]["target"][0]["uuid"]]
+    question = load_forms()[fact["predicate"]].question.replace("[X]", fact["subject"])
+    code, out, err = cli("chat", "-m", "out/memory", "--prompt", question, "--max-new-tokens", "12", "--json")
+    assert code == 0, err
+    reply = json.loads(out)
+    print(f"SmolLM2 smoke, chat: {question} -> {reply['answer']!r} reading {reply['memory'][0]['text']!r}")
+    assert fact["subject"] in reply["memory"][0]["text"] and fact["object"] in reply["memory"][0]["text"]
 
 
 def _fake_cache(home: Path, name: str = "smollm2-135m") -> Path:

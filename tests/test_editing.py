@@ -42,6 +42,11 @@ def test_exact_match_normalises_and_stops_at_a_word_boundary():
     assert not exact_match(" Cairoville", "Cairo")  # not a word boundary
     assert not exact_match(" in Cairo", "Cairo")  # the answer must come first
     assert not exact_match("anything", "The")  # an answer that normalises to nothing never matches
+    from memcli.eval.editing import answer_match
+
+    assert answer_match("Basim was born in Cairo.\nHe moved", "Cairo")  # a chat answer may restate the question
+    assert not answer_match("Basim was born.\nIn Cairo", "Cairo")  # only its first line counts
+    assert not answer_match("He lives in Cairoville", "Cairo")
 
 
 def test_scores_of_a_row_are_the_hand_counted_shares():
@@ -55,6 +60,8 @@ def test_scores_of_a_row_are_the_hand_counted_shares():
     assert flags == [(True, True), (True, False), (False, True)]
     assert share([r for r, _ in flags]) == pytest.approx(2 / 3) and share([g for _, g in flags]) == pytest.approx(2 / 3)
     assert right(kept, (0, "Cairo")) == (True, True) and share([]) is None
+    asked = Case(f, "question", [1], [[2]] * 5, target=2)  # a question is right when its answer states the object
+    assert right(asked, (2, "He was born in Oslo.")) == (True, True) and right(edited, (2, "He was born in Oslo.")) == (True, False)
     assert f.with_object(2) == "Basim was born in Oslo ."
 
 
@@ -127,3 +134,5 @@ def test_edit_counts_beyond_the_bank_are_refused(run, default_data, cli):
     assert_one_line_error(code, err, "--edits", "expected counts from 1 to")
     code, _, err = cli("compare", "editing", "-m", run, "--edits", "1,x")
     assert_one_line_error(code, err, "--edits '1,x'")
+    code, _, err = cli("compare", "editing", "-m", run, "--data", default_data, "--edits", "1", "--abstain-below", "2")
+    assert_one_line_error(code, err, "--abstain-below 2.0", "expected a cosine in [-1, 1]")

@@ -220,6 +220,8 @@ def test_editing_changes_what_is_read(mem, default_data, tmp_path):
     old = model.bank[row].clone()
     before, after = edit_entry(model, bank, tok, row, "Completely different text about Zqxwv .")
     assert after.startswith("Completely different text") and before != after
+    # the entry's record follows its text: the old subject and object are no longer stated, so they are dropped
+    assert bank.entries[row]["subject"] is None and bank.entries[row]["object"] is None
     with torch.no_grad():
         after_logits = model(**prompt).logits
     assert not torch.allclose(before_logits, after_logits)

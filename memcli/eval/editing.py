@@ -14,9 +14,10 @@ everything is scored:
   relation) which the model answers with memory off: the share still answered with memory on.
 
 Each is scored two ways: the five options ranked by log-likelihood (the gold or edited object against
-four other objects of the relation), and greedy generation matched exactly after normalisation (case,
-punctuation and articles ignored; the generated text must start with the object and end there or at a
-word boundary). Beside the memory's figure: the same question with the (edited) sentence written in the
+four other objects of the relation), and greedy generation after normalisation (case, punctuation and
+articles ignored): a cloze's continuation must start with the object and end there or at a word boundary
+(exact match); a question's answer must state the object in its first line (an instruct model restates
+the question: "Basim was born in Cairo."; PopQA's criterion). Beside the memory's figure: the same question with the (edited) sentence written in the
 prompt where the memory would put it, memory off (the ceiling of reading it), and memory off alone.
 
 Writes are independent of each other (no training, each row's features depend on its own text only), so
@@ -58,6 +59,7 @@ MEASURES = {  # row label -> what it is (README and --help say the same)
 }
 SCORINGS = ("rank", "gen")
 N_OPTIONS = 5
+QUESTION_ROOM = 16  # tokens beyond the answer a chat answer may take to state it
 
 
 @dataclass
@@ -95,6 +97,13 @@ def exact_match(generated: str, answer: str) -> bool:
     """The generated text starts with ``answer`` and ends there or at a word boundary (both normalised)."""
     g, a = normalise(generated), normalise(answer)
     return bool(a) and (g == a or g.startswith(a + " "))
+
+
+def answer_match(generated: str, answer: str) -> bool:
+    """A chat answer's first line holds ``answer`` as whole words (normalised): an instruct model restates the
+    question ("Basim was born in Cairo."), so the object need not come first (PopQA's criterion)."""
+    a = normalise(answer)
+    return bool(a) and f" {a} " in f" {normalise(generated.strip().split(chr(10))[0])} "
 
 
 # --------------------------------------------------------------------------- the facts and their questions
@@ -205,10 +214,12 @@ def predict(mem, tok, cases: list[Case], mode: str, chunk: int = 32, desc: str =
                 rows = _retrieved_rows(mem, prompts) if (mode == "memory" and mem.cfg.read == "prefix") else None
                 lps = option_logprobs(mem, prompts, [c.answers for c in part], rows)
                 ids, att = left_pad(prompts, pad)
-                new = max(len(a) for c in part for a in c.answers) + 1
+                new = max(budget(c) for c in part)
                 gen = mem.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), rows=rows, max_new_tokens=new,
                                    do_sample=False, pad_token_id=pad)[:, ids.shape[1]:]
-                texts = tok.batch_decode(gen, skip_special_tokens=True)
+                # each case's answer is cut at its own budget, so it does not depend on what it was batched with
+                texts = tok.batch_decode([g[: budget(c)] for g, c in zip(gen, part)],
+                                         skip_special_tokens=True)
                 out += [(int(lp.argmax()), t) for lp, t in zip(lps, texts)]
                 bar.advance(task, len(part))
     finally:
@@ -216,9 +227,16 @@ def predict(mem, tok, cases: list[Case], mode: str, chunk: int = 32, desc: str =
     return out
 
 
+def budget(c: Case) -> int:
+    """Tokens generated for ``c``: its longest option and one more (a cloze), room for a sentence (a question)."""
+    return max(len(a) for a in c.answers) + (QUESTION_ROOM if c.form == "question" else 1)
+
+
 def right(c: Case, pred: tuple[int, str]) -> tuple[bool, bool]:
-    """(ranked right, generated right) of a prediction for ``c``."""
-    return pred[0] == c.target, exact_match(pred[1], c.fact.options[c.target])
+    """(ranked right, generated right) of a prediction for ``c``: a cloze's continuation must start with the object
+    (``exact_match``), a question's answer must state it (``answer_match``)."""
+    gold = c.fact.options[c.target]
+    return pred[0] == c.target, (answer_match if c.form == "question" else exact_match)(pred[1], gold)
 
 
 def share(flags: list[bool]) -> float | None:
@@ -312,7 +330,8 @@ def held_out_uuids(data: Path | None) -> set[str]:
 
 
 def compare_editing(path: Path, data: Path | None = None, edits: tuple[int, ...] = (1, 10, 100, 1000),
-                    num_samples: int | None = 200, trex: str | Path = "builtin", seed: int = 0) -> dict:
+                    num_samples: int | None = 200, trex: str | Path = "builtin", seed: int = 0,
+                    abstain_below: float | None = None) -> dict:
     """The editing table of the run at ``path`` (see the module docstring); returns rows, counts and timing."""
     from memcli import kinds
     from memcli.rundir import require_kind
@@ -323,6 +342,13 @@ def compare_editing(path: Path, data: Path | None = None, edits: tuple[int, ...]
     run = load_run(path)
     mem, tok, bank = run.model, run.tok, run.bank
     mem.eval()
+    if abstain_below is not None:  # measure a threshold without retraining (it only changes which rows are read)
+        c = mem.cfg
+        if not (c.read == "prefix" and c.query == "mean" and c.entry_key == "hidden" and -1 <= abstain_below <= 1):
+            raise MemcliError(f"--abstain-below {abstain_below}: expected a cosine in [-1, 1] for a run with read=prefix, "
+                              f"query=mean, entry_key=hidden ({path} has read={c.read}, query={c.query}, "
+                              f"entry_key={c.entry_key})")
+        c.abstain_below = abstain_below
     forms = load_forms(trex)
     facts = bank_facts(bank, forms, seed, held_out_uuids(data))
     if not edits or min(edits) < 1 or max(edits) > len(facts):
@@ -350,6 +376,6 @@ def compare_editing(path: Path, data: Path | None = None, edits: tuple[int, ...]
         rows.append(ed.unchanged(neigh[T], T))
         rows.append(ed.row("outside bank", outside, T))
     return {"run": str(path), "data": str(data) if data else None, "edits": sorted(set(edits)), "facts": len(facts),
-            "bank": bank.knowledge_num, "num_samples": num_samples, "seed": seed,
+            "bank": bank.knowledge_num, "num_samples": num_samples, "seed": seed, "abstain_below": mem.cfg.abstain_below,
             "order": "held-out facts first, then the others, each shuffled with the seed; scored after T writes",
             "rows": rows, "seconds": round(time.perf_counter() - t0, 1), "answers": ed.answers}

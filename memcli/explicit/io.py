@@ -175,22 +175,22 @@ def load_memory(path: str | Path, device: str = "cpu"):
 
 
 def edit_entry(model: MemoryAugmentedLM, bank: Bank, tok, row: int, text: str, step: int = 0) -> tuple[str, str]:
-    """Replace entry ``row`` with ``text`` (re-tokenised); returns (before, after) decoded."""
-    before = bank.decode(tok, [row])[0] if 0 <= row < bank.knowledge_num else ""
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise MemcliError("new entry text is empty")
-    model.set_entry(row, ids, step)
-    bank.token_ids[row] = model.bank[row].to(bank.token_ids.dtype).cpu()
-    e = bank.entries[row]
-    was_padding = e.get("uuid") is None
-    e.update({"sentence": text, "uuid": e.get("uuid") or f"edited-{row}"})
-    if was_padding:  # a padding row became an entry: the row fingerprint changes with it
-        from memcli.data.bank import index_id
+    """Replace entry ``row`` with ``text`` (as ``memcli memory replace`` writes rows); returns (before, after) decoded.
 
-        bank.meta["index_id"] = index_id(bank.uuids())
-    after = bank.decode(tok, [row])[0]
-    return before, after
+    A subject or object the new text no longer states is dropped from the entry's record (so no question is cut
+    from a sentence that does not hold its answer); a padding row becomes an entry with uuid ``edited-<row>``."""
+    from memcli.explicit.store import write_rows
+
+    before = bank.decode(tok, [row])[0] if 0 <= row < bank.knowledge_num else ""
+    if not tok(text, add_special_tokens=False)["input_ids"]:
+        raise MemcliError("new entry text is empty")
+    e = {k: v for k, v in bank.entries[row].items() if k != "row"}
+    e.update(sentence=text, uuid=e.get("uuid") or f"edited-{row}")
+    for k in ("subject", "object"):
+        if e.get(k) and e[k] not in text:
+            e[k] = None
+    write_rows(model, bank, tok, [row], [e], step)
+    return before, bank.decode(tok, [row])[0]
 
 
 def save_bank_edit(run_dir: str | Path, model: MemoryAugmentedLM, bank: Bank) -> None:

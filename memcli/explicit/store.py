@@ -42,7 +42,7 @@ class Change:
         return out
 
 
-def _write_rows(mem: MemoryAugmentedLM, bank: Bank, tok, rows: list[int], entries: list[dict], step: int) -> None:
+def write_rows(mem: MemoryAugmentedLM, bank: Bank, tok, rows: list[int], entries: list[dict], step: int) -> None:
     """Token ids, entry records and validity of ``rows``; their features recomputed in one batch."""
     ids, _ = tokenize_entries(tok, [e["sentence"] for e in entries], bank.knowledge_length, bank.pad_id)
     idx = torch.tensor(rows, dtype=torch.long)
@@ -87,7 +87,7 @@ def add(mem: MemoryAugmentedLM, bank: Bank, tok, entries: list[dict], step: int 
         change.grown = (len(have) + len(free), bank.knowledge_num)
         free = [i for i, e in enumerate(bank.entries) if e.get("uuid") is None]
     rows = free[: len(entries)]
-    _write_rows(mem, bank, tok, rows, entries, step)
+    write_rows(mem, bank, tok, rows, entries, step)
     change.added = rows
     return mem, bank, change
 
@@ -100,7 +100,7 @@ def replace_entries(mem: MemoryAugmentedLM, bank: Bank, tok, entries: list[dict]
         raise MemcliError(f"{len(missing)} of the {len(entries)} facts are not in the bank (e.g. uuid '{missing[0]}'); "
                           "use 'memcli memory add' to store new facts")
     rows = [have[e["uuid"]] for e in entries]
-    _write_rows(mem, bank, tok, rows, entries, step)
+    write_rows(mem, bank, tok, rows, entries, step)
     return Change(replaced=rows)
 
 
@@ -113,7 +113,7 @@ def remove(mem: MemoryAugmentedLM, bank: Bank, tok, rows: list[int], step: int =
     if empty:
         raise MemcliError(f"row {empty[0]} holds no entry (padding)")
     rows = sorted(set(rows))
-    _write_rows(mem, bank, tok, rows, [dict(PADDING) for _ in rows], step)
+    write_rows(mem, bank, tok, rows, [dict(PADDING) for _ in rows], step)
     return Change(removed=rows)
 
 
