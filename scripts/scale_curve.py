@@ -1,0 +1,130 @@
+"""The scale curve of a trained explicit-memory run (README "Explicit memory on a pretrained model").
+
+For each bank size the run's bank is grown with other facts (``memcli memory add``'s code, into a copy of
+the run), then on the run's held-out questions: router recall@1, memory on / off, edits followed; the time
+to compute the new entries' features; retrieval latency per query (scoring the whole bank for one
+question's features); and the process's peak memory. Each size runs in its own process, so peaks do not mix.
+
+    python scripts/scale_curve.py RUN DATA_DIR FACTS.jsonl SIZE [SIZE ...] [--out DIR] [--markdown FILE]
+    python scripts/scale_curve.py --write-facts ../shared/data/trex RUN FACTS.jsonl
+
+FACTS.jsonl: ``{"text", "subject", "predicate", "object"}`` lines that are not in the run's bank, added in
+file order (so every bank holds the smaller ones' facts). ``--write-facts`` writes every usable fact of an
+LPAQA-layout T-REx directory whose (subject, relation) is neither in RUN's bank nor in the T-REx slice
+shipped with memcli (those stay outside every bank, for ``compare editing``'s locality), shuffled (seed 0). Sizes are entry counts; the bank's row count is
+the next perfect square. Grown runs are kept under ``--out`` (default: beside RUN) for ``compare editing``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def one(run: Path, data: Path, facts: Path, size: int, out: Path) -> dict:
+    import torch
+
+    from memcli.backbone import left_pad
+    from memcli.data.facts import read_facts
+    from memcli.eval.explicit import evaluate, load_eval_data
+    from memcli.explicit import store
+    from memcli.runs import load_run
+
+    dst = out / f"{run.name}-{size}"
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(run, dst)
+    r = load_run(dst)
+    mem, tok, bank = r.model, r.tok, r.bank
+    have = int(mem.valid.sum())
+    t0 = time.perf_counter()
+    added = 0
+    if size > have:
+        entries = read_facts(facts)[: size - have]
+        if len(entries) < size - have:
+            raise SystemExit(f"{facts}: {len(entries)} facts, {size - have} needed for a bank of {size}")
+        mem, bank, _ = store.add(mem, bank, tok, entries, step=int(r.info.get("step", 0)))
+        store.save(dst, mem, bank)
+        added = len(entries)
+    feat_s = time.perf_counter() - t0
+    fmt = r.info.get("answer_format", "cloze")
+    omcq, items = load_eval_data(tok, bank, data / "omcq_val.json", data / "sft_val.jsonl",
+                                 data / "keys" / "val_labeled.jsonl", 128, fmt)
+    res = evaluate(mem.eval(), tok, bank, omcq, items, fmt, modes=("on", "off", "edit"))
+    prompts = [it.prompt_ids for it in items]
+    ids, att = left_pad(prompts, mem.cfg.pad_id)
+    with torch.no_grad():
+        feats = mem.prompt_features(ids, att)
+        mem.retrieve(feats[:1])  # warm-up
+        t1 = time.perf_counter()
+        for i in range(len(feats)):
+            mem.retrieve(feats[i: i + 1])
+        per_query = (time.perf_counter() - t1) / len(feats)
+    return {"entries": int(mem.valid.sum()), "rows": bank.knowledge_num, "added": added,
+            "features_s": round(feat_s, 1), "features_per_s": round(added / feat_s, 1) if added else None,
+            "recall@1": res.get(f"recall@1_l{mem.cfg.memory_layers[0]}"), "memory_on": res["heldout_memory_on"],
+            "memory_off": res["heldout_memory_off"], "edit_success": res["edit_success"], "questions": res["questions"],
+            "retrieval_ms_per_query": round(per_query * 1000, 3), "retrieval": mem.cfg.retrieval,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "run": str(dst)}
+
+
+def write_facts(trex: str, run: Path, path: Path) -> int:
+    import random
+
+    from memcli.data.knowledge import TREX_BUILTIN, trex_facts
+    from memcli.data.bank import load_bank
+
+    bank = load_bank(run / "bank")
+    skip = {(e.get("subject"), e.get("predicate")) for e in bank.entries if e.get("uuid")}
+    for p in sorted((TREX_BUILTIN / "triples").glob("P*.jsonl")):
+        skip |= {(json.loads(x)["sub_label"], p.stem) for x in p.read_text(encoding="utf-8").splitlines() if x.strip()}
+    facts, _, _ = trex_facts(trex, None, 0)
+    rows = [{"text": f.sentence, "subject": f.subject, "predicate": f.predicate, "object": f.object}
+            for f in facts if (f.subject, f.predicate) not in skip]
+    random.Random(0).shuffle(rows)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return len(rows)
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--write-facts"]:
+        print(f"{write_facts(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]))} facts in {sys.argv[4]}")
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("data", type=Path)
+    ap.add_argument("facts", type=Path)
+    ap.add_argument("sizes", type=int, nargs="+")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--markdown", type=Path, default=None)
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    out = a.out or a.run.parent
+    if a.one:
+        print(json.dumps(one(a.run, a.data, a.facts, a.sizes[0], out)))
+        return
+    rows = []
+    for size in a.sizes:
+        p = subprocess.run([sys.executable, __file__, str(a.run), str(a.data), str(a.facts), str(size), "--out", str(out),
+                            "--one"], capture_output=True, text=True)
+        if p.returncode:
+            raise SystemExit(p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"size {size} failed")
+        rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    cols = ["entries", "recall@1", "memory_on", "memory_off", "edit_success", "features_s", "retrieval_ms_per_query",
+            "peak_rss_mb"]
+    md = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    md += "".join("| " + " | ".join(str(r[c]) for c in cols) + " |\n" for r in rows)
+    if a.markdown:
+        a.markdown.write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
