@@ -16,6 +16,18 @@ memcli train memory model.backbone=smollm2-135m model.read=additive training.bat
     logging.run_name=real-additive --json > out/tables/real-additive.json
 memcli train memory logging.run_name=tiny --json > out/tables/tiny.json
 memcli compare formats -m out/real --num-samples 100 --markdown out/tables/formats.md
+# knowledge editing and scale: the bank grown with the other usable T-REx facts (the slice's stay outside it)
+python scripts/scale_curve.py --write-facts ../shared/data/trex out/real out/tables/scale_facts.jsonl
+python scripts/scale_curve.py out/real data/smollm2-135m out/tables/scale_facts.jsonl 1024 4096 16384 28768 \
+    --out out/scale --markdown out/tables/scale.md
+memcli compare editing -m out/scale/real-28768 --data data/smollm2-135m --edits 1,10,100,1000 --num-samples 100 \
+    --markdown out/tables/editing.md
+memcli compare editing -m out/real --data data/smollm2-135m --edits 1,10,100 --num-samples 100 \
+    --markdown out/tables/editing-1024.md
+memcli train memory model.backbone=smollm2-135m dataset.paraphrases=false training.epochs=12 \
+    logging.run_name=real-cloze --json > out/tables/real-cloze.json
+memcli compare editing -m out/real-cloze --data data/smollm2-135m --edits 1,10,100 --num-samples 100 \
+    --markdown out/tables/editing-1024-cloze.md
 memcli compare checkpoints out/real out/real-lora out/real-additive --data data/smollm2-135m \
     --markdown out/tables/explicit-real.md
 

@@ -7,6 +7,7 @@ question's features); and the process's peak memory. Each size runs in its own p
 
     python scripts/scale_curve.py RUN DATA_DIR FACTS.jsonl SIZE [SIZE ...] [--out DIR] [--markdown FILE]
     python scripts/scale_curve.py --write-facts ../shared/data/trex RUN FACTS.jsonl
+    python scripts/scale_curve.py --latency DATA_DIR RUN [RUN ...]     # keys kept vs recomputed per query
 
 FACTS.jsonl: ``{"text", "subject", "predicate", "object"}`` lines that are not in the run's bank, added in
 file order (so every bank holds the smaller ones' facts). ``--write-facts`` writes every usable fact of an
@@ -74,6 +75,36 @@ def one(run: Path, data: Path, facts: Path, size: int, out: Path) -> dict:
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "run": str(dst)}
 
 
+def latency(run: Path, data: Path) -> dict:
+    """Retrieval time per query (one question's features against the whole bank) with the content keys kept between
+    queries (inference) and recomputed for each query (what a training forward does)."""
+    import torch
+
+    from memcli.backbone import left_pad
+    from memcli.explicit.items import load_items
+    from memcli.runs import load_run
+
+    r = load_run(run)
+    mem = r.model.eval()
+    items = load_items(r.tok, r.bank, data / "sft_val.jsonl", data / "keys" / "val_labeled.jsonl", 128,
+                       r.info.get("answer_format", "cloze"), with_questions=False)
+    ids, att = left_pad([it.prompt_ids for it in items], mem.cfg.pad_id)
+    gate = mem.gates[str(mem.cfg.memory_layers[0])]
+    out = {"entries": int(mem.valid.sum()), "queries": len(items)}
+    with torch.no_grad():
+        feats = mem.prompt_features(ids, att)
+        for name in ("kept", "recomputed"):
+            mem.retrieve(feats[:1])
+            t = time.perf_counter()
+            for i in range(len(feats)):
+                if name == "recomputed":
+                    gate._keys_cache = None
+                mem.retrieve(feats[i: i + 1])
+            out[f"ms_per_query_{name}"] = round((time.perf_counter() - t) * 1000 / len(feats), 3)
+    out["ratio"] = round(out["ms_per_query_recomputed"] / out["ms_per_query_kept"], 1)
+    return out
+
+
 def write_facts(trex: str, run: Path, path: Path) -> int:
     import random
 
@@ -93,6 +124,10 @@ def write_facts(trex: str, run: Path, path: Path) -> int:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--latency"]:  # --latency DATA_DIR RUN [RUN ...]
+        for run in sys.argv[3:]:
+            print(json.dumps(latency(Path(run), Path(sys.argv[2]))), flush=True)
+        return
     if sys.argv[1:2] == ["--write-facts"]:
         print(f"{write_facts(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]))} facts in {sys.argv[4]}")
         return

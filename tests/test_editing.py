@@ -136,3 +136,44 @@ def test_edit_counts_beyond_the_bank_are_refused(run, default_data, cli):
     assert_one_line_error(code, err, "--edits '1,x'")
     code, _, err = cli("compare", "editing", "-m", run, "--data", default_data, "--edits", "1", "--abstain-below", "2")
     assert_one_line_error(code, err, "--abstain-below 2.0", "expected a cosine in [-1, 1]")
+
+
+def test_paraphrase_items_use_training_templates_and_the_question_never_held_out_ones():
+    from memcli.backbone import load_tokenizer
+    from memcli.data.forms import cloze_prefix, load_forms
+    from memcli.explicit.items import _other_forms, answer_ids, cloze_ids
+
+    tok = load_tokenizer("tiny")
+    fm = load_forms()["P19"]
+    variants = {"Oslo": [5, 6], "Lima": [7, 8]}
+    items = _other_forms(tok, fm, "Basim", "Cairo", variants, 128, (3, [3], [1.0]))
+    prompts = [tok.decode(it.prompt_ids) for it in items]
+    assert prompts[:-1] == [cloze_prefix(t, "Basim") for t in fm.train]
+    assert "Where was Basim born?" in prompts[-1] and items[-1].answer_ids == answer_ids(tok, "Cairo")
+    assert not {cloze_prefix(t, "Basim") for t in fm.heldout} & set(prompts)
+    first = items[0]  # each form keeps the fact's entry, labels and counterfactual answers in that form
+    assert (first.row, first.targets) == (3, [3]) and first.answer_ids == cloze_ids(tok, prompts[0], "Cairo")[1]
+    assert [v for v, _ in first.cf] == [[5, 6], [7, 8]] and first.cf[1][1] == cloze_ids(tok, prompts[0], "Lima")[1]
+
+
+def test_paraphrases_with_the_letter_format_is_refused(cli):
+    code, _, err = cli("train", "memory", "dataset.answer_format=letter", "dataset.paraphrases=true")
+    assert_one_line_error(code, err, "key 'dataset.paraphrases'", "answer_format is letter")
+
+
+def test_chat_on_a_cloze_run_answers_a_question_alone_in_the_chat_template(run):
+    from memcli.chat import GenOptions, explicit_session
+    from memcli.runs import load_run
+
+    r = load_run(run)
+    session = explicit_session(r, GenOptions(max_new_tokens=6))
+    session.reply("Tonem plays the")  # a cloze: completed as typed
+    answer = session.reply("Where was Tonem born?")  # a question: the chat template, this message alone
+    enc = r.tok.apply_chat_template([{"role": "user", "content": "Where was Tonem born?"}], tokenize=True,
+                                    add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = r.model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=6,
+                           do_sample=False, pad_token_id=r.tok.pad_token_id)
+    assert answer == r.tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    plain = r.tok("Tonem plays the", return_tensors="pt")
+    out = r.model.generate(**plain, max_new_tokens=6, do_sample=False, pad_token_id=r.tok.pad_token_id)
+    assert session.history[1]["content"] == r.tok.decode(out[0, plain["input_ids"].shape[1]:], skip_special_tokens=True).strip()

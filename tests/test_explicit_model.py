@@ -432,3 +432,33 @@ def test_collate_uses_every_build_keys_label():
     assert b["target_rows"].shape == (3, 32)
     assert b["target_rows"][1].tolist() == list(range(1, 33))
     assert torch.allclose(b["target_weights"].sum(1), torch.ones(3))
+
+
+def test_exact_retrieval_reuses_keys_only_while_their_sources_are_unchanged():
+    from memcli.explicit.gate import MemoryGate
+
+    torch.manual_seed(0)
+    gate = MemoryGate(16, 64, 8, num_candidates=4, retrieval="exact", query="mean", entry_key="hidden")
+    gate.content_norm.fit(torch.randn(64, 16))
+    feats, q = torch.randn(64, 16), torch.randn(3, 16)
+    bank, emb = torch.zeros(64, 4, dtype=torch.long), torch.randn(10, 16)
+
+    def fresh():  # the keys computed from scratch, as a training forward does
+        with torch.enable_grad():
+            return gate(q, bank, emb, 0, None, feats, read=False)["full_scores"].detach()
+
+    with torch.no_grad():
+        first = gate(q, bank, emb, 0, None, feats, read=False)["full_scores"]
+        assert torch.equal(first, fresh()) and gate._keys_cache is None  # a grad forward drops the cache
+        gate(q, bank, emb, 0, None, feats, read=False)
+        kept = gate._keys_cache[4]
+        assert gate(q, bank, emb, 0, None, feats, read=False) and gate._keys_cache[4] is kept  # reused
+        feats[5] = torch.randn(16)  # an edited entry (in place, as refresh_entry_features writes)
+        assert torch.allclose(gate(q, bank, emb, 0, None, feats, read=False)["full_scores"], fresh())
+        gate.content.weight.mul_(2.0)  # an optimizer step on the key map
+        assert torch.allclose(gate(q, bank, emb, 0, None, feats, read=False)["full_scores"], fresh())
+        other = feats.clone()  # a copy (an override's bank) is another source
+        other[7] = torch.randn(16)
+        got = gate(q, bank, emb, 0, None, other, read=False)["full_scores"]
+        with torch.enable_grad():
+            assert torch.allclose(got, gate(q, bank, emb, 0, None, other, read=False)["full_scores"].detach())

@@ -139,8 +139,8 @@ class MemoryGate(nn.Module):
         """
         N = bank.shape[0]
         all_rows = torch.arange(N, device=bank.device)
-        feats_all = self._features(bank, emb, pad_id, all_rows, entry_feats).to(q.dtype)  # [N, D]
-        full = q @ self.content_keys(feats_all).T  # [T, N]
+        feats_all, keys_all = self._all_keys(bank, emb, pad_id, all_rows, entry_feats, q.dtype)
+        full = q @ keys_all.T  # [T, N]
         if valid is not None:
             full = full.masked_fill(~valid.unsqueeze(0), float("-inf"))
         scores, cells = full.topk(min(self.num_candidates, N), dim=-1)
@@ -150,6 +150,25 @@ class MemoryGate(nn.Module):
             pooled = feats_all if self.entry_key == "embeddings" else entry_pool(bank, all_rows[None], emb, pad_id)[0].to(q.dtype)
             rec["m"] = (weights.to(pooled.dtype).unsqueeze(-1) * pooled[cells]).sum(1)
         return rec
+
+    def _all_keys(self, bank, emb, pad_id, all_rows, entry_feats, dtype):
+        """Features and content keys of every entry, ``([N, D], [N, kd])``. Without autograd they are kept and reused
+        while every tensor they come from is the same object at the same version (an edit, a refit, an optimizer
+        step or an override's copy makes them new), so a query costs one ``[T, N]`` product, not N key projections."""
+        deps = ((entry_feats,) if self.entry_key == "hidden" else (bank, emb)) + tuple(self.content.parameters()) + \
+            tuple(self.content_norm.parameters()) + tuple(self.content_norm.buffers())
+        try:
+            stamp = (dtype,) + tuple(t._version for t in deps)
+        except RuntimeError:  # inference-mode tensors keep no version: nothing can tell that they changed
+            stamp, self._keys_cache = None, None
+        cached = getattr(self, "_keys_cache", None)
+        if (not torch.is_grad_enabled() and cached is not None and cached[2] == stamp
+                and len(cached[0]) == len(deps) and all(a is b for a, b in zip(cached[0], deps))):
+            return cached[3], cached[4]
+        feats = self._features(bank, emb, pad_id, all_rows, entry_feats).to(dtype)  # [N, D]
+        keys = self.content_keys(feats)
+        self._keys_cache = None if (torch.is_grad_enabled() or stamp is None) else (deps, None, stamp, feats, keys)
+        return feats, keys
 
     def cell_keys(self, cells: torch.Tensor) -> torch.Tensor:
         """Full key vectors of cells ``[...] -> [..., kd]``."""
