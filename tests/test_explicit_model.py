@@ -451,8 +451,8 @@ def test_exact_retrieval_reuses_keys_only_while_their_sources_are_unchanged():
         first = gate(q, bank, emb, 0, None, feats, read=False)["full_scores"]
         assert torch.equal(first, fresh()) and gate._keys_cache is None  # a grad forward drops the cache
         gate(q, bank, emb, 0, None, feats, read=False)
-        kept = gate._keys_cache[4]
-        assert gate(q, bank, emb, 0, None, feats, read=False) and gate._keys_cache[4] is kept  # reused
+        kept = gate._keys_cache[3]
+        assert gate(q, bank, emb, 0, None, feats, read=False) and gate._keys_cache[3] is kept  # reused
         feats[5] = torch.randn(16)  # an edited entry (in place, as refresh_entry_features writes)
         assert torch.allclose(gate(q, bank, emb, 0, None, feats, read=False)["full_scores"], fresh())
         gate.content.weight.mul_(2.0)  # an optimizer step on the key map

@@ -254,8 +254,6 @@ class Editing:
     """One ``compare editing`` run: the loaded model, and the predictions that do not change with edits."""
     mem: object
     tok: object
-    bank: object
-    forms: dict
     cache: dict = field(default_factory=dict)  # _key -> prediction (modes without memory, and memory before edits)
     answers: list = field(default_factory=list)  # one record per case and mode, for --answers
 
@@ -354,7 +352,7 @@ def compare_editing(path: Path, data: Path | None = None, edits: tuple[int, ...]
     if not edits or min(edits) < 1 or max(edits) > len(facts):
         raise MemcliError(f"--edits {','.join(map(str, edits))}: expected counts from 1 to {len(facts)}, the facts of "
                           f"{path}'s bank that can be edited (a subject, an object and a relation with templates)")
-    ed = Editing(mem, tok, bank, forms)
+    ed = Editing(mem, tok)
     outside = [c for f in outside_facts(bank, forms, trex, num_samples or 200, seed)
                if (c := case(tok, bank, forms, f, "own words", 0)) is not None]
     neigh = {T: [case(tok, bank, forms, f, "own words", 0) for f in _neighbours(facts, T, num_samples, seed)]

@@ -162,12 +162,12 @@ class MemoryGate(nn.Module):
         except RuntimeError:  # inference-mode tensors keep no version: nothing can tell that they changed
             stamp, self._keys_cache = None, None
         cached = getattr(self, "_keys_cache", None)
-        if (not torch.is_grad_enabled() and cached is not None and cached[2] == stamp
+        if (not torch.is_grad_enabled() and cached is not None and cached[1] == stamp
                 and len(cached[0]) == len(deps) and all(a is b for a, b in zip(cached[0], deps))):
-            return cached[3], cached[4]
+            return cached[2], cached[3]
         feats = self._features(bank, emb, pad_id, all_rows, entry_feats).to(dtype)  # [N, D]
         keys = self.content_keys(feats)
-        self._keys_cache = None if (torch.is_grad_enabled() or stamp is None) else (deps, None, stamp, feats, keys)
+        self._keys_cache = None if (torch.is_grad_enabled() or stamp is None) else (deps, stamp, feats, keys)
         return feats, keys
 
     def cell_keys(self, cells: torch.Tensor) -> torch.Tensor:
