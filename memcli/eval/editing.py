@@ -40,7 +40,7 @@ from memcli.backbone import left_pad
 from memcli.console import progress
 from memcli.data.bank import tokenize_entries
 from memcli.data.forms import Forms, cloze_prefix, load_forms
-from memcli.data.knowledge import trex_dir, usable
+from memcli.data.knowledge import object_pools, trex_dir, usable
 from memcli.errors import MemcliError
 from memcli.eval.explicit import _retrieved_rows, option_logprobs
 from memcli.explicit import store
@@ -108,14 +108,6 @@ def answer_match(generated: str, answer: str) -> bool:
 
 # --------------------------------------------------------------------------- the facts and their questions
 
-def _pools(entries: list[dict]) -> dict[str, list[str]]:
-    pools: dict[str, set] = {}
-    for e in entries:
-        if e.get("predicate") and e.get("object"):
-            pools.setdefault(e["predicate"], set()).add(e["object"])
-    return {k: sorted(v) for k, v in pools.items()}
-
-
 def _fact(row, e: dict, pool: list[str], rng: random.Random) -> Fact | None:
     others = [o for o in pool if o != e["object"] and o not in e["sentence"]]
     if len(others) < N_OPTIONS - 1:
@@ -127,7 +119,7 @@ def bank_facts(bank, forms: dict[str, Forms], seed: int, first: set[str] = froze
     """Every bank entry that can be asked and edited (subject, object and a relation with forms), in edit order:
     entries whose uuid is in ``first`` (the held-out facts), then the rest, each shuffled with ``seed``."""
     rng = random.Random(seed)
-    pools = _pools(bank.entries)
+    pools = object_pools([{"target": [e]} for e in bank.entries])
     out = []
     for row, e in enumerate(bank.entries):
         if not (e.get("uuid") and e.get("subject") and e.get("object") and e.get("predicate") in forms):
