@@ -14,6 +14,7 @@ METHOD_TYPES = ("lora", "full")  # open a run of any kind whose backbone was tra
 MODEL_TYPES = (*(k.chat_type for k in KINDS.values()), *METHOD_TYPES)
 HELP = "/exit (or exit, quit) · /reset clear the history · /memory entries read for the last answer · /help this text"
 HIPPO_HELP = ("/exit (or exit, quit) · /reset_hidden (or reset_hidden) clear the memory state · /state its norm and turn count · "
+              "/memory turns read for the last answer · "
               "/help this text")
 
 
@@ -119,47 +120,95 @@ class HippoChatSession:
     """The prompt holds only the current message; earlier turns live in the HIPPO state (constant cost per turn).
 
     Each user message is answered from the state of the turns before it; then the message and the answer
-    are written into the state as two turns (the query never sees its own turn in memory).
+    are written into the state as two turns (the query never sees its own turn in memory). With ``recall``
+    > 0 the turns are also kept as retrievable entries (``memcli.hippo.turns``) and the message's top
+    ``recall`` turns are read before it; ``session_path`` saves the state and the turns after every
+    answer (one safetensors file, atomic) and reopens them.
     """
 
     model: object
     tok: object
     options: GenOptions
     max_turn_length: int = 64
+    recall: int = 0
+    session_path: Path | None = None
     state: torch.Tensor | None = None
     turns: int = 0
+    memory: object = None
+    last_read: list = field(default_factory=list)
 
     def __post_init__(self):
+        from memcli.hippo.turns import TurnMemory, make_encoder
+
+        if self.recall < 0:
+            raise MemcliError(f"--recall {self.recall}: expected 0 (state only) or more turns")
+        if self.recall or self.session_path is not None:
+            self.memory = TurnMemory(make_encoder("minilm"), "hybrid")
         self.reset_hidden()
+        if self.session_path is not None and Path(self.session_path).exists():
+            self.load(self.session_path)
 
     @torch.no_grad()
     def reply(self, text: str, streamer=None) -> str:
         from memcli.hippo.data import prompt_ids
+        from memcli.hippo.turns import excerpt_prompt
 
-        ids = torch.tensor([prompt_ids(self.tok, text)])
+        self.last_read = self.memory.read(text, self.recall) if self.recall and len(self.memory) else []
+        ids = excerpt_prompt(self.tok, self.last_read, text) if self.last_read else prompt_ids(self.tok, text)
+        ids = torch.tensor([ids])
         out = self.model.generate(ids, torch.ones_like(ids), state=self.state, streamer=streamer,
                                   **self.options.generate_kwargs(self.tok))
         answer = self.tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
         self.remember(text)  # a dialog has both sides: the message, then the answer, each a turn of the state
         if answer:
             self.remember(answer, "assistant")
+        self.save()
         return answer
 
     @torch.no_grad()
     def remember(self, text: str, role: str = "user") -> None:
-        """Write one turn into the state."""
+        """Write one turn into the state (and the turn memory, when kept)."""
         from memcli.hippo.data import content_ids, turn_ids
 
         ids = torch.tensor([turn_ids(self.tok, role, text, self.max_turn_length)])
         words = torch.tensor([content_ids(self.tok, text)[-self.max_turn_length:] or [self.tok.pad_token_id]])
         self.state = self.model.write_turns(self.state, ids, torch.ones_like(ids), None, words, torch.ones_like(words))
         self.turns += 1
+        if self.memory is not None:
+            self.memory.add([{"id": f"T{self.turns}", "speaker": role, "text": text, "session": 0}])
 
     def reset_hidden(self) -> None:
         self.state = self.model.init_state(1)
         self.turns = 0
+        self.last_read = []
+        if self.memory is not None:
+            self.memory.turns, self.memory.keys = [], None
 
-    reset = reset_hidden
+    def reset(self) -> None:
+        self.reset_hidden()
+        self.save()
+
+    # ---- session file
+    def save(self) -> None:
+        if self.session_path is None:
+            return
+        from memcli.hippo.turns import save_session
+
+        meta = {"format": "memcli-hippo-chat", "turns_written": str(self.turns), **self.memory.metadata()}
+        save_session(self.session_path, {"state": self.state, **self.memory.state_dict()}, meta)
+
+    def load(self, path) -> None:
+        from memcli.hippo.turns import load_session
+
+        tensors, meta = load_session(path)
+        if meta.get("format") != "memcli-hippo-chat" or "state" not in tensors:
+            raise MemcliError(f"{path}: not a memcli HIPPO chat session (no state)")
+        if tuple(tensors["state"].shape) != tuple(self.state.shape):
+            raise MemcliError(f"{path}: its memory state has shape {list(tensors['state'].shape)}, this run's is "
+                              f"{list(self.state.shape)} (a session of another run)")
+        self.memory.load_from(tensors, meta, str(path))
+        self.state = tensors["state"].to(self.state.dtype)
+        self.turns = int(meta.get("turns_written", len(self.memory)))
 
     def state_info(self) -> dict:
         return {"turns": self.turns, "state_norm": round(float(self.state.norm()), 6),
@@ -168,17 +217,22 @@ class HippoChatSession:
     help = HIPPO_HELP
 
     def json_extra(self) -> dict:
-        return {"state": self.state_info()}
+        return {"state": self.state_info(), "memory": self.last_read}
 
     def command(self, text: str):
         if text in ("/reset_hidden", "reset_hidden", "/reset"):
-            self.reset_hidden()
-            return "memory state cleared"
+            self.reset()
+            return "memory state cleared" + (" with the turns kept for recall" if self.memory is not None else "")
         if text == "/state":
             info = self.state_info()
             return f"state: {info['turns']} turns, norm {info['state_norm']:.4f}, shape {info['state_shape']}"
         if text == "/memory":
-            return "a HIPPO model has no entries to show; /state shows the memory state"
+            if self.last_read:
+                return ("turns read for the last answer", ["turn", "score", "text"],
+                        [(t["id"], t["score"], f"{t['speaker']}: {t['text']}") for t in self.last_read])
+            kept = f"; {len(self.memory)} turns kept" if self.memory is not None else ""
+            why = "--recall 0: the state alone carries the history" if not self.recall else "nothing stored yet"
+            return f"none: no turn was read for the last answer ({why}{kept})"
         return None
 
 
@@ -228,8 +282,8 @@ def explicit_session(run, options: GenOptions) -> ChatSession:
     return ChatSession(run.model, run.tok, run.bank, options, plain=run.info.get("answer_format") == "cloze")
 
 
-def hippo_session(run, options: GenOptions) -> HippoChatSession:
-    return HippoChatSession(run.model, run.tok, options)
+def hippo_session(run, options: GenOptions, recall: int = 0, session: str | Path | None = None) -> HippoChatSession:
+    return HippoChatSession(run.model, run.tok, options, recall=recall, session_path=None if session is None else Path(session))
 
 
 def hrpo_session(run, options: GenOptions) -> HrpoChatSession:
@@ -238,7 +292,8 @@ def hrpo_session(run, options: GenOptions) -> HrpoChatSession:
     return HrpoChatSession(run.model, run.tok, options)
 
 
-def open_session(model_path: str | Path | None, model_type: str, options: GenOptions, out_dir: str | Path = "out"):
+def open_session(model_path: str | Path | None, model_type: str, options: GenOptions, out_dir: str | Path = "out",
+                 recall: int = 0, session: str | Path | None = None):
     """The chat session for a run: a kind's chat type (``memory`` / ``hippo`` / ``hrpo``) names the kind; ``lora`` /
     ``full`` open a run of any kind whose backbone was trained that way (the newest under ``out_dir`` when no path)."""
     from memcli import kinds
@@ -257,4 +312,10 @@ def open_session(model_path: str | Path | None, model_type: str, options: GenOpt
     if model_type in METHOD_TYPES and run.method != model_type:
         raise MemcliError(f"{path}: --model-type {model_type}, but this run's backbone was trained '{run.method}' "
                           f"({'no LoRA adapter' if model_type == 'lora' else 'no full backbone'} to load)")
-    return kinds.resolve_ref(kinds.get(run.kind).chat)(run, options), path
+    factory = kinds.resolve_ref(kinds.get(run.kind).chat)
+    if run.kind != "hippo":
+        if recall or session is not None:
+            raise MemcliError(f"{path}: --recall and --session keep a dialog memory, for HIPPO runs (-t hippo); this is "
+                              f"a {run.kind} run")
+        return factory(run, options), path
+    return factory(run, options, recall=recall, session=session), path

@@ -369,11 +369,39 @@ def test_chat_hippo_state_persists_and_resets(hippo_run, monkeypatch, capsys):
     n = [int(s.split(",")[0].split()[1]) for s in states]
     assert n[0] in (1, 2) and n[1] - n[0] in (1, 2) and n[2] == 0 and max(n) > 2
     assert "norm 0.0000" in states[2] and "norm 0.0000" not in states[0]
-    assert out.count("memory state cleared") == 2 and "no entries to show" in out
+    assert out.count("memory state cleared") == 2 and "none: no turn was read" in out
     code, out, err = run_cli(["chat", "-t", "hippo", "-m", hippo_run, "-p", "hello", "--json", "--max-new-tokens", "2"],
                              capsys)
     assert code == 0, err
     assert json.loads(out)["state"]["turns"] == 2  # "hello" and the answer
+
+
+def test_chat_hippo_session_file_reopens_across_runs(hippo_run, tmp_path, capsys):
+    from conftest import assert_one_line_error, run_cli
+
+    f = tmp_path / "s" / "chat.session"
+    args = ["chat", "-t", "hippo", "-m", hippo_run, "--session", f, "--recall", "2", "--json", "--max-new-tokens", "2"]
+    code, out, err = run_cli([*args, "-p", "My pet's name is Zorvak."], capsys)
+    assert code == 0, err
+    first = json.loads(out)
+    assert first["memory"] == [] and f.is_file()  # nothing to read before the first turn
+    code, out, err = run_cli([*args, "-p", "What is my pet's name?"], capsys)
+    assert code == 0, err
+    second = json.loads(out)
+    # each exchange writes the message, and the answer when there is one
+    assert second["state"]["turns"] - first["state"]["turns"] in (1, 2)
+    assert second["state"]["state_norm"] != first["state"]["state_norm"]
+    assert any("Zorvak" in t["text"] for t in second["memory"])  # the earlier turn, read back from the reopened file
+    code, out, err = run_cli(["chat", "-t", "hippo", "-m", hippo_run, "--session", f, "-p", "hi", "--json"], capsys)
+    assert code == 0, err  # reopened without --recall: the state and the turns go on, nothing is read
+    third = json.loads(out)
+    assert third["state"]["turns"] - second["state"]["turns"] in (1, 2) and third["memory"] == []
+    f.write_bytes(f.read_bytes()[:100])  # cut short
+    code, _, err = run_cli(["chat", "-t", "hippo", "-m", hippo_run, "--session", f, "-p", "hi"], capsys)
+    assert_one_line_error(code, err, str(f), "not a memcli chat session file")
+    before = f.read_bytes()
+    code, _, err = run_cli(["chat", "-t", "hrpo", "-m", hippo_run, "--session", f, "-p", "hi"], capsys)
+    assert code == 2 and f.read_bytes() == before
 
 
 def test_chat_session_prompt_never_carries_history(hippo_run):
@@ -467,18 +495,19 @@ def test_locomo_harness_on_excerpt(tiny):
         for t in turns[:9]:
             s.remember(t)
         assert torch.allclose(LC.hippo_state(m, tok, turns[:9], batch=4), s.state, atol=1e-5)
-        res = LC.run_locomo(m, tok, data, max_new_tokens=3, context_window=256, batch=4)
+        res = LC.run_locomo(m, tok, data, setups=("hippo", "none", "full", "hippo+turns"), max_new_tokens=3,
+                            context_window=256, batch=4, retriever="lexical")
     finally:
         _remove(m)
     summ = res["summary"]
-    assert set(summ) == {"hippo", "none", "full"}
+    assert set(summ) == {"hippo", "none", "full", "hippo+turns"}
     cats = [q["category"] for q in data[0]["qa"]]
-    assert all(summ[s]["count"] == len(cats) for s in summ)
+    assert all(sum(summ[s]["count"][n] for n in LC.CATEGORIES.values()) == len(cats) for s in summ)
     # the table's numbers are the means of the per-question scores, which are LoCoMo's score of the answers
     for setup in summ:
         for c, name in LC.CATEGORIES.items():
             per = [r[f"{setup}_f1"] for r in res["answers"] if r["category"] == c]
-            assert summ[setup][name] == pytest.approx(sum(per) / len(per))
+            assert summ[setup]["f1"][name] == (pytest.approx(sum(per) / len(per)) if per else None)
         for r, q in zip(res["answers"], data[0]["qa"]):
             assert r[f"{setup}_f1"] == LC.score(r[setup], q)
 
@@ -516,11 +545,13 @@ def test_compare_locomo_cli_on_excerpt(cli, hippo_run, tmp_path):
                          "--answers", tmp_path / "a.jsonl")
     assert code == 0, err
     r = json.loads(out)
-    assert set(r["f1"]) == {"hippo", "none", "full"} and r["f1"]["hippo"]["count"] == 12
+    setups = ["hippo", "none", "full", "oracle", "turns", "hippo+turns"]
+    assert list(r["f1"]) == setups and sum(r["count"][n] for n in LC.CATEGORIES.values()) == 12
+    assert r["evidence_in_prompt"]["oracle"] == 1.0 and r["retrieval"]["retriever"] == "hybrid/minilm"
     rows = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
-    assert len(rows) == 12
+    assert len(rows) == 12 and all(f"{s}_bleu1" in rows[0] for s in setups)
     md = (tmp_path / "t.md").read_text()
-    assert md.startswith("| category | hippo | none | full |") and "[bold" not in md
+    assert md.startswith("| metric | " + " | ".join(setups) + " |") and "[bold" not in md
 
 
 def test_bench_hippo_quick(cli):

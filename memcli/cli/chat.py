@@ -23,6 +23,10 @@ def chat(
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass (with temperature > 0)."),
     repetition_penalty: float = typer.Option(1.0, help="> 1 discourages repeats (positive logits divided, negative multiplied)."),
     as_json: bool = typer.Option(False, "--json", help="With --prompt: print answer and memory read as JSON."),
+    recall: int = typer.Option(0, "--recall", help="HIPPO: also keep the turns as memory entries and read the message's "
+                               "top N turns before it (0: the state alone)."),
+    session_file: Optional[Path] = typer.Option(None, "--session", help="HIPPO: save the memory (state and turns) to this "
+                                           "file after every answer, and reopen it when it exists."),
 ):
     """Talk to a trained model; answers stream token by token (KV cache).
 
@@ -30,6 +34,8 @@ def chat(
     With --model-type hrpo answers decode as the run was trained (hybrid: latent mixing until '####'; or plain).
     With --model-type hippo the prompt never carries the history: each turn is written into the
     memory state; /reset_hidden (or reset_hidden) clears it, /state shows its norm and turn count.
+    --recall N also keeps every turn as a retrievable entry (BM25 + MiniLM) and reads the message's
+    top N turns before it (/memory lists them); --session FILE keeps the memory across runs.
     End of input (Ctrl-D, or the end of a pipe) exits with code 0.
 
     [bold]Examples[/bold]
@@ -38,13 +44,14 @@ def chat(
       memcli chat --model-type lora --model-path out/memory
       printf 'Where was Velmora born?\\n/memory\\n' | memcli chat
       printf 'My pet is called Zorvak.\\nWhat is my pet called?\\n/state\\n' | memcli chat -t hippo -m out/hippo
+      memcli chat -t hippo -m out/hippo --recall 5 --session me.session
     """
     from transformers import TextStreamer
 
     from memcli.chat import GenOptions, open_session
 
     opts = GenOptions(max_new_tokens, temperature, top_p, repetition_penalty)
-    session, path = open_session(model_path, model_type, opts, out_dir)
+    session, path = open_session(model_path, model_type, opts, out_dir, recall=recall, session=session_file)
     if prompt is None:
         _loop(session, path)
     elif as_json:

@@ -73,53 +73,137 @@ def bench(
 
 @compare.command("locomo")
 def locomo(
-    model_path: Optional[Path] = typer.Option(None, "--model-path", "-m", help="HIPPO run directory (default: newest under out/)."),
+    model_path: Optional[Path] = typer.Option(None, "--model-path", "-m", help="HIPPO run directory (default: newest under "
+                                              "out/, unless --backbone)."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Answer with this backbone alone (tiny, "
+                                           "smollm2-135m, a path) instead of a HIPPO run: the setups without a state."),
     data: Path = typer.Option(..., "--data", help="LoCoMo JSON (locomo10.json format)."),
-    setups: str = typer.Option("hippo,none,full", help="Comma-separated: hippo (memory state), none (no history), full (history in context)."),
-    conversations: Optional[int] = typer.Option(None, help="Only the first N conversations."),
+    setups: Optional[str] = typer.Option(None, help="Comma-separated, of: none, full, oracle, turns, hippo, hippo+turns "
+                                         "(default: all that the model allows)."),
+    retriever: str = typer.Option("hybrid", help="How the turns setups rank turns: hybrid (BM25 + dense, z-fused), dense, "
+                                  "or lexical (BM25)."),
+    encoder: str = typer.Option("minilm", help="Dense turn keys: minilm (all-MiniLM-L6-v2, offline) or backbone (mean "
+                                "states of a backbone layer)."),
+    top_k: int = typer.Option(5, "--top-k", help="Turns read per question by the turns setups."),
+    conversations: Optional[int] = typer.Option(None, help="Only N conversations (from --skip on)."),
+    skip: int = typer.Option(0, help="Skip the first N conversations (e.g. --skip 5: the held-out half)."),
     max_questions: Optional[int] = typer.Option(None, help="Only the first N questions of each conversation."),
     context_window: Optional[int] = typer.Option(None, help="Token budget of the full-history setup (default: the model's window)."),
     max_new_tokens: int = typer.Option(24, help="Answer length."),
+    batch: int = typer.Option(8, help="Questions generated together (latency is each question's share of its batch)."),
+    recall_only: bool = typer.Option(False, "--recall-only", help="Only the retriever's evidence recall@1/5/10 (no "
+                                     "answers generated: seconds, and the same for any model size)."),
     out_dir: Path = typer.Option(Path("out"), help="Where to look for the newest run."),
-    answers: Optional[Path] = typer.Option(None, "--answers", help="Also write every question's answers and scores (JSONL)."),
+    answers: Optional[Path] = typer.Option(None, "--answers", help="Also write every question's answers, scores and "
+                                           "turns read (JSONL)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write the table as Markdown here."),
 ):
-    """LoCoMo QA F1 per category for a HIPPO checkpoint: memory state vs no history vs full history.
+    """LoCoMo QA per category: memory state, retrieved turns, no history, full history and the evidence oracle.
 
-    Each conversation's sessions are written into the memory turn by turn; then every question is
-    answered three ways and scored with LoCoMo's token F1 (Porter stemming; category 1 split on
-    commas, category 3 cut at ';', category 5 = abstention).
+    Each conversation is written into the memory (the HIPPO state turn by turn; the turns as retrievable
+    entries), then every question is answered in each setup and scored with LoCoMo's token F1 (Porter
+    stemming; category 1 split on commas, category 3 cut at ';', category 5 = abstention) and BLEU-1.
+    "overall" is categories 1-4, as the field reports; adversarial (5) is apart. Evidence recall@k is the
+    share of a question's evidence turns among the top k retrieved (all@k: every evidence turn there).
 
     [bold]Examples[/bold]
 
       memcli compare locomo --data locomo10.json -m out/hippo
-      memcli compare locomo --data locomo10.json --conversations 2 --context-window 1024 --json
+      memcli compare locomo --data locomo10.json --backbone smollm2-135m --setups none,oracle,turns
+      memcli compare locomo --data locomo10.json --backbone smollm2-135m --recall-only --encoder backbone
     """
-    from memcli.eval.locomo import CATEGORIES, load_locomo, run_locomo
+    from memcli.console import progress
+    from memcli.eval.locomo import CATEGORIES, RECALL_KS, PlainModel, load_locomo, recall_only as recall_fn, run_locomo
+    from memcli.hippo.turns import make_encoder
     from memcli.records import write_jsonl
-    from memcli.rundir import newest_run, require_kind
-    from memcli.runs import load_run
 
     samples = load_locomo(data)
-    path = model_path or newest_run(out_dir, "hippo")
-    require_kind(path, "hippo")
-    run = load_run(path)
-    model, tok = run.model, run.tok
-    res = run_locomo(model, tok, samples, [s.strip() for s in setups.split(",") if s.strip()], conversations,
-                     max_questions, max_new_tokens, context_window)
+    if backbone is not None and model_path is not None:
+        raise MemcliError("--backbone and --model-path: give one (a backbone alone, or a HIPPO run)")
+    if top_k < 1:
+        raise MemcliError(f"--top-k {top_k}: expected at least 1")
+    if batch < 1:
+        raise MemcliError(f"--batch {batch}: expected at least 1")
+    if skip < 0 or skip >= len(samples):
+        raise MemcliError(f"--skip {skip}: {data} has {len(samples)} conversations")
+    from memcli.hippo.turns import RETRIEVERS
+
+    if retriever not in RETRIEVERS:
+        raise MemcliError(f"--retriever '{retriever}': expected one of {', '.join(RETRIEVERS)}")
+    if backbone is not None:
+        from memcli.backbone import load_backbone
+
+        bb, tok = load_backbone(backbone)
+        model, path, allowed = PlainModel(bb), backbone, ("none", "full", "oracle", "turns")
+    else:
+        from memcli.rundir import newest_run, require_kind
+        from memcli.runs import load_run
+
+        path = model_path or newest_run(out_dir, "hippo")
+        require_kind(path, "hippo")
+        run = load_run(path)
+        model, tok = run.model, run.tok
+        bb, allowed = model.backbone, ("hippo", "none", "full", "oracle", "turns", "hippo+turns")
+    chosen = [x.strip() for x in setups.split(",") if x.strip()] if setups else list(allowed)
+    for x in chosen:
+        if x not in allowed:
+            why = " (a HIPPO run's state; --backbone has none)" if x.startswith("hippo") and backbone else ""
+            raise MemcliError(f"--setups: '{x}' is not a setup here{why}, expected some of {', '.join(allowed)}")
+    if not chosen:
+        raise MemcliError("--setups: no setup given")
+    enc = None if retriever == "lexical" else make_encoder(encoder, bb, tok)
+    if recall_only:
+        r = recall_fn(samples, enc, conversations, max_questions, retriever=retriever, first=skip)
+        rows = [(f"recall@{k}", highlight(r[f"recall@{k}"], False), highlight(r[f"all@{k}"], False)) for k in RECALL_KS]
+        write_markdown(markdown, ["k", "recall (evidence turns)", "all evidence turns"], rows)
+        emit(r, as_json, lambda _: table(f"LoCoMo evidence recall · {r['retriever']} · {r['questions_with_evidence']} "
+                                         "questions",
+                                         ["k", "recall (evidence turns)", "all evidence turns"], rows))
+        return
+    total = sum(len(s["qa"][:max_questions]) for s in samples[skip:][:conversations]) * len(chosen)
+    with progress() as bar:
+        task = bar.add_task("answering", total=total)
+        res = run_locomo(model, tok, samples, chosen, conversations, max_questions, max_new_tokens, context_window,
+                         batch=batch, top_k=top_k, encoder=enc, retriever=retriever, first=skip,
+                         progress_cb=lambda setup, n: bar.advance(task, n))
     if answers is not None:
         write_jsonl(answers, res["answers"])
     summ = res["summary"]
     names = list(summ)
     rows = []
-    for key in [*CATEGORIES.values(), "overall", "count"]:
-        vals = [summ[s][key] for s in names]
-        best = max((v for v in vals if v is not None), default=None) if key != "count" else None
-        rows.append((key, *[highlight(v, v == best and key != "count" and len(names) > 1) for v in vals]))
-    out = {"checkpoint": str(path), "context_window": res["context_window"], "f1": summ}
-    write_markdown(markdown, ["category", *names], rows)
-    emit(out, as_json, lambda _: table(f"LoCoMo token F1 · {path}", ["category", *names], rows))
+    for metric in ("f1", "bleu1"):
+        for key in [*(v for c, v in CATEGORIES.items() if c != 5), "overall"] + (["adversarial"] if metric == "f1" else []):
+            vals = [summ[s][metric][key] for s in names]
+            best = max((v for v in vals if v is not None), default=None)
+            rows.append((f"{metric} {key}", *[highlight(v, v == best and len(names) > 1) for v in vals]))
+    for key in ("overall", "adversarial"):
+        rows.append((f"questions {key}", *[summ[s]["count"][key] for s in names]))
+    for key, label in (("evidence_in_prompt", "evidence turns in prompt"), ("prompt_tokens_mean", "prompt tokens"),
+                       ("latency_s_mean", "latency s (mean)"), ("latency_s_p95", "latency s (p95)"),
+                       ("write_s_per_conversation", "write s / conversation")):
+        rows.append((label, *[highlight(summ[s][key], False) for s in names]))
+    out = {"checkpoint": str(path), "context_window": res["context_window"], "top_k": res["top_k"],
+           "f1": {s: summ[s]["f1"] for s in names}, "bleu1": {s: summ[s]["bleu1"] for s in names},
+           "count": summ[names[0]]["count"],
+           **{k: {s: summ[s][k] for s in names} for k in ("evidence_in_prompt", "prompt_tokens_mean", "latency_s_mean",
+                                                         "latency_s_p95", "write_s_per_conversation")}}
+    if "retrieval" in res:
+        out["retrieval"] = res["retrieval"]
+    cols = ["metric", *names]
+    write_markdown(markdown, cols, rows)
+
+    def show(_):
+        from rich.console import Group
+
+        t = table(f"LoCoMo · {path}", cols, rows)
+        if "retrieval" not in res:
+            return t
+        r = res["retrieval"]
+        return Group(t, f"evidence recall ({r['retriever']}, {r['questions_with_evidence']} questions): " + ", ".join(
+            f"@{k} {r[f'recall@{k}']:.3f} (all {r[f'all@{k}']:.3f})" for k in RECALL_KS))
+
+    emit(out, as_json, show)
 
 
 def register(app: typer.Typer) -> None:

@@ -6,16 +6,28 @@ Category 1 (multi-hop) splits prediction and gold on commas and averages, over g
 F1 of any predicted part; category 3 keeps the gold answer up to the first ';'; category 5
 (adversarial) scores 1 when the prediction says "no information available" or "not mentioned".
 
-Three setups answer the same questions after the whole conversation: ``hippo`` (the turns are
-written one by one into the memory state; the prompt holds only the question), ``none`` (the
-question alone) and ``full`` (the conversation as text before the question, cut from the left to
-the context window).
+Setups answer the same questions after the whole conversation:
+
+- ``none``: the question alone; ``full``: the conversation as text before the question, cut from the
+  left to the context window;
+- ``oracle``: the question's evidence turns (LoCoMo's ``evidence``), with their dates, before it: the
+  ceiling of any memory that reads turns into this model's prompt;
+- ``turns``: the conversation's turns as memory entries (``memcli.hippo.turns``); the question brings back
+  its top-k turns, read as a prefix like the oracle's;
+- ``hippo``: the turns written one by one into the HIPPO memory state, the prompt holds only the
+  question; ``hippo+turns``: the state and the retrieved turns together.
+
+Beside F1 and BLEU-1 per category: the share of each question's evidence turns that its prompt holds,
+the retriever's recall@k, latency per question (its share of the batch's wall time, plus retrieval),
+prompt tokens per question, and the time to write a conversation into the memory.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import re
+import time
 import string
 from collections import Counter
 from pathlib import Path
@@ -25,7 +37,10 @@ import torch
 from memcli.errors import MemcliError
 
 CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop", 5: "adversarial"}
-SETUPS = ("hippo", "none", "full")
+SCORED = (1, 2, 3, 4)  # what the field reports as "overall"; adversarial (5) is scored on abstention, apart
+SETUPS = ("hippo", "none", "full", "oracle", "turns", "hippo+turns")
+RETRIEVAL_SETUPS = ("turns", "hippo+turns")
+RECALL_KS = (1, 5, 10)
 QA_PROMPT = ("Based on the conversation, write an answer in the form of a short phrase for the following question. "
              "Answer with exact words from the conversation whenever possible.\n\nQuestion: {} Short answer:")
 NOT_MENTIONED = "Not mentioned in the conversation"
@@ -79,6 +94,29 @@ def score(prediction: str, item: dict) -> float:
     return f1_score(prediction, gold)
 
 
+def bleu1(prediction, gold) -> float:
+    """BLEU-1 of one answer: clipped unigram precision times the brevity penalty, on the tokens F1 uses (normalised,
+    not stemmed); 0 for an empty answer."""
+    p = normalise_answer(prediction).split()
+    g = normalise_answer(gold).split()
+    if not p or not g:
+        return 0.0
+    clipped = sum((Counter(p) & Counter(g)).values())
+    bp = 1.0 if len(p) > len(g) else math.exp(1 - len(g) / len(p))
+    return bp * clipped / len(p)
+
+
+def bleu_score(prediction: str, item: dict) -> float | None:
+    """BLEU-1 against the gold answer under LoCoMo's category rules (3: cut at ';'); None for category 5, whose
+    right answer is an abstention rather than a text to match."""
+    if item["category"] == 5:
+        return None
+    gold = str(item["answer"])
+    if item["category"] == 3:
+        gold = gold.split(";")[0].strip()
+    return bleu1(prediction, gold)
+
+
 # ---- data
 def load_locomo(path: str | Path) -> list[dict]:
     """Validated LoCoMo samples: ``conversation`` (speaker_a/b, session_N, session_N_date_time) and ``qa``."""
@@ -118,15 +156,47 @@ def sessions(sample: dict) -> list[tuple[int, list]]:
     return sorted(out)
 
 
+def conversation_entries(sample: dict) -> list[dict]:
+    """Every turn in order as ``{id, session, date, speaker, text, caption?}`` (``id`` is LoCoMo's ``dia_id``)."""
+    conv = sample["conversation"]
+    out = []
+    for n, turns in sessions(sample):
+        date = str(conv.get(f"session_{n}_date_time") or "")
+        for j, t in enumerate(turns):
+            e = {"id": str(t.get("dia_id") or f"D{n}:{j + 1}"), "session": n, "date": date, "speaker": t["speaker"],
+                 "text": t["text"]}
+            if isinstance(t.get("blip_caption"), str):
+                e["caption"] = t["blip_caption"]
+            out.append(e)
+    return out
+
+
 def conversation_turns(sample: dict) -> list[str]:
     """The conversation as turn texts in order; each session opens with its date."""
+    from memcli.hippo.turns import key_text
+
     conv = sample["conversation"]
     out = []
     for n, turns in sessions(sample):
         date = conv.get(f"session_{n}_date_time")
         if date:
             out.append(f"[Session {n}, {date}]")
-        out += [f"{t['speaker']}: {t['text']}" for t in turns]
+        out += [key_text({"speaker": t["speaker"], "text": t["text"], "caption": t.get("blip_caption")}) for t in turns]
+    return out
+
+
+_EVIDENCE = re.compile(r"D\s*:?\s*(\d+)\s*:\s*(\d+)")
+
+
+def evidence_ids(item: dict) -> list[str]:
+    """The turns a question's answer rests on, as ``D<session>:<turn>``; LoCoMo's few malformed references
+    ("D8:6; D9:17", "D:11:26", "D30:05") are read by pattern, a bare "D" is dropped."""
+    out = []
+    for e in item.get("evidence") or []:
+        for a, b in _EVIDENCE.findall(str(e)):
+            x = f"D{int(a)}:{int(b)}"
+            if x not in out:
+                out.append(x)
     return out
 
 
@@ -161,65 +231,199 @@ def _window(model) -> int:
 
 
 @torch.no_grad()
-def answer_questions(model, tok, prompts: list[list[int]], state, max_new_tokens: int, batch: int) -> list[str]:
+def answer_questions(model, tok, prompts: list[list[int]], state, max_new_tokens: int, batch: int, timed: bool = False):
+    """Greedy answers; with ``timed`` also each question's share of its batch's wall time (seconds)."""
     from memcli.backbone import left_pad
 
-    out_text = []
+    out_text, times = [], []
     for s in range(0, len(prompts), batch):
         chunk = prompts[s: s + batch]
+        t0 = time.perf_counter()
         ids, att = left_pad(chunk, tok.pad_token_id)
         st = None if state is None else state.expand(len(chunk), *state.shape[1:]).contiguous()
         out = model.generate(ids, att, state=st, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         out_text += [tok.decode(o[ids.shape[1]:], skip_special_tokens=True).strip() for o in out]
-    return out_text
+        times += [(time.perf_counter() - t0) / len(chunk)] * len(chunk)
+    return (out_text, times) if timed else out_text
+
+
+def recall_only(data: list[dict], encoder, conversations: int | None = None, max_questions: int | None = None,
+                ks=RECALL_KS, retriever: str = "hybrid", first: int = 0) -> dict:
+    """The turn retriever's evidence recall@k over the conversations, without answering anything."""
+    from memcli.hippo.turns import TurnMemory
+
+    recall = {k: [] for k in ks}
+    every = {k: [] for k in ks}
+    t0 = time.perf_counter()
+    for sample in data[first:][:conversations]:
+        entries = conversation_entries(sample)
+        position = {e["id"]: i for i, e in enumerate(entries)}
+        qa = sample["qa"][:max_questions]
+        mem = TurnMemory(encoder, retriever)
+        mem.add(entries)
+        ranked = mem.search([q["question"] for q in qa], max(ks))[0].tolist()
+        for q, r in zip(qa, ranked):
+            ev = [position[x] for x in evidence_ids(q) if x in position]
+            if not ev:
+                continue
+            for k in ks:
+                got = set(r[:k])
+                recall[k].append(sum(i in got for i in ev) / len(ev))
+                every[k].append(float(all(i in got for i in ev)))
+    return {"retriever": TurnMemory(encoder, retriever).name, "questions_with_evidence": len(recall[ks[0]]),
+            **{f"recall@{k}": _mean(recall[k]) for k in ks}, **{f"all@{k}": _mean(every[k]) for k in ks},
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+class PlainModel:
+    """A bare backbone behind HippoModel's ``generate`` signature: the setups that need no memory state run on it."""
+
+    def __init__(self, backbone):
+        self.backbone = backbone
+
+    def generate(self, input_ids, attention_mask=None, state=None, **kw):
+        return self.backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
+
+
+def _p95(xs: list[float]) -> float | None:
+    if not xs:
+        return None
+    ys = sorted(xs)
+    return ys[min(len(ys) - 1, math.ceil(0.95 * len(ys)) - 1)]
+
+
+def _mean(xs) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
 
 
 def run_locomo(model, tok, data: list[dict], setups=SETUPS, conversations: int | None = None,
                max_questions: int | None = None, max_new_tokens: int = 24, context_window: int | None = None,
-               batch: int = 8, seed: int = 0) -> dict:
-    """Answer each conversation's QA in every setup; returns per-setup, per-category mean scores and the answers."""
+               batch: int = 8, seed: int = 0, top_k: int = 5, encoder=None, recall_ks=RECALL_KS,
+               progress_cb=None, retriever: str = "hybrid", first: int = 0) -> dict:
+    """Answer each conversation's QA in every setup.
+
+    Returns ``summary`` (per setup: F1 and BLEU-1 per category, ``overall`` = categories 1-4, adversarial apart;
+    evidence share in the prompt; retrieval recall@k; latency; prompt tokens), ``answers`` (one row per question)
+    and ``context_window``. ``retriever`` and ``encoder`` (``memcli.hippo.turns``) rank the turns for ``turns`` /
+    ``hippo+turns``. ``first``: skip that many conversations."""
     from memcli.hippo.data import prompt_ids
+    from memcli.hippo.turns import TurnMemory, excerpt_prompt, key_text
 
     bad = [s for s in setups if s not in SETUPS]
     if bad:
         raise MemcliError(f"--setups: '{bad[0]}' is not a setup, expected some of {', '.join(SETUPS)}")
+    retrieving = any(s in RETRIEVAL_SETUPS for s in setups)
+    if top_k < 1:
+        raise MemcliError(f"--top-k {top_k}: expected at least 1")
     window = context_window or _window(model)
     rng = random.Random(seed)
-    scores = {s: {c: [] for c in CATEGORIES} for s in setups}
     rows = []
-    for sample in data[:conversations]:
+    per = {s: {"latency": [], "tokens": [], "in_prompt": [], "write_s": []} for s in setups}
+    recall = {k: [] for k in recall_ks}
+    recall_all = {k: [] for k in recall_ks}
+    ret_name = TurnMemory(encoder, retriever).name if retrieving else None
+    for sample in data[first:][:conversations]:
+        entries = conversation_entries(sample)
+        position = {e["id"]: i for i, e in enumerate(entries)}
         turns = conversation_turns(sample)
         qa = sample["qa"][:max_questions]
         questions = [question_text(q, rng) for q in qa]
-        q_ids = [prompt_ids(tok, q) for q in questions]
-        answers = {}
+        evidence = [[position[x] for x in evidence_ids(q) if x in position] for q in qa]
+        prompts, reads, states, write_s, extra_s = {}, {}, {}, {}, {}
+        ranked = None
+        if retrieving:
+            t0 = time.perf_counter()
+            mem = TurnMemory(encoder, retriever)
+            mem.add(entries)
+            t1 = time.perf_counter()
+            idx, _ = mem.search([q["question"] for q in qa], max(top_k, *recall_ks))
+            search_s = (time.perf_counter() - t1) / max(1, len(qa))
+            ranked = idx.tolist()
+            for j, ev in enumerate(evidence):
+                if ev:
+                    for k in recall_ks:
+                        got = set(ranked[j][:k])
+                        recall[k].append(sum(i in got for i in ev) / len(ev))
+                        recall_all[k].append(float(all(i in got for i in ev)))
         for setup in setups:
-            if setup == "hippo":
-                answers[setup] = answer_questions(model, tok, q_ids, hippo_state(model, tok, turns), max_new_tokens, batch)
-            elif setup == "none":
-                answers[setup] = answer_questions(model, tok, q_ids, None, max_new_tokens, batch)
-            else:
+            state = None
+            extra_s[setup] = 0.0
+            write_s[setup] = 0.0
+            if setup.startswith("hippo"):
+                t0h = time.perf_counter()
+                state = hippo_state(model, tok, turns)
+                write_s[setup] += time.perf_counter() - t0h
+            if setup == "none":
+                reads[setup] = [[] for _ in qa]
+                prompts[setup] = [prompt_ids(tok, q) for q in questions]
+            elif setup == "hippo":
+                reads[setup] = [[] for _ in qa]
+                prompts[setup] = [prompt_ids(tok, q) for q in questions]
+            elif setup == "full":
                 history = tok("\n".join(turns), add_special_tokens=False)["input_ids"]
-                prompts = [full_history_prompt(tok, history, q, window - max_new_tokens) for q in questions]
-                answers[setup] = answer_questions(model, tok, prompts, None, max_new_tokens, batch)
+                prompts[setup] = [full_history_prompt(tok, history, q, window - max_new_tokens) for q in questions]
+                reads[setup] = []
+                for p in prompts[setup]:
+                    text = tok.decode(p)
+                    reads[setup].append([i for i, e in enumerate(entries) if key_text(e) in text])
+            elif setup == "oracle":
+                reads[setup] = [sorted(ev) for ev in evidence]
+                prompts[setup] = [excerpt_prompt(tok, [entries[i] for i in r], q) for r, q in zip(reads[setup], questions)]
+            else:  # turns, hippo+turns
+                write_s[setup] += t1 - t0
+                extra_s[setup] = search_s
+                reads[setup] = [sorted(r[:top_k]) for r in ranked]
+                prompts[setup] = [excerpt_prompt(tok, [entries[i] for i in r], q) for r, q in zip(reads[setup], questions)]
+            states[setup] = state
+        answers, times = {}, {}
+        for setup in setups:
+            answers[setup], times[setup] = answer_questions(model, tok, prompts[setup], states[setup], max_new_tokens,
+                                                            batch, timed=True)
+            per[setup]["write_s"].append(write_s[setup])
+            if progress_cb:
+                progress_cb(setup, len(qa))
         for j, q in enumerate(qa):
             row = {"sample_id": sample.get("sample_id", ""), "category": q["category"], "question": q["question"],
-                   "gold": q.get("answer", q.get("adversarial_answer"))}
+                   "gold": q.get("answer", q.get("adversarial_answer")), "evidence": [entries[i]["id"] for i in evidence[j]]}
             for setup in setups:
-                sc = score(answers[setup][j], q)
-                scores[setup][q["category"]].append(sc)
-                row[setup] = answers[setup][j]
-                row[f"{setup}_f1"] = sc
+                a = answers[setup][j]
+                row[setup] = a
+                row[f"{setup}_f1"] = score(a, q)
+                row[f"{setup}_bleu1"] = bleu_score(a, q)
+                row[f"{setup}_read"] = [entries[i]["id"] for i in reads[setup][j]] if setup != "full" else None
+                ev = set(evidence[j])
+                share = (sum(i in set(reads[setup][j]) for i in ev) / len(ev)) if ev else None
+                row[f"{setup}_evidence_in_prompt"] = share
+                per[setup]["in_prompt"].append(share)
+                per[setup]["tokens"].append(len(prompts[setup][j]))
+                per[setup]["latency"].append(times[setup][j] + extra_s[setup])
             rows.append(row)
     summary = {}
     for setup in setups:
-        per = {CATEGORIES[c]: (sum(v) / len(v) if v else None) for c, v in scores[setup].items()}
-        allv = [x for v in scores[setup].values() for x in v]
-        per["overall"] = sum(allv) / len(allv) if allv else None
-        per["count"] = len(allv)
-        summary[setup] = per
-    return {"summary": summary, "answers": rows, "context_window": window}
+        out = {}
+        for metric, suffix in (("f1", "_f1"), ("bleu1", "_bleu1")):
+            m = {}
+            for c, name in CATEGORIES.items():
+                vals = [r[f"{setup}{suffix}"] for r in rows if r["category"] == c and r[f"{setup}{suffix}"] is not None]
+                m[name] = _mean(vals)
+            m["overall"] = _mean([r[f"{setup}{suffix}"] for r in rows if r["category"] in SCORED])
+            out[metric] = m
+        out["count"] = {CATEGORIES[c]: sum(r["category"] == c for r in rows) for c in CATEGORIES}
+        out["count"]["overall"] = sum(r["category"] in SCORED for r in rows)
+        out["evidence_in_prompt"] = _mean(per[setup]["in_prompt"])
+        out["latency_s_mean"] = _mean(per[setup]["latency"])
+        out["latency_s_p95"] = _p95(per[setup]["latency"])
+        out["prompt_tokens_mean"] = _mean(per[setup]["tokens"])
+        out["write_s_per_conversation"] = _mean(per[setup]["write_s"])
+        summary[setup] = out
+    res = {"summary": summary, "answers": rows, "context_window": window, "top_k": top_k}
+    if retrieving:
+        res["retrieval"] = {"retriever": ret_name, "questions_with_evidence": len(recall[recall_ks[0]]),
+                            **{f"recall@{k}": _mean(recall[k]) for k in recall_ks},
+                            **{f"all@{k}": _mean(recall_all[k]) for k in recall_ks}}
+    return res
 
 
 def full_history_prompt(tok, history: list[int], question: str, budget: int) -> list[int]:

@@ -1,0 +1,262 @@
+"""A conversation's turns as memory entries: each turn is stored with a key vector, a question brings back
+its top-k turns, and they are read as a prefix of the prompt (the pretrained explicit recipe's read).
+
+Each turn is keyed twice: alone, and in context (after the previous turn of its session, which is often
+the question it answers). A query scores every turn with
+
+- ``dense``: cosine similarity of sentence embeddings, from an encoder: ``minilm`` (the offline
+  all-MiniLM-L6-v2, ``build-keys --embedder minilm``) or ``backbone`` (the mean of the backbone's states
+  after one decoder layer);
+- ``lexical``: BM25 (bm25s, Porter-stemmed, English stop words dropped), recomputed over the stored texts;
+- ``hybrid`` (default): both; each score is z-normalised over the turns per query and the parts summed
+  with equal weights.
+
+Ties keep the earlier turn. Nothing is trained. The design (two keys, equal-weight fusion) was chosen on
+LoCoMo conversations 1-5 and is reported on 6-10 apart (README). Keys depend only on a turn and the one
+before it, so a chat memory never re-encodes what it holds.
+
+A memory saves to one safetensors file (keys, and the turns as JSON in its metadata) written atomically,
+so a chat session reopens with the turns it had.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from memcli.errors import MemcliError
+
+ENCODERS = ("minilm", "backbone")
+RETRIEVERS = ("hybrid", "dense", "lexical")
+
+
+def key_text(turn: dict) -> str:
+    """What a turn's key encodes: who said it and what (a shared photo's caption is part of what was said)."""
+    s = f"{turn['speaker']}: {turn['text']}" if turn.get("speaker") else turn["text"]
+    if turn.get("caption"):
+        s += f" [shares {turn['caption']}]"
+    return s
+
+
+def context_text(turns: list[dict], i: int) -> str:
+    """Turn ``i`` after the turn before it in the same session (a turn often answers the one before)."""
+    t = turns[i]
+    if i > 0 and turns[i - 1].get("session") == t.get("session"):
+        return key_text(turns[i - 1]) + "\n" + key_text(t)
+    return key_text(t)
+
+
+def entry_text(turn: dict) -> str:
+    """How a turn is written into the prompt: its date first, because questions ask when things happened."""
+    s = key_text(turn)
+    return f"[{turn['date']}] {s}" if turn.get("date") else s
+
+
+def excerpt_prompt(tok, entries: list[dict], question: str) -> list[int]:
+    """Turns read from memory (conversation order, each with its date) before the question, as one user message."""
+    from memcli.hippo.data import prompt_ids
+
+    lines = "\n".join(entry_text(e) for e in entries)
+    return prompt_ids(tok, f"Conversation excerpts:\n{lines}\n\n{question}")
+
+
+class MiniLMEncoder:
+    name = "minilm"
+
+    def __init__(self):
+        from memcli.data.keys import sentence_embedder
+
+        self.model = sentence_embedder("minilm")
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        if not texts:
+            return torch.zeros(0, self.model.get_sentence_embedding_dimension())
+        return torch.as_tensor(self.model.encode(texts, batch_size=64, normalize_embeddings=True,
+                                                 convert_to_numpy=True, show_progress_bar=False)).float()
+
+
+class BackboneEncoder:
+    """Mean of the backbone's states after decoder layer ``layer`` over the text's tokens, L2-normalised."""
+
+    name = "backbone"
+
+    def __init__(self, backbone, tok, layer: int | None = None, batch: int = 32):
+        from memcli.backbone import decoder_layers
+
+        n = len(decoder_layers(backbone))
+        self.backbone, self.tok, self.batch = backbone, tok, batch
+        self.layer = min(8, n - 1) if layer is None else layer  # layer 8 of SmolLM2's 30: the explicit recipe's query
+        if not 0 <= self.layer < n:
+            raise MemcliError(f"turn encoder layer {self.layer}: the backbone has decoder layers 0-{n - 1}")
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        from memcli.backbone import layer_output, left_pad
+
+        out = []
+        for s in range(0, len(texts), self.batch):
+            ids = [self.tok(t, add_special_tokens=False)["input_ids"][:256] or [self.tok.pad_token_id]
+                   for t in texts[s: s + self.batch]]
+            x, att = left_pad(ids, self.tok.pad_token_id)
+            h = layer_output(self.backbone, x, att, self.layer).float()
+            m = att.unsqueeze(-1).to(h.dtype)
+            out.append(F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1), dim=-1))
+        hidden = self.backbone.config.hidden_size
+        return torch.cat(out) if out else torch.zeros(0, hidden)
+
+
+def make_encoder(name: str, backbone=None, tok=None):
+    if name == "minilm":
+        return MiniLMEncoder()
+    if name == "backbone":
+        if backbone is None:
+            raise MemcliError("turn encoder 'backbone' needs a model")
+        return BackboneEncoder(backbone, tok)
+    raise MemcliError(f"turn encoder '{name}': expected one of {', '.join(ENCODERS)}")
+
+
+_stemmer = None
+
+
+def _stem_all(words: list[str]) -> list[str]:
+    global _stemmer
+    if _stemmer is None:
+        from nltk.stem import PorterStemmer
+
+        _stemmer = PorterStemmer()
+    return [_stemmer.stem(w) for w in words]
+
+
+def bm25_scores(docs: list[str], queries: list[str]) -> torch.Tensor:
+    """``[Q, D]`` BM25 scores (k1 1.2, b 0.75) of every document for every query; 0 where nothing matches."""
+    import bm25s
+
+    out = torch.zeros(len(queries), len(docs))
+    if not docs or not queries:
+        return out
+    index = bm25s.BM25(k1=1.2, b=0.75)
+    index.index(bm25s.tokenize(docs, stemmer=_stem_all, show_progress=False), show_progress=False)
+    vocab = set(index.vocab_dict)
+    for j, q in enumerate(bm25s.tokenize(queries, stemmer=_stem_all, show_progress=False, return_ids=False)):
+        q = [w for w in q if w in vocab]
+        if q:
+            out[j] = torch.as_tensor(index.get_scores(q)).float()
+    return out
+
+
+def _z(s: torch.Tensor) -> torch.Tensor:
+    if s.shape[1] < 2:
+        return torch.zeros_like(s)
+    return (s - s.mean(1, keepdim=True)) / s.std(1, keepdim=True).clamp_min(1e-6)
+
+
+@dataclass
+class TurnMemory:
+    """Turns (dicts with ``text`` and optionally ``id``, ``speaker``, ``date``, ``session``, ``caption``), each
+    with two dense keys (alone, in context) when the retriever uses them."""
+
+    encoder: object = None
+    retriever: str = "hybrid"
+    turns: list = field(default_factory=list)
+    keys: torch.Tensor | None = None  # [n, 2, d]: alone, in context
+
+    def __post_init__(self):
+        if self.retriever not in RETRIEVERS:
+            raise MemcliError(f"turn retriever '{self.retriever}': expected one of {', '.join(RETRIEVERS)}")
+        if self.retriever != "lexical" and self.encoder is None:
+            raise MemcliError(f"turn retriever '{self.retriever}' needs an encoder")
+
+    @property
+    def name(self) -> str:
+        return self.retriever if self.retriever == "lexical" else f"{self.retriever}/{self.encoder.name}"
+
+    def __len__(self) -> int:
+        return len(self.turns)
+
+    def add(self, turns: list[dict]) -> None:
+        """Write turns (in order); only the new turns are encoded."""
+        if not turns:
+            return
+        start = len(self.turns)
+        self.turns += [dict(t) for t in turns]
+        if self.retriever == "lexical":
+            return
+        texts = [key_text(t) for t in turns] + [context_text(self.turns, i) for i in range(start, len(self.turns))]
+        v = self.encoder.encode(texts)
+        new = torch.stack([v[: len(turns)], v[len(turns):]], dim=1)
+        self.keys = new if self.keys is None else torch.cat([self.keys, new])
+
+    def scores(self, queries: list[str]) -> torch.Tensor:
+        """``[Q, n]`` fused scores."""
+        parts = []
+        if self.retriever != "lexical":
+            q = self.encoder.encode(queries)
+            parts += [q @ self.keys[:, 0].T, q @ self.keys[:, 1].T]
+        if self.retriever != "dense":
+            parts += [bm25_scores([key_text(t) for t in self.turns], queries),
+                      bm25_scores([context_text(self.turns, i) for i in range(len(self.turns))], queries)]
+        return sum(_z(p) for p in parts)
+
+    def search(self, queries: list[str], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(indices [Q, k'], scores [Q, k'])`` of each query's best turns, best first; k' = min(k, turns)."""
+        k = min(k, len(self.turns))
+        if k == 0 or not queries:
+            return torch.zeros(len(queries), 0, dtype=torch.long), torch.zeros(len(queries), 0)
+        sim = self.scores(queries)
+        order = torch.argsort(-sim, dim=1, stable=True)[:, :k]  # stable: ties keep the earlier turn
+        return order, sim.gather(1, order)
+
+    def read(self, query: str, k: int) -> list[dict]:
+        """The query's top-k turns, in conversation order (how they are written into the prompt), with scores."""
+        idx, sc = self.search([query], k)
+        hits = sorted(zip(idx[0].tolist(), sc[0].tolist()))
+        return [dict(self.turns[i], row=i, score=round(s, 4)) for i, s in hits]
+
+    # ---- persistence
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {} if self.keys is None else {"turn_keys": self.keys}
+
+    def metadata(self) -> dict[str, str]:
+        return {"turns": json.dumps(self.turns, ensure_ascii=False), "turn_retriever": self.name}
+
+    def load_from(self, tensors: dict, meta: dict, where: str) -> None:
+        if meta.get("turn_retriever") != self.name:
+            raise MemcliError(f"{where}: its turns were keyed for retriever '{meta.get('turn_retriever')}', this session "
+                              f"uses '{self.name}'")
+        try:
+            turns = json.loads(meta.get("turns", "[]"))
+        except json.JSONDecodeError as e:
+            raise MemcliError(f"{where}: the turns metadata is not JSON ({e.msg})") from None
+        keys = tensors.get("turn_keys")
+        if not isinstance(turns, list) or (self.retriever != "lexical" and
+                                           (0 if keys is None else keys.shape[0]) != len(turns)):
+            raise MemcliError(f"{where}: {0 if keys is None else keys.shape[0]} turn keys for "
+                              f"{len(turns) if isinstance(turns, list) else '?'} turns")
+        self.turns, self.keys = turns, (None if keys is None else keys.float())
+
+
+def save_session(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """One safetensors file, written aside and renamed: a session file is whole or absent."""
+    from safetensors.torch import save
+
+    from memcli.records import atomic_write_bytes
+
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=meta)
+    atomic_write_bytes(path, data)
+
+
+def load_session(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    p = Path(path)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:
+        raise MemcliError(f"{p}: not a memcli chat session file ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:80] if str(e) else 'unreadable'})") from None

@@ -1,0 +1,202 @@
+"""Dialog turn memory (memcli.hippo.turns) and the LoCoMo harness around it: evidence recall, the oracle,
+BLEU-1 / F1 under LoCoMo's category rules, BM25 against its formula, and chat sessions saved and reopened."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from memcli.eval import locomo as LC
+from memcli.hippo import turns as T
+
+
+def _conversation():
+    """Two sessions; each question's evidence is known by hand."""
+    s1 = [("Alice", "I adopted a puppy from the shelter in Denver last week."),
+          ("Bob", "That is lovely. What breed is it?"),
+          ("Alice", "A beagle. His name is Pepper."),
+          ("Bob", "I started learning the violin in March.")]
+    s2 = [("Alice", "Pepper chewed my running shoes yesterday."),
+          ("Bob", "My violin teacher moved to Lisbon."),
+          ("Alice", "I am training for the Boston marathon in April.")]
+    conv = {"speaker_a": "Alice", "speaker_b": "Bob", "session_1_date_time": "1 May 2023",
+            "session_2_date_time": "9 June 2023",
+            "session_1": [{"speaker": a, "text": t, "dia_id": f"D1:{i + 1}"} for i, (a, t) in enumerate(s1)],
+            "session_2": [{"speaker": a, "text": t, "dia_id": f"D2:{i + 1}"} for i, (a, t) in enumerate(s2)]}
+    qa = [{"question": "Where is the shelter Alice adopted from?", "answer": "Denver", "evidence": ["D1:1"], "category": 4},
+          {"question": "Who moved to Lisbon?", "answer": "Bob's violin teacher", "evidence": ["D2:2"], "category": 4},
+          # two evidence turns: only the marathon turn shares words with the question
+          {"question": "Which marathon is Alice training for, and what is her dog's breed?", "answer": "Boston, beagle",
+           "evidence": ["D2:3", "D1:3"], "category": 1},
+          {"question": "What did Bob say about cooking?", "adversarial_answer": "pasta", "evidence": [], "category": 5}]
+    return {"sample_id": "hand", "conversation": conv, "qa": qa}
+
+
+def test_bleu1_and_f1_against_hand_computed_values():
+    assert LC.bleu1("red car", "red bike") == pytest.approx(0.5)  # 1 of 2 unigrams, no brevity penalty
+    assert LC.bleu1("car", "red car") == pytest.approx(math.exp(1 - 2 / 1))  # precision 1, brevity e^(1-2)
+    assert LC.bleu1("the red red red car", "red car") == pytest.approx(0.5)  # clipped: red once, car once, of 4
+    assert LC.bleu1("", "Paris") == 0.0
+    # category rules: 3 cuts the gold answer at ';', 5 has no text to match
+    assert LC.bleu_score("Sweden", {"category": 3, "answer": "Sweden; moved in 2019"}) == pytest.approx(1.0)
+    assert LC.bleu_score("x", {"category": 5, "adversarial_answer": "x"}) is None
+    assert LC.bleu_score("2022", {"category": 2, "answer": 2022}) == 1.0
+    # F1 of the multi-hop rule: each gold part takes its best predicted part
+    assert LC.score("beagle, Boston", {"category": 1, "answer": "Boston, beagle"}) == pytest.approx(1.0)
+    assert LC.score("Boston", {"category": 1, "answer": "Boston, beagle"}) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("ev,want", [
+    (["D1:3"], ["D1:3"]), (["D8:6; D9:17"], ["D8:6", "D9:17"]), (["D:11:26"], ["D11:26"]), (["D30:05"], ["D30:5"]),
+    (["D"], []), (["D9:1 D4:4 D4:6"], ["D9:1", "D4:4", "D4:6"]), (["D1:2", "D1:2"], ["D1:2"]), ([], [])])
+def test_evidence_references_as_locomo_writes_them(ev, want):
+    assert LC.evidence_ids({"evidence": ev}) == want
+
+
+def test_bm25_matches_its_formula():
+    """Lucene BM25 (k1 1.2, b 0.75) on words that neither stemming nor stop words change."""
+    docs = ["cat dog", "dog dog bird", "fish"]
+    got = T.bm25_scores(docs, ["dog bird", "zebra"])
+    N, k1, b = 3, 1.2, 0.75
+    lens = [2, 3, 1]
+    avg = sum(lens) / N
+
+    def idf(df):
+        return math.log(1 + (N - df + 0.5) / (df + 0.5))
+
+    def part(tf, dl, df):
+        return idf(df) * tf / (tf + k1 * (1 - b + b * dl / avg))
+
+    want = [part(1, 2, 2), part(2, 3, 2) + part(1, 3, 1), 0.0]
+    assert got[0].tolist() == pytest.approx(want, rel=1e-5)
+    assert got[1].tolist() == [0.0, 0.0, 0.0]  # nothing in common: no turn scores
+
+
+def test_evidence_recall_on_a_two_session_conversation():
+    data = [_conversation()]
+    r = LC.recall_only(data, None, retriever="lexical", ks=(1, 2, 7))
+    assert r["questions_with_evidence"] == 3  # the adversarial question has none
+    # Q1 and Q2 find their one turn first; Q3 finds the marathon turn first, the beagle turn is not in its top 2
+    assert r["recall@1"] == pytest.approx((1 + 1 + 0.5) / 3)
+    assert r["all@1"] == pytest.approx(2 / 3)
+    assert r["recall@7"] == 1.0 and r["all@7"] == 1.0  # all 7 turns brought back
+
+
+def test_turn_memory_written_turn_by_turn_equals_written_at_once():
+    enc = T.make_encoder("minilm")
+    entries = LC.conversation_entries(_conversation())
+    whole = T.TurnMemory(enc)
+    whole.add(entries)
+    step = T.TurnMemory(enc)
+    for e in entries:
+        step.add([e])
+    assert torch.allclose(whole.keys, step.keys, atol=1e-5)  # keys depend on a turn and the one before only
+    q = "Which marathon is Alice training for?"
+    assert whole.read(q, 3) == step.read(q, 3)
+    hits = whole.read(q, 3)
+    assert [h["row"] for h in hits] == sorted(h["row"] for h in hits)  # read in conversation order
+    assert any(h["id"] == "D2:3" for h in hits)
+
+
+def test_oracle_reads_exactly_the_evidence_and_turns_read_their_top_k():
+    from memcli.backbone import load_backbone
+
+    bb, tok = load_backbone("tiny")
+    data = [_conversation()]
+    res = LC.run_locomo(LC.PlainModel(bb), tok, data, setups=("none", "oracle", "turns"), max_new_tokens=2, batch=2,
+                        top_k=2, retriever="lexical")
+    entries = LC.conversation_entries(data[0])
+    mem = T.TurnMemory(None, "lexical")
+    mem.add(entries)
+    for row, q in zip(res["answers"], data[0]["qa"]):
+        ev = LC.evidence_ids(q)
+        order = {e["id"]: i for i, e in enumerate(entries)}
+        assert row["oracle_read"] == sorted(ev, key=order.get)  # exactly the evidence, in conversation order
+        assert row["oracle_evidence_in_prompt"] == (1.0 if ev else None)
+        top = mem.search([q["question"]], 2)[0][0].tolist()
+        assert row["turns_read"] == [entries[i]["id"] for i in sorted(top)]
+        assert row["none_read"] == [] and row["none_evidence_in_prompt"] in (0.0, None)
+        for s in ("none", "oracle", "turns"):
+            assert row[f"{s}_f1"] == LC.score(row[s], q) and row[f"{s}_bleu1"] == LC.bleu_score(row[s], q)
+    summ = res["summary"]
+    assert summ["oracle"]["evidence_in_prompt"] == 1.0 and summ["none"]["evidence_in_prompt"] == 0.0
+    assert summ["turns"]["evidence_in_prompt"] == pytest.approx((1 + 1 + 0.5) / 3)  # = lexical recall@2 here
+    assert summ["none"]["count"] == {"multi-hop": 1, "temporal": 0, "open-domain": 0, "single-hop": 2,
+                                     "adversarial": 1, "overall": 3}
+    # "overall" is categories 1-4: the mean of the three scored rows, the adversarial row apart
+    rows = res["answers"]
+    assert summ["turns"]["f1"]["overall"] == pytest.approx(sum(r["turns_f1"] for r in rows[:3]) / 3)
+    assert summ["turns"]["f1"]["adversarial"] == rows[3]["turns_f1"]
+    assert summ["oracle"]["prompt_tokens_mean"] > summ["none"]["prompt_tokens_mean"]
+    assert summ["turns"]["latency_s_p95"] >= summ["turns"]["latency_s_mean"] * 0.5 > 0
+
+
+def _hippo_chat(tmp_path, **kw):
+    from memcli.backbone import load_backbone
+    from memcli.chat import GenOptions, HippoChatSession
+    from memcli.hippo.config import HippoConfig
+    from memcli.hippo.model import HippoModel
+
+    bb, tok = load_backbone("tiny")
+    torch.manual_seed(0)
+    m = HippoModel(bb, HippoConfig(hidden_size=bb.config.hidden_size)).eval()
+    return HippoChatSession(m, tok, GenOptions(max_new_tokens=3), **kw)
+
+
+def test_chat_session_memory_survives_save_and_reopen(tmp_path):
+    f = tmp_path / "me.session"
+    a = _hippo_chat(tmp_path, recall=2, session_path=f)
+    for text in ["My dog is called Pepper.", "I live in Denver.", "I play the violin."]:
+        a.reply(text)
+    assert f.is_file() and a.turns >= 3
+    b = _hippo_chat(tmp_path, recall=2, session_path=f)  # a new process would do the same
+    assert b.turns == a.turns and b.memory.turns == a.memory.turns
+    assert torch.equal(b.state, a.state) and torch.equal(b.memory.keys, a.memory.keys)
+    # both continue identically: same turns read, same answer, same state after
+    q = "What is my dog called?"
+    assert a.reply(q) == b.reply(q)
+    assert [t["id"] for t in a.last_read] == [t["id"] for t in b.last_read] and a.last_read
+    assert any("Pepper" in t["text"] for t in a.last_read)
+    assert torch.allclose(a.state, b.state)
+    # /memory shows what was read; a reset clears the file's memory too
+    title, _, rows = b.command("/memory")
+    assert "turns read" in title and len(rows) == len(b.last_read)
+    b.command("/reset_hidden")
+    c = _hippo_chat(tmp_path, recall=2, session_path=f)
+    assert c.turns == 0 and len(c.memory) == 0 and float(c.state.norm()) == 0.0
+
+
+def test_chat_session_file_errors(tmp_path):
+    from memcli.errors import MemcliError
+
+    bad = tmp_path / "bad.session"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(MemcliError, match="not a memcli chat session file"):
+        _hippo_chat(tmp_path, session_path=bad)
+    assert bad.read_bytes() == b"not a safetensors file"  # left as it was
+    other = tmp_path / "other.session"
+    T.save_session(other, {"state": torch.zeros(1, 3)}, {"format": "memcli-hippo-chat", "turns": "[]",
+                                                          "turn_retriever": "hybrid/minilm"})
+    with pytest.raises(MemcliError, match="another run"):
+        _hippo_chat(tmp_path, session_path=other)
+    with pytest.raises(MemcliError, match="--recall -1"):
+        _hippo_chat(tmp_path, recall=-1)
+
+
+def test_compare_locomo_recall_only_and_refusals(cli, tmp_path):
+    p = tmp_path / "conv.json"
+    p.write_text(json.dumps([_conversation()]))
+    code, out, err = cli("compare", "locomo", "--data", p, "--backbone", "tiny", "--recall-only", "--retriever", "lexical",
+                         "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["retriever"] == "lexical" and r["recall@1"] == pytest.approx(2.5 / 3) and r["recall@10"] == 1.0
+    from conftest import assert_one_line_error
+
+    code, _, err = cli("compare", "locomo", "--data", p, "--backbone", "tiny", "--setups", "hippo")
+    assert_one_line_error(code, err, "--setups", "'hippo'", "--backbone has none")
+    code, _, err = cli("compare", "locomo", "--data", p, "--backbone", "tiny", "--retriever", "fuzzy")
+    assert_one_line_error(code, err, "--retriever 'fuzzy'", "hybrid, dense, lexical")
+    code, _, err = cli("compare", "locomo", "--data", p, "--backbone", "tiny", "--skip", "1")
+    assert_one_line_error(code, err, "--skip 1", "has 1 conversations")
