@@ -1,8 +1,11 @@
-"""HIPPO per-turn cost: a chat turn with the memory state vs one that re-reads the full history.
+"""HIPPO per-turn cost: a chat turn with the memory state, with the state and the turn memory (``chat -t hippo
+--recall 5``), and one that re-reads the full history.
 
-Each turn answers with a fixed number of new tokens (KV cache in both paths). HIPPO's prompt is the
+Each turn answers with a fixed number of new tokens (KV cache in every path). HIPPO's prompt is the
 current message alone plus one write of the turn into the state, so its cost should not grow with
-the turn number; the full-history path prefills every earlier turn and grows linearly.
+the turn number; the turn memory adds five retrieved turns to the prompt, two key encodings per turn and a
+BM25 pass over the stored turns per question; the full-history path prefills every earlier turn and grows
+linearly (it is run up to turn 50 only: later turns do not fit the tiny backbone's window).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ def _dialog(turns: int) -> list[str]:
 
 @torch.no_grad()
 def bench_turns(turns: int = 50, new_tokens: int = 16, marks=(1, 10, 50), repeats: int = 3,
-                variant: str = "matrix") -> list[dict]:
+                variant: str = "matrix", recall: int = 0, full_up_to: int | None = None) -> list[dict]:
     from memcli.backbone import load_backbone
     from memcli.hippo.data import content_ids, prompt_ids, turn_ids
     from memcli.hippo.config import HippoConfig
@@ -51,7 +54,7 @@ def bench_turns(turns: int = 50, new_tokens: int = 16, marks=(1, 10, 50), repeat
             out.append(measure(turn, repeats=1, warmup=0).median_s)
         return out
 
-    def full_run() -> list[float]:
+    def full_run(texts=texts[:full_up_to] if full_up_to else texts) -> list[float]:
         history: list[dict] = []
         out = []
         for text in texts:
@@ -66,27 +69,58 @@ def bench_turns(turns: int = 50, new_tokens: int = 16, marks=(1, 10, 50), repeat
             out.append(measure(turn, repeats=1, warmup=0).median_s)
         return out
 
-    hippo_run()  # warm-up
-    runs = {"hippo": [hippo_run() for _ in range(repeats)], "full": [full_run() for _ in range(repeats)]}
+    def recall_run() -> list[float]:
+        from memcli.hippo.turns import TurnMemory, excerpt_prompt
 
-    def at(path: str, m: int) -> tuple[float, float]:
+        state = {"S": model.init_state(1)}
+        mem = TurnMemory(encoder)
+        out = []
+        for n, text in enumerate(texts):
+            def turn(text=text, n=n):  # as HippoChatSession.reply with --recall: read, answer, write state and turn
+                read = mem.read(text, recall) if len(mem) else []
+                ids = torch.tensor([excerpt_prompt(tok, read, text) if read else prompt_ids(tok, text)])
+                model.generate(ids, torch.ones_like(ids), state=state["S"], **kw)
+                t = torch.tensor([turn_ids(tok, "user", text, 64)])
+                w = torch.tensor([content_ids(tok, text)])
+                state["S"] = model.write_turns(state["S"], t, torch.ones_like(t), None, w, torch.ones_like(w))
+                mem.add([{"id": f"T{n}", "speaker": "user", "text": text, "session": 0}])
+
+            out.append(measure(turn, repeats=1, warmup=0).median_s)
+        return out
+
+    if recall:
+        from memcli.hippo.turns import make_encoder
+
+        encoder = make_encoder("minilm")
+    hippo_run()  # warm-up
+    runs = {"hippo": [hippo_run() for _ in range(repeats)]}
+    if recall:
+        runs["recall"] = [recall_run() for _ in range(repeats)]
+    runs["full"] = [full_run() for _ in range(repeats)]
+
+    def at(path: str, m: int) -> tuple[float, float] | None:
+        if m > len(runs[path][0]):
+            return None
         xs = [r[m - 1] for r in runs[path]]
         return statistics.median(xs), max(xs) - min(xs)
 
     rows = []
-    h1 = at("hippo", marks[0])[0]
+    names = {"hippo": f"memcli hippo ({variant} state)", "recall": f"state + turn memory (--recall {recall})",
+             "full": "full history in the prompt"}
     for m in marks:
-        h, hs = at("hippo", m)
-        f, fs = at("full", m)
-        rows.append({"bench": f"chat turn {m}", "path": f"memcli hippo ({variant} state)", "median_ms": h * 1e3,
-                     "spread_ms": hs * 1e3, "ratio": 1.0, "note": f"turn {m} / turn {marks[0]}: {h / h1:.2f}x"})
-        rows.append({"bench": f"chat turn {m}", "path": "full history in the prompt", "median_ms": f * 1e3,
-                     "spread_ms": fs * 1e3, "ratio": f / h,
-                     "note": f"turn {m} / turn {marks[0]}: {f / at('full', marks[0])[0]:.2f}x"})
+        h = at("hippo", m)[0]
+        for path in runs:
+            got = at(path, m)
+            if got is None:
+                continue
+            first = at(path, marks[0])[0]
+            rows.append({"bench": f"chat turn {m}", "path": names[path], "median_ms": got[0] * 1e3,
+                         "spread_ms": got[1] * 1e3, "ratio": got[0] / h,
+                         "note": f"turn {m} / turn {marks[0]}: {got[0] / first:.2f}x"})
     return rows
 
 
 def run_hippo(quick: bool = False) -> list[dict]:
     if quick:
-        return bench_turns(turns=4, new_tokens=4, marks=(1, 4), repeats=1)
-    return bench_turns()
+        return bench_turns(turns=4, new_tokens=4, marks=(1, 4), repeats=1, recall=2)
+    return bench_turns(turns=600, marks=(1, 10, 50, 600), recall=5, full_up_to=50)

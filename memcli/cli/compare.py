@@ -88,6 +88,8 @@ def locomo(
     conversations: Optional[int] = typer.Option(None, help="Only N conversations (from --skip on)."),
     skip: int = typer.Option(0, help="Skip the first N conversations (e.g. --skip 5: the held-out half)."),
     max_questions: Optional[int] = typer.Option(None, help="Only the first N questions of each conversation."),
+    sample: Optional[int] = typer.Option(None, "--sample", help="N questions per conversation drawn at random (seed 0) "
+                                         "instead of the first N: every category represented."),
     context_window: Optional[int] = typer.Option(None, help="Token budget of the full-history setup (default: the model's window)."),
     max_new_tokens: int = typer.Option(24, help="Answer length."),
     batch: int = typer.Option(8, help="Questions generated together (latency is each question's share of its batch)."),
@@ -161,11 +163,17 @@ def locomo(
                                          "questions",
                                          ["k", "recall (evidence turns)", "all evidence turns"], rows))
         return
-    total = sum(len(s["qa"][:max_questions]) for s in samples[skip:][:conversations]) * len(chosen)
+    if sample is not None and sample < 1:
+        raise MemcliError(f"--sample {sample}: expected at least 1")
+    if sample is not None and max_questions is not None:
+        raise MemcliError("--sample and --max-questions: give one")
+    from memcli.eval.locomo import pick_questions
+
+    total = sum(len(pick_questions(s["qa"], max_questions, sample, 0)) for s in samples[skip:][:conversations]) * len(chosen)
     with progress() as bar:
         task = bar.add_task("answering", total=total)
         res = run_locomo(model, tok, samples, chosen, conversations, max_questions, max_new_tokens, context_window,
-                         batch=batch, top_k=top_k, encoder=enc, retriever=retriever, first=skip,
+                         batch=batch, top_k=top_k, encoder=enc, retriever=retriever, first=skip, sample=sample,
                          progress_cb=lambda setup, n: bar.advance(task, n))
     if answers is not None:
         write_jsonl(answers, res["answers"])

@@ -276,6 +276,14 @@ def recall_only(data: list[dict], encoder, conversations: int | None = None, max
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
+def pick_questions(qa: list, first: int | None, sample: int | None, seed: int) -> list:
+    """The first ``first`` questions, or ``sample`` of them drawn with ``seed`` and kept in file order."""
+    if sample is None or sample >= len(qa):
+        return qa[:first]
+    keep = sorted(random.Random(seed).sample(range(len(qa)), sample))
+    return [qa[i] for i in keep]
+
+
 class PlainModel:
     """A bare backbone behind HippoModel's ``generate`` signature: the setups that need no memory state run on it."""
 
@@ -301,13 +309,14 @@ def _mean(xs) -> float | None:
 def run_locomo(model, tok, data: list[dict], setups=SETUPS, conversations: int | None = None,
                max_questions: int | None = None, max_new_tokens: int = 24, context_window: int | None = None,
                batch: int = 8, seed: int = 0, top_k: int = 5, encoder=None, recall_ks=RECALL_KS,
-               progress_cb=None, retriever: str = "hybrid", first: int = 0) -> dict:
+               progress_cb=None, retriever: str = "hybrid", first: int = 0, sample: int | None = None) -> dict:
     """Answer each conversation's QA in every setup.
 
     Returns ``summary`` (per setup: F1 and BLEU-1 per category, ``overall`` = categories 1-4, adversarial apart;
     evidence share in the prompt; retrieval recall@k; latency; prompt tokens), ``answers`` (one row per question)
     and ``context_window``. ``retriever`` and ``encoder`` (``memcli.hippo.turns``) rank the turns for ``turns`` /
-    ``hippo+turns``. ``first``: skip that many conversations."""
+    ``hippo+turns``. ``first``: skip that many conversations; ``sample``: that many questions per conversation, drawn
+    with ``seed`` (kept in file order), instead of the first ``max_questions``."""
     from memcli.hippo.data import prompt_ids
     from memcli.hippo.turns import TurnMemory, excerpt_prompt, key_text
 
@@ -324,11 +333,12 @@ def run_locomo(model, tok, data: list[dict], setups=SETUPS, conversations: int |
     recall = {k: [] for k in recall_ks}
     recall_all = {k: [] for k in recall_ks}
     ret_name = TurnMemory(encoder, retriever).name if retrieving else None
+    sample_n = sample
     for sample in data[first:][:conversations]:
         entries = conversation_entries(sample)
         position = {e["id"]: i for i, e in enumerate(entries)}
         turns = conversation_turns(sample)
-        qa = sample["qa"][:max_questions]
+        qa = pick_questions(sample["qa"], max_questions, sample_n, seed)
         questions = [question_text(q, rng) for q in qa]
         evidence = [[position[x] for x in evidence_ids(q) if x in position] for q in qa]
         prompts, reads, states, write_s, extra_s = {}, {}, {}, {}, {}
