@@ -38,6 +38,17 @@ memcli train hippo model.backbone=smollm2-135m training.max_steps=400 training.e
 if [ -f "$LOCOMO" ]; then
   memcli compare locomo -m out/hippo-real --data "$LOCOMO" --conversations 1 --max-questions 60 --context-window 2048 \
       --markdown out/tables/locomo.md
+  # turn memory: evidence recall of each retriever on the design half (1-5) and the held-out half (6-10)
+  for r in hybrid lexical dense; do
+    for skip in 0 5; do
+      memcli compare locomo --data "$LOCOMO" --backbone tiny --recall-only --retriever $r --skip $skip \
+          --conversations 5 --markdown out/tables/locomo-recall-$r-$skip.md
+    done
+  done
+  # what SmolLM2 answers with no history, the retrieved turns, the full history and the evidence (34 min)
+  memcli compare locomo --data "$LOCOMO" --backbone smollm2-135m --skip 5 --sample 30 --context-window 2048 \
+      --setups none,oracle,turns,full --answers out/tables/locomo-heldout-answers.jsonl \
+      --markdown out/tables/locomo-heldout.md
 fi
 
 # HRPO: hybrid (thinking residual on) vs plain GRPO from the same start and seeds
