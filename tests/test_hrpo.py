@@ -249,6 +249,23 @@ def test_lambda_initialisation_range():
     assert (a >= a1).all()
 
 
+def test_closed_gate_keeps_gradients_finite():
+    """A gate that float32 rounds to a = 1 (Lambda grown by a fast lambda_lr) must not make the gradient NaN:
+    it did, from sqrt(1 - a^2)'s infinite slope at 0 (measured: lambda_lr 0.1 on SmolLM2, step 10)."""
+    torch.manual_seed(0)
+    res = ThinkingResidual(HrpoConfig(hidden_size=8))
+    with torch.no_grad():
+        res.thinking_residual_Lambda[:4] = 40.0  # softplus(-40) ~ 4e-18: a == 1.0 in float32
+    e, h = torch.randn(3, 8), torch.randn(3, 8)
+    out, a = res.mix(e, h)
+    assert (a[:, :4] == 1.0).all() and (a[:, 4:] < 1).all()
+    assert torch.equal(out[:, :4], e[:, :4])  # closed: the token's embedding exactly
+    out.square().sum().backward()
+    for p in res.parameters():
+        assert torch.isfinite(p.grad).all()
+    assert res.thinking_residual_Lambda.grad[4:].abs().sum() > 0  # the open part still learns
+
+
 # --------------------------------------------------------------------------- objective
 
 def _slow_loss(bb, res, ro, rewards, G, beta, temp):

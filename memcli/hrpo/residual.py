@@ -50,7 +50,10 @@ class ThinkingResidual(nn.Module):
     def mix(self, e: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (mixed input in e's dtype, a)."""
         a, i = self.gate(e)
-        out = a * e.float() + torch.sqrt((1 - a * a).clamp_min(0.0)) * (i * h.float())
+        # sqrt(1 - a^2) has an infinite slope at a = 1, which float32 reaches once the gate closes (Lambda grown by
+        # a fast lambda_lr): 0 * inf made the gradient NaN. The where() keeps the value 0 there and the gradient 0.
+        v = 1 - a * a
+        out = a * e.float() + torch.where(v > 0, torch.sqrt(v.clamp_min(1e-20)), torch.zeros_like(v)) * (i * h.float())
         return out.to(e.dtype), a
 
     @staticmethod
