@@ -248,6 +248,23 @@ def answer_questions(model, tok, prompts: list[list[int]], state, max_new_tokens
     return (out_text, times) if timed else out_text
 
 
+def _count_recall(ranked: list[list[int]], evidence: list[list[int]], ks, recall: dict, every: dict) -> None:
+    """Add each question's evidence recall@k (share of its evidence turns in the top k) and all@k (every one
+    there) for questions that have evidence turns."""
+    for r, ev in zip(ranked, evidence):
+        if not ev:
+            continue
+        for k in ks:
+            got = set(r[:k])
+            recall[k].append(sum(i in got for i in ev) / len(ev))
+            every[k].append(float(all(i in got for i in ev)))
+
+
+def _recall_summary(name: str, recall: dict, every: dict, ks) -> dict:
+    return {"retriever": name, "questions_with_evidence": len(recall[ks[0]]),
+            **{f"recall@{k}": _mean(recall[k]) for k in ks}, **{f"all@{k}": _mean(every[k]) for k in ks}}
+
+
 def recall_only(data: list[dict], encoder, conversations: int | None = None, max_questions: int | None = None,
                 ks=RECALL_KS, retriever: str = "hybrid", first: int = 0) -> dict:
     """The turn retriever's evidence recall@k over the conversations, without answering anything."""
@@ -263,16 +280,8 @@ def recall_only(data: list[dict], encoder, conversations: int | None = None, max
         mem = TurnMemory(encoder, retriever)
         mem.add(entries)
         ranked = mem.search([q["question"] for q in qa], max(ks))[0].tolist()
-        for q, r in zip(qa, ranked):
-            ev = [position[x] for x in evidence_ids(q) if x in position]
-            if not ev:
-                continue
-            for k in ks:
-                got = set(r[:k])
-                recall[k].append(sum(i in got for i in ev) / len(ev))
-                every[k].append(float(all(i in got for i in ev)))
-    return {"retriever": TurnMemory(encoder, retriever).name, "questions_with_evidence": len(recall[ks[0]]),
-            **{f"recall@{k}": _mean(recall[k]) for k in ks}, **{f"all@{k}": _mean(every[k]) for k in ks},
+        _count_recall(ranked, [[position[x] for x in evidence_ids(q) if x in position] for q in qa], ks, recall, every)
+    return {**_recall_summary(TurnMemory(encoder, retriever).name, recall, every, ks),
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
@@ -351,12 +360,7 @@ def run_locomo(model, tok, data: list[dict], setups=SETUPS, conversations: int |
             idx, _ = mem.search([q["question"] for q in qa], max(top_k, *recall_ks))
             search_s = (time.perf_counter() - t1) / max(1, len(qa))
             ranked = idx.tolist()
-            for j, ev in enumerate(evidence):
-                if ev:
-                    for k in recall_ks:
-                        got = set(ranked[j][:k])
-                        recall[k].append(sum(i in got for i in ev) / len(ev))
-                        recall_all[k].append(float(all(i in got for i in ev)))
+            _count_recall(ranked, evidence, recall_ks, recall, recall_all)
         for setup in setups:
             state = None
             extra_s[setup] = 0.0
@@ -430,9 +434,7 @@ def run_locomo(model, tok, data: list[dict], setups=SETUPS, conversations: int |
         summary[setup] = out
     res = {"summary": summary, "answers": rows, "context_window": window, "top_k": top_k}
     if retrieving:
-        res["retrieval"] = {"retriever": ret_name, "questions_with_evidence": len(recall[recall_ks[0]]),
-                            **{f"recall@{k}": _mean(recall[k]) for k in recall_ks},
-                            **{f"all@{k}": _mean(recall_all[k]) for k in recall_ks}}
+        res["retrieval"] = _recall_summary(ret_name, recall, recall_all, recall_ks)
     return res
 
 
