@@ -351,6 +351,7 @@ def run_locomo(model, tok, data: list[dict], setups=SETUPS, conversations: int |
         questions = [question_text(q, rng) for q in qa]
         evidence = [[position[x] for x in evidence_ids(q) if x in position] for q in qa]
         prompts, reads, states, write_s, extra_s = {}, {}, {}, {}, {}
+        hippo = None
         ranked = None
         if retrieving:
             t0 = time.perf_counter()
@@ -366,9 +367,11 @@ def run_locomo(model, tok, data: list[dict], setups=SETUPS, conversations: int |
             extra_s[setup] = 0.0
             write_s[setup] = 0.0
             if setup.startswith("hippo"):
-                t0h = time.perf_counter()
-                state = hippo_state(model, tok, turns)
-                write_s[setup] += time.perf_counter() - t0h
+                if hippo is None:  # one state per conversation, shared by hippo and hippo+turns
+                    t0h = time.perf_counter()
+                    hippo = (hippo_state(model, tok, turns), time.perf_counter() - t0h)
+                state = hippo[0]
+                write_s[setup] += hippo[1]
             if setup == "none":
                 reads[setup] = [[] for _ in qa]
                 prompts[setup] = [prompt_ids(tok, q) for q in questions]
