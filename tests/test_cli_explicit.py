@@ -81,7 +81,8 @@ def test_print_config(cli):
 
 def test_router_then_fusion_chain_strictly(cli, default_data, tmp_path):
     common = [f"dataset.data_dir={default_data}", f"logging.out_dir={tmp_path}", "training.max_steps=2",
-              "training.batch_size=8", "training.eval_num_samples=5", "logging.tensorboard=false"]
+              "training.batch_size=8", "training.eval_num_samples=5", "training.final_eval_num_samples=5",
+              "logging.tensorboard=false"]
     assert cli("train", "router", *common)[0] == 0
     assert (tmp_path / "router" / "router" / "router.safetensors").is_file()
     code, _, err = cli("train", "fusion", *common, f"dataset.pretrained_router_path={tmp_path / 'router'}")

@@ -16,7 +16,7 @@ def _cmd(data, out, *extra):
     return [sys.executable, "-m", "memcli", "train", "memory", f"dataset.data_dir={data}", f"logging.out_dir={out}",
             "training.max_steps=12", "training.batch_size=8", "training.accumulation_steps=2",
             "training.save_interval=4", "training.eval_interval=0", "training.eval_num_samples=8",
-            "training.ema_update_freq=3", "logging.tensorboard=false", *extra]
+            "training.final_eval_num_samples=8", "training.ema_update_freq=3", "logging.tensorboard=false", *extra]
 
 
 def _weights(run):
