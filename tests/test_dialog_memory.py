@@ -73,6 +73,45 @@ def test_bm25_matches_its_formula():
     assert got[1].tolist() == [0.0, 0.0, 0.0]  # nothing in common: no turn scores
 
 
+def test_growing_bm25_index_scores_as_bm25s_does():
+    """Turns added one at a time score exactly as bm25s over the whole corpus (stemming, stop words, a word
+    repeated in the query), so a chat's lexical index never has to be rebuilt."""
+    import bm25s
+
+    docs = ["Caroline went to the LGBTQ support group yesterday.", "Melanie is painting a sunset by the lake.",
+            "I ran a charity race for mental health last Saturday!", "The support group was so supportive.",
+            "", "Painting lakes and sunsets relaxes me; I painted two lakes.", "ok"]
+    queries = ["When did Caroline go to the support group?", "What does Melanie paint? paint lakes",
+               "zebra", "the"]
+    index = T.BM25Index()
+    for d in docs:
+        index.add([d])
+    ref = bm25s.BM25(k1=1.2, b=0.75)
+    ref.index(T._tokens(docs), show_progress=False)
+    for j, q in enumerate(T._tokens(queries)):
+        q = [w for w in q if w in ref.vocab_dict]
+        want = ref.get_scores(q) if q else [0.0] * len(docs)
+        assert index.scores(queries)[j].tolist() == pytest.approx(list(want), rel=1e-5, abs=1e-6), queries[j]
+    assert index.scores(queries)[1].count_nonzero() == 2  # paint / painting / painted share a stem
+
+
+def test_turn_memory_indexes_only_new_turns(monkeypatch):
+    """A search after each new turn tokenises each turn once, and gives what a memory written at once gives."""
+    conv = LC.conversation_entries(_conversation())
+    seen = []
+    real = T._tokens
+    monkeypatch.setattr(T, "_tokens", lambda texts: seen.extend(texts) or real(texts))
+    grown = T.TurnMemory(retriever="lexical")
+    for t in conv:
+        grown.add([t])
+        grown.search(["beagle"], 2)
+    assert len(seen) == 2 * len(conv) + len(conv)  # every turn alone and in context once, plus the queries
+    whole = T.TurnMemory(retriever="lexical")
+    whole.add(conv)
+    q = ["What breed is the dog?", "When was the marathon?"]
+    assert torch.equal(grown.scores(q), whole.scores(q))
+
+
 def test_evidence_recall_on_a_two_session_conversation():
     data = [_conversation()]
     r = LC.recall_only(data, None, retriever="lexical", ks=(1, 2, 7))

@@ -563,6 +563,9 @@ def test_bench_hippo_quick(cli):
                                              "full history in the prompt"]
     for r in rows[1:3]:  # ratios against the state's turn
         assert r["ratio"] == pytest.approx(r["median_ms"] / rows[0]["median_ms"])
+    from conftest import assert_one_line_error
+
+    assert_one_line_error(*cli("compare", "bench", "--suite", "hippo", "--turns", "0")[::2], "--turns 0")
 
 
 def test_selective_legs_lora_run_saves_adapter_and_chats(cli, dialogs, tmp_path):

@@ -21,6 +21,9 @@ SUITES = ("explicit", "hippo", "hrpo", "kernels", "all")
 def bench(
     suite: str = typer.Option("all", help=f"Benchmark suite: {', '.join(SUITES)}."),
     quick: bool = typer.Option(False, help="Small shapes (checks the harness in seconds)."),
+    turns: int = typer.Option(50, help="hippo suite: chat turns to time (marks 1, 10, 50, 100, 300, 600 up to it; "
+                                       "the full-history path stops at 50, where the tiny model's 2,048 positions "
+                                       "fill)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write the table as Markdown here."),
 ):
@@ -30,7 +33,8 @@ def bench(
     num_candidates 16): product-key top-k vs brute force and the seed's grid, pooled memory read vs
     materialise-then-mean (time and peak memory), vectorised EMA vs a per-entry loop, and generation
     with KV cache vs recomputing every token. Takes about a minute on 2 CPU cores. The hippo suite
-    times chat turns 1, 10 and 50 with the memory state vs the full history in the prompt. The
+    times chat turns 1, 10 and 50 (to 600 with --turns) with the memory state, the state + the turn
+    memory (--recall 5), and the full history in the prompt. The
     kernels suite times the Triton kernels (CUDA only) against their PyTorch references and the
     seed-style paths, forward and forward+backward, with the token bag's achieved bandwidth. The
     hrpo suite compares hybrid-rollout tokens/s with HF generate and with a loop that re-decodes the
@@ -40,11 +44,14 @@ def bench(
 
       memcli compare bench
       memcli compare bench --quick --json
+      memcli compare bench --suite hippo --turns 600
     """
     from memcli.errors import MemcliError
 
     if suite not in SUITES:
         raise MemcliError(f"--suite '{suite}': expected one of {', '.join(SUITES)}")
+    if turns < 1:
+        raise MemcliError(f"--turns {turns}: expected a number of chat turns >= 1")
     from memcli.bench.explicit import run_explicit
     from memcli.bench.hippo import run_hippo
 
@@ -52,7 +59,7 @@ def bench(
     if suite in ("explicit", "all"):
         rows += run_explicit(quick=quick)
     if suite in ("hippo", "all"):
-        rows += run_hippo(quick=quick)
+        rows += run_hippo(quick=quick, turns=turns)
     if suite in ("hrpo", "all"):
         from memcli.bench.hrpo import run_hrpo
 

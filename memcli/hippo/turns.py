@@ -7,7 +7,8 @@ the question it answers). A query scores every turn with
 - ``dense``: cosine similarity of sentence embeddings, from an encoder: ``minilm`` (the offline
   all-MiniLM-L6-v2, ``build-keys --embedder minilm``) or ``backbone`` (the mean of the backbone's states
   after one decoder layer);
-- ``lexical``: BM25 (bm25s, Porter-stemmed, English stop words dropped), recomputed over the stored texts;
+- ``lexical``: BM25 (bm25s's tokenisation and scores, Porter-stemmed, English stop words dropped), indexed
+  as turns arrive;
 - ``hybrid`` (default): both; each score is z-normalised over the turns per query and the parts summed
   with equal weights.
 
@@ -21,7 +22,10 @@ so a chat session reopens with the turns it had.
 
 from __future__ import annotations
 
+import functools
 import json
+import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,33 +124,75 @@ def make_encoder(name: str, backbone=None, tok=None):
     raise MemcliError(f"turn encoder '{name}': expected one of {', '.join(ENCODERS)}")
 
 
-_stemmer = None
-
-
-def _stem_all(words: list[str]) -> list[str]:
+@functools.lru_cache(maxsize=1 << 16)
+def _stem(word: str) -> str:
     global _stemmer
     if _stemmer is None:
         from nltk.stem import PorterStemmer
 
         _stemmer = PorterStemmer()
-    return [_stemmer.stem(w) for w in words]
+    return _stemmer.stem(word)
+
+
+_stemmer = None
+
+
+def _tokens(texts: list[str]) -> list[list[str]]:
+    """bm25s's tokenisation (lower case, words of 2+ characters, English stop words dropped), Porter-stemmed."""
+    import bm25s
+
+    return bm25s.tokenize(texts, stemmer=lambda ws: [_stem(w) for w in ws], show_progress=False, return_ids=False)
+
+
+class BM25Index:
+    """BM25 over documents added one at a time (Lucene idf, k1 1.2, b 0.75: bm25s's defaults, and its
+    scores). bm25s indexes a fixed corpus, so a growing conversation would be re-tokenised and re-indexed at
+    every query; here a document is tokenised once, when it arrives, and a query costs the postings of its
+    own words."""
+
+    def __init__(self, k1: float = 1.2, b: float = 0.75):
+        self.k1, self.b = k1, b
+        self.postings: dict[str, tuple[list[int], list[int]]] = {}  # word -> (documents, counts)
+        self.lengths: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def add(self, docs: list[str]) -> None:
+        for words in _tokens(docs) if docs else []:
+            d = len(self.lengths)
+            self.lengths.append(len(words))
+            for w, c in Counter(words).items():
+                ids, counts = self.postings.setdefault(w, ([], []))
+                ids.append(d)
+                counts.append(c)
+
+    def scores(self, queries: list[str]) -> torch.Tensor:
+        """``[Q, D]`` scores; a word repeated in a query counts each time (as in bm25s); 0 where nothing matches."""
+        return self.scores_of_tokens(_tokens(queries) if queries else [])
+
+    def scores_of_tokens(self, queries: list[list[str]]) -> torch.Tensor:
+        n = len(self.lengths)
+        out = torch.zeros(len(queries), n, dtype=torch.float64)
+        if not n or not queries:
+            return out.float()
+        dl = torch.tensor(self.lengths, dtype=torch.float64)
+        norm = self.k1 * (1 - self.b + self.b * dl / dl.mean().clamp_min(1e-9))
+        for j, words in enumerate(queries):
+            for w in words:
+                if w in self.postings:
+                    ids, counts = self.postings[w]
+                    idx, tf = torch.tensor(ids), torch.tensor(counts, dtype=torch.float64)
+                    idf = math.log(1 + (n - len(ids) + 0.5) / (len(ids) + 0.5))
+                    out[j].index_add_(0, idx, idf * tf / (tf + norm[idx]))
+        return out.float()
 
 
 def bm25_scores(docs: list[str], queries: list[str]) -> torch.Tensor:
-    """``[Q, D]`` BM25 scores (k1 1.2, b 0.75) of every document for every query; 0 where nothing matches."""
-    import bm25s
-
-    out = torch.zeros(len(queries), len(docs))
-    if not docs or not queries:
-        return out
-    index = bm25s.BM25(k1=1.2, b=0.75)
-    index.index(bm25s.tokenize(docs, stemmer=_stem_all, show_progress=False), show_progress=False)
-    vocab = set(index.vocab_dict)
-    for j, q in enumerate(bm25s.tokenize(queries, stemmer=_stem_all, show_progress=False, return_ids=False)):
-        q = [w for w in q if w in vocab]
-        if q:
-            out[j] = torch.as_tensor(index.get_scores(q)).float()
-    return out
+    """``[Q, D]`` BM25 scores of every document for every query (a one-off index)."""
+    index = BM25Index()
+    index.add(docs)
+    return index.scores(queries)
 
 
 def _z(s: torch.Tensor) -> torch.Tensor:
@@ -164,6 +210,7 @@ class TurnMemory:
     retriever: str = "hybrid"
     turns: list = field(default_factory=list)
     keys: torch.Tensor | None = None  # [n, 2, d]: alone, in context
+    _lexical: list = field(default_factory=list, repr=False)  # BM25 of the turns alone, in context
 
     def __post_init__(self):
         if self.retriever not in RETRIEVERS:
@@ -198,9 +245,19 @@ class TurnMemory:
             q = self.encoder.encode(queries)
             parts += [q @ self.keys[:, 0].T, q @ self.keys[:, 1].T]
         if self.retriever != "dense":
-            parts += [bm25_scores([key_text(t) for t in self.turns], queries),
-                      bm25_scores([context_text(self.turns, i) for i in range(len(self.turns))], queries)]
+            words = _tokens(queries)
+            parts += [index.scores_of_tokens(words) for index in self._lexical_indexes()]
         return sum(_z(p) for p in parts)
+
+    def _lexical_indexes(self) -> list[BM25Index]:
+        """The two BM25 indexes, brought up to date with the turns (only turns not indexed yet are tokenised)."""
+        if not self._lexical or len(self._lexical[0]) > len(self.turns):
+            self._lexical = [BM25Index(), BM25Index()]
+        start = len(self._lexical[0])
+        if start < len(self.turns):
+            self._lexical[0].add([key_text(t) for t in self.turns[start:]])
+            self._lexical[1].add([context_text(self.turns, i) for i in range(start, len(self.turns))])
+        return self._lexical
 
     def search(self, queries: list[str], k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(indices [Q, k'], scores [Q, k'])`` of each query's best turns, best first; k' = min(k, turns)."""
@@ -237,7 +294,7 @@ class TurnMemory:
                                            (0 if keys is None else keys.shape[0]) != len(turns)):
             raise MemcliError(f"{where}: {0 if keys is None else keys.shape[0]} turn keys for "
                               f"{len(turns) if isinstance(turns, list) else '?'} turns")
-        self.turns, self.keys = turns, (None if keys is None else keys.float())
+        self.turns, self.keys, self._lexical = turns, (None if keys is None else keys.float()), []
 
 
 def save_session(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
