@@ -123,59 +123,29 @@ def locomo(
       memcli compare locomo --data locomo10.json --backbone smollm2-135m --recall-only --encoder backbone
     """
     from memcli.console import progress
-    from memcli.eval.locomo import CATEGORIES, RECALL_KS, PlainModel, load_locomo, recall_only as recall_fn, run_locomo
-    from memcli.hippo.turns import make_encoder
+    from memcli.eval.locomo import load_locomo, pick_questions, recall_only as recall_fn, run_locomo
+    from memcli.hippo.turns import RETRIEVERS, make_encoder
     from memcli.records import write_jsonl
 
     samples = load_locomo(data)
     if backbone is not None and model_path is not None:
         raise MemcliError("--backbone and --model-path: give one (a backbone alone, or a HIPPO run)")
-    if top_k < 1:
-        raise MemcliError(f"--top-k {top_k}: expected at least 1")
-    if batch < 1:
-        raise MemcliError(f"--batch {batch}: expected at least 1")
+    for name, v in (("--top-k", top_k), ("--batch", batch), ("--sample", sample)):
+        if v is not None and v < 1:
+            raise MemcliError(f"{name} {v}: expected at least 1")
     if skip < 0 or skip >= len(samples):
         raise MemcliError(f"--skip {skip}: {data} has {len(samples)} conversations")
-    from memcli.hippo.turns import RETRIEVERS
-
     if retriever not in RETRIEVERS:
         raise MemcliError(f"--retriever '{retriever}': expected one of {', '.join(RETRIEVERS)}")
-    if backbone is not None:
-        from memcli.backbone import load_backbone
-
-        bb, tok = load_backbone(backbone)
-        model, path, allowed = PlainModel(bb), backbone, ("none", "full", "oracle", "turns")
-    else:
-        from memcli.rundir import newest_run, require_kind
-        from memcli.runs import load_run
-
-        path = model_path or newest_run(out_dir, "hippo")
-        require_kind(path, "hippo")
-        run = load_run(path)
-        model, tok = run.model, run.tok
-        bb, allowed = model.backbone, ("hippo", "none", "full", "oracle", "turns", "hippo+turns")
-    chosen = [x.strip() for x in setups.split(",") if x.strip()] if setups else list(allowed)
-    for x in chosen:
-        if x not in allowed:
-            why = " (a HIPPO run's state; --backbone has none)" if x.startswith("hippo") and backbone else ""
-            raise MemcliError(f"--setups: '{x}' is not a setup here{why}, expected some of {', '.join(allowed)}")
-    if not chosen:
-        raise MemcliError("--setups: no setup given")
-    enc = None if retriever == "lexical" else make_encoder(encoder, bb, tok)
-    if recall_only:
-        r = recall_fn(samples, enc, conversations, max_questions, retriever=retriever, first=skip)
-        rows = [(f"recall@{k}", highlight(r[f"recall@{k}"], False), highlight(r[f"all@{k}"], False)) for k in RECALL_KS]
-        write_markdown(markdown, ["k", "recall (evidence turns)", "all evidence turns"], rows)
-        emit(r, as_json, lambda _: table(f"LoCoMo evidence recall · {r['retriever']} · {r['questions_with_evidence']} "
-                                         "questions",
-                                         ["k", "recall (evidence turns)", "all evidence turns"], rows))
-        return
-    if sample is not None and sample < 1:
-        raise MemcliError(f"--sample {sample}: expected at least 1")
     if sample is not None and max_questions is not None:
         raise MemcliError("--sample and --max-questions: give one")
-    from memcli.eval.locomo import pick_questions
-
+    model, tok, bb, path, allowed = _locomo_model(backbone, model_path, out_dir)
+    chosen = _locomo_setups(setups, allowed, backbone is not None)
+    enc = None if retriever == "lexical" else make_encoder(encoder, bb, tok)
+    if recall_only:
+        _show_recall(recall_fn(samples, enc, conversations, max_questions, retriever=retriever, first=skip),
+                     as_json, markdown)
+        return
     total = sum(len(pick_questions(s["qa"], max_questions, sample, 0)) for s in samples[skip:][:conversations]) * len(chosen)
     with progress() as bar:
         task = bar.add_task("answering", total=total)
@@ -184,6 +154,57 @@ def locomo(
                          progress_cb=lambda setup, n: bar.advance(task, n))
     if answers is not None:
         write_jsonl(answers, res["answers"])
+    _show_locomo(res, str(path), as_json, markdown)
+
+
+def _locomo_model(backbone: Optional[str], model_path: Optional[Path], out_dir: Path):
+    """(model, tokenizer, backbone, name, setups it allows): a backbone alone, or a HIPPO run with its state."""
+    from memcli.eval.locomo import PlainModel
+
+    if backbone is not None:
+        from memcli.backbone import load_backbone
+
+        bb, tok = load_backbone(backbone)
+        return PlainModel(bb), tok, bb, backbone, ("none", "full", "oracle", "turns")
+    from memcli.rundir import newest_run, require_kind
+    from memcli.runs import load_run
+
+    path = model_path or newest_run(out_dir, "hippo")
+    require_kind(path, "hippo")
+    run = load_run(path)
+    return run.model, run.tok, run.model.backbone, path, ("hippo", "none", "full", "oracle", "turns", "hippo+turns")
+
+
+def _locomo_setups(setups: Optional[str], allowed: tuple, plain: bool) -> list[str]:
+    chosen = [x.strip() for x in setups.split(",") if x.strip()] if setups else list(allowed)
+    for x in chosen:
+        if x not in allowed:
+            why = " (a HIPPO run's state; --backbone has none)" if x.startswith("hippo") and plain else ""
+            raise MemcliError(f"--setups: '{x}' is not a setup here{why}, expected some of {', '.join(allowed)}")
+    if not chosen:
+        raise MemcliError("--setups: no setup given")
+    return chosen
+
+
+def _show_recall(r: dict, as_json: bool, markdown: Optional[Path]) -> None:
+    from memcli.eval.locomo import RECALL_KS
+
+    cols = ["k", "recall (evidence turns)", "all evidence turns"]
+    rows = [(f"recall@{k}", highlight(r[f"recall@{k}"], False), highlight(r[f"all@{k}"], False)) for k in RECALL_KS]
+    write_markdown(markdown, cols, rows)
+    emit(r, as_json, lambda _: table(f"LoCoMo evidence recall · {r['retriever']} · {r['questions_with_evidence']} "
+                                     "questions", cols, rows))
+
+
+_LOCOMO_COSTS = (("evidence_in_prompt", "evidence turns in prompt"), ("prompt_tokens_mean", "prompt tokens"),
+                 ("latency_s_mean", "latency s (mean)"), ("latency_s_p95", "latency s (p95)"),
+                 ("write_s_per_conversation", "write s / conversation"))
+
+
+def _show_locomo(res: dict, path: str, as_json: bool, markdown: Optional[Path]) -> None:
+    """Setups as columns: F1 and BLEU-1 per category (best highlighted), counts, costs; recall below."""
+    from memcli.eval.locomo import CATEGORIES, RECALL_KS
+
     summ = res["summary"]
     names = list(summ)
     rows = []
@@ -194,15 +215,10 @@ def locomo(
             rows.append((f"{metric} {key}", *[highlight(v, v == best and len(names) > 1) for v in vals]))
     for key in ("overall", "adversarial"):
         rows.append((f"questions {key}", *[summ[s]["count"][key] for s in names]))
-    for key, label in (("evidence_in_prompt", "evidence turns in prompt"), ("prompt_tokens_mean", "prompt tokens"),
-                       ("latency_s_mean", "latency s (mean)"), ("latency_s_p95", "latency s (p95)"),
-                       ("write_s_per_conversation", "write s / conversation")):
-        rows.append((label, *[highlight(summ[s][key], False) for s in names]))
-    out = {"checkpoint": str(path), "context_window": res["context_window"], "top_k": res["top_k"],
+    rows += [(label, *[highlight(summ[s][key], False) for s in names]) for key, label in _LOCOMO_COSTS]
+    out = {"checkpoint": path, "context_window": res["context_window"], "top_k": res["top_k"],
            "f1": {s: summ[s]["f1"] for s in names}, "bleu1": {s: summ[s]["bleu1"] for s in names},
-           "count": summ[names[0]]["count"],
-           **{k: {s: summ[s][k] for s in names} for k in ("evidence_in_prompt", "prompt_tokens_mean", "latency_s_mean",
-                                                         "latency_s_p95", "write_s_per_conversation")}}
+           "count": summ[names[0]]["count"], **{k: {s: summ[s][k] for s in names} for k, _ in _LOCOMO_COSTS}}
     if "retrieval" in res:
         out["retrieval"] = res["retrieval"]
     cols = ["metric", *names]
