@@ -326,8 +326,7 @@ def run_locomo(model, tok, data: list[dict], setups=SETUPS, conversations: int |
     and ``context_window``. ``retriever`` and ``encoder`` (``memcli.hippo.turns``) rank the turns for ``turns`` /
     ``hippo+turns``. ``first``: skip that many conversations; ``sample``: that many questions per conversation, drawn
     with ``seed`` (kept in file order), instead of the first ``max_questions``."""
-    from memcli.hippo.data import prompt_ids
-    from memcli.hippo.turns import TurnMemory, excerpt_prompt, key_text
+    from memcli.hippo.turns import TurnMemory
 
     bad = [s for s in setups if s not in SETUPS]
     if bad:
@@ -363,37 +362,17 @@ def run_locomo(model, tok, data: list[dict], setups=SETUPS, conversations: int |
             ranked = idx.tolist()
             _count_recall(ranked, evidence, recall_ks, recall, recall_all)
         for setup in setups:
-            state = None
-            extra_s[setup] = 0.0
-            write_s[setup] = 0.0
+            states[setup], write_s[setup], extra_s[setup] = None, 0.0, 0.0
             if setup.startswith("hippo"):
                 if hippo is None:  # one state per conversation, shared by hippo and hippo+turns
                     t0h = time.perf_counter()
                     hippo = (hippo_state(model, tok, turns), time.perf_counter() - t0h)
-                state = hippo[0]
-                write_s[setup] += hippo[1]
-            if setup == "none":
-                reads[setup] = [[] for _ in qa]
-                prompts[setup] = [prompt_ids(tok, q) for q in questions]
-            elif setup == "hippo":
-                reads[setup] = [[] for _ in qa]
-                prompts[setup] = [prompt_ids(tok, q) for q in questions]
-            elif setup == "full":
-                history = tok("\n".join(turns), add_special_tokens=False)["input_ids"]
-                prompts[setup] = [full_history_prompt(tok, history, q, window - max_new_tokens) for q in questions]
-                reads[setup] = []
-                for p in prompts[setup]:
-                    text = tok.decode(p)
-                    reads[setup].append([i for i, e in enumerate(entries) if key_text(e) in text])
-            elif setup == "oracle":
-                reads[setup] = [sorted(ev) for ev in evidence]
-                prompts[setup] = [excerpt_prompt(tok, [entries[i] for i in r], q) for r, q in zip(reads[setup], questions)]
-            else:  # turns, hippo+turns
+                states[setup], write_s[setup] = hippo
+            if setup in RETRIEVAL_SETUPS:
                 write_s[setup] += t1 - t0
                 extra_s[setup] = search_s
-                reads[setup] = [sorted(r[:top_k]) for r in ranked]
-                prompts[setup] = [excerpt_prompt(tok, [entries[i] for i in r], q) for r, q in zip(reads[setup], questions)]
-            states[setup] = state
+            prompts[setup], reads[setup] = _setup_prompts(setup, tok, questions, entries, turns, evidence, ranked,
+                                                          top_k, window - max_new_tokens)
         answers, times = {}, {}
         for setup in setups:
             answers[setup], times[setup] = answer_questions(model, tok, prompts[setup], states[setup], max_new_tokens,
@@ -417,28 +396,48 @@ def run_locomo(model, tok, data: list[dict], setups=SETUPS, conversations: int |
                 per[setup]["tokens"].append(len(prompts[setup][j]))
                 per[setup]["latency"].append(times[setup][j] + extra_s[setup])
             rows.append(row)
-    summary = {}
-    for setup in setups:
-        out = {}
-        for metric, suffix in (("f1", "_f1"), ("bleu1", "_bleu1")):
-            m = {}
-            for c, name in CATEGORIES.items():
-                vals = [r[f"{setup}{suffix}"] for r in rows if r["category"] == c and r[f"{setup}{suffix}"] is not None]
-                m[name] = _mean(vals)
-            m["overall"] = _mean([r[f"{setup}{suffix}"] for r in rows if r["category"] in SCORED])
-            out[metric] = m
-        out["count"] = {CATEGORIES[c]: sum(r["category"] == c for r in rows) for c in CATEGORIES}
-        out["count"]["overall"] = sum(r["category"] in SCORED for r in rows)
-        out["evidence_in_prompt"] = _mean(per[setup]["in_prompt"])
-        out["latency_s_mean"] = _mean(per[setup]["latency"])
-        out["latency_s_p95"] = _p95(per[setup]["latency"])
-        out["prompt_tokens_mean"] = _mean(per[setup]["tokens"])
-        out["write_s_per_conversation"] = _mean(per[setup]["write_s"])
-        summary[setup] = out
+    summary = {setup: _setup_summary(setup, rows, per[setup]) for setup in setups}
     res = {"summary": summary, "answers": rows, "context_window": window, "top_k": top_k}
     if retrieving:
         res["retrieval"] = _recall_summary(ret_name, recall, recall_all, recall_ks)
     return res
+
+
+def _setup_prompts(setup: str, tok, questions: list[str], entries: list[dict], turns: list[str],
+                   evidence: list[list[int]], ranked: list[list[int]] | None, top_k: int,
+                   budget: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, turns read) of each question in one setup; ``budget``: the full history's prompt tokens."""
+    from memcli.hippo.data import prompt_ids
+    from memcli.hippo.turns import excerpt_prompt, key_text
+
+    if setup in ("none", "hippo"):  # hippo: the state carries the conversation, the prompt is the question
+        return [prompt_ids(tok, q) for q in questions], [[] for _ in questions]
+    if setup == "full":
+        history = tok("\n".join(turns), add_special_tokens=False)["input_ids"]
+        prompts = [full_history_prompt(tok, history, q, budget) for q in questions]
+        texts = [tok.decode(p) for p in prompts]
+        return prompts, [[i for i, e in enumerate(entries) if key_text(e) in t] for t in texts]
+    reads = [sorted(ev) for ev in evidence] if setup == "oracle" else [sorted(r[:top_k]) for r in ranked]
+    return [excerpt_prompt(tok, [entries[i] for i in r], q) for r, q in zip(reads, questions)], reads
+
+
+def _setup_summary(setup: str, rows: list[dict], per: dict) -> dict:
+    """F1 and BLEU-1 per category and overall (categories 1-4), counts, evidence share, latency, tokens."""
+    out = {}
+    for metric in ("f1", "bleu1"):
+        col = f"{setup}_{metric}"
+        m = {name: _mean([r[col] for r in rows if r["category"] == c and r[col] is not None])
+             for c, name in CATEGORIES.items()}
+        m["overall"] = _mean([r[col] for r in rows if r["category"] in SCORED])
+        out[metric] = m
+    out["count"] = {CATEGORIES[c]: sum(r["category"] == c for r in rows) for c in CATEGORIES}
+    out["count"]["overall"] = sum(r["category"] in SCORED for r in rows)
+    out["evidence_in_prompt"] = _mean(per["in_prompt"])
+    out["latency_s_mean"] = _mean(per["latency"])
+    out["latency_s_p95"] = _p95(per["latency"])
+    out["prompt_tokens_mean"] = _mean(per["tokens"])
+    out["write_s_per_conversation"] = _mean(per["write_s"])
+    return out
 
 
 def full_history_prompt(tok, history: list[int], question: str, budget: int) -> list[int]:
