@@ -5,7 +5,7 @@ the run), then on the run's held-out questions: router recall@1, memory on / off
 to compute the new entries' features; retrieval latency per query (scoring the whole bank for one
 question's features); and the process's peak memory. Each size runs in its own process, so peaks do not mix.
 
-    python scripts/scale_curve.py RUN DATA_DIR FACTS.jsonl SIZE [SIZE ...] [--out DIR] [--markdown FILE]
+    python scripts/scale_curve.py RUN DATA_DIR FACTS.jsonl SIZE [SIZE ...] [--out DIR] [--markdown FILE] [--cache]
     python scripts/scale_curve.py --write-facts ../shared/data/trex RUN FACTS.jsonl
     python scripts/scale_curve.py --latency DATA_DIR RUN [RUN ...]     # keys kept vs recomputed per query
 
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 
-def one(run: Path, data: Path, facts: Path, size: int, out: Path) -> dict:
+def one(run: Path, data: Path, facts: Path, size: int, out: Path, cache: bool = False) -> dict:
     import torch
 
     from memcli.backbone import left_pad
@@ -40,7 +40,7 @@ def one(run: Path, data: Path, facts: Path, size: int, out: Path) -> dict:
     dst = out / f"{run.name}-{size}"
     if dst.exists():
         shutil.rmtree(dst)
-    shutil.copytree(run, dst)
+    shutil.copytree(run, dst, ignore=shutil.ignore_patterns("cache"))
     r = load_run(dst)
     mem, tok, bank = r.model, r.tok, r.bank
     have = int(mem.valid.sum())
@@ -50,7 +50,10 @@ def one(run: Path, data: Path, facts: Path, size: int, out: Path) -> dict:
         entries = read_facts(facts)[: size - have]
         if len(entries) < size - have:
             raise SystemExit(f"{facts}: {len(entries)} facts, {size - have} needed for a bank of {size}")
-        mem, bank, _ = store.add(mem, bank, tok, entries, step=int(r.info.get("step", 0)))
+        # --cache: the source run's feature cache (every size adds the smaller sizes' facts first, so they are
+        # computed once; features_s then times only what was not cached)
+        mem, bank, _ = store.add(mem, bank, tok, entries, step=int(r.info.get("step", 0)),
+                                 cache=store.feature_cache(run) if cache else None)
         store.save(dst, mem, bank)
         added = len(entries)
     feat_s = time.perf_counter() - t0
@@ -138,16 +141,17 @@ def main() -> None:
     ap.add_argument("sizes", type=int, nargs="+")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--markdown", type=Path, default=None)
+    ap.add_argument("--cache", action="store_true", help="reuse entry features across sizes (RUN/cache/entry-features)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     out = a.out or a.run.parent
     if a.one:
-        print(json.dumps(one(a.run, a.data, a.facts, a.sizes[0], out)))
+        print(json.dumps(one(a.run, a.data, a.facts, a.sizes[0], out, a.cache)))
         return
     rows = []
     for size in a.sizes:
         p = subprocess.run([sys.executable, __file__, str(a.run), str(a.data), str(a.facts), str(size), "--out", str(out),
-                            "--one"], capture_output=True, text=True)
+                            "--one", *(["--cache"] if a.cache else [])], capture_output=True, text=True)
         if p.returncode:
             raise SystemExit(p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"size {size} failed")
         rows.append(json.loads(p.stdout.strip().splitlines()[-1]))

@@ -17,6 +17,8 @@ _OUT = typer.Option(Path("out"), help="Where to look for the newest run.")
 _FROM = typer.Option(..., "--from", "-f", help="Facts: a JSONL file of {\"text\": ...} lines (optional subject, "
                      "predicate, object, uuid) or a knowledge base JSON (sentence_trex_data.json).")
 _JSON = typer.Option(False, "--json", help="Machine-readable output.")
+_CACHE = typer.Option(True, "--cache/--no-cache", help="Keep the computed entry features in RUN/cache/entry-features, "
+                      "by content: an interrupted change run again resumes from them (safe to delete).")
 
 
 def _open(model_path: Optional[Path], out_dir: Path):
@@ -56,7 +58,8 @@ def list_entries(model_path: Optional[Path] = _RUN, out_dir: Path = _OUT,
 
 
 @memory.command("add")
-def add(facts: Path = _FROM, model_path: Optional[Path] = _RUN, out_dir: Path = _OUT, as_json: bool = _JSON):
+def add(facts: Path = _FROM, model_path: Optional[Path] = _RUN, out_dir: Path = _OUT, cache: bool = _CACHE,
+        as_json: bool = _JSON):
     """Store new facts: free rows first, the bank grows to the next perfect square when they run out.
 
     The entries' features are computed for the new rows only; the run answers over them at once.
@@ -71,12 +74,14 @@ def add(facts: Path = _FROM, model_path: Optional[Path] = _RUN, out_dir: Path = 
 
     entries = read_facts(facts)  # every line checked before the run is opened
     run = _open(model_path, out_dir)
-    mem, bank, change = store.add(run.model, run.bank, run.tok, entries, step=int(run.info.get("step", 0)))
+    mem, bank, change = store.add(run.model, run.bank, run.tok, entries, step=int(run.info.get("step", 0)),
+                                  cache=store.feature_cache(run.path) if cache else None)
     _done(run, mem, bank, change, as_json)
 
 
 @memory.command("replace")
-def replace(facts: Path = _FROM, model_path: Optional[Path] = _RUN, out_dir: Path = _OUT, as_json: bool = _JSON):
+def replace(facts: Path = _FROM, model_path: Optional[Path] = _RUN, out_dir: Path = _OUT, cache: bool = _CACHE,
+            as_json: bool = _JSON):
     """Rewrite stored facts, matched by uuid: each line names the uuid of the fact it rewrites ('memory list --json'
     shows them; a fact added without one got "fact-" + a hash of its text).
 
@@ -89,7 +94,8 @@ def replace(facts: Path = _FROM, model_path: Optional[Path] = _RUN, out_dir: Pat
 
     entries = read_facts(facts)
     run = _open(model_path, out_dir)
-    change = store.replace_entries(run.model, run.bank, run.tok, entries, step=int(run.info.get("step", 0)))
+    change = store.replace_entries(run.model, run.bank, run.tok, entries, step=int(run.info.get("step", 0)),
+                                   cache=store.feature_cache(run.path) if cache else None)
     _done(run, run.model, run.bank, change, as_json)
 
 

@@ -42,8 +42,9 @@ class Change:
         return out
 
 
-def write_rows(mem: MemoryAugmentedLM, bank: Bank, tok, rows: list[int], entries: list[dict], step: int) -> None:
-    """Token ids, entry records and validity of ``rows``; their features recomputed in one batch."""
+def write_rows(mem: MemoryAugmentedLM, bank: Bank, tok, rows: list[int], entries: list[dict], step: int,
+               cache: Path | None = None) -> None:
+    """Token ids, entry records and validity of ``rows``; their features recomputed (or read from ``cache``)."""
     ids, _ = tokenize_entries(tok, [e["sentence"] for e in entries], bank.knowledge_length, bank.pad_id)
     idx = torch.tensor(rows, dtype=torch.long)
     for r, e in zip(rows, entries):
@@ -55,23 +56,80 @@ def write_rows(mem: MemoryAugmentedLM, bank: Bank, tok, rows: list[int], entries
     mem.last_updated[idx] = step
     bank.meta["index_id"] = index_id(bank.uuids())
     mem.cfg.index_id = bank.meta["index_id"]
-    _refresh(mem, idx)
+    _refresh(mem, idx, cache=cache)
 
 
-def _refresh(mem: MemoryAugmentedLM, rows: torch.Tensor, chunk: int = 256) -> None:
-    """Entry features of the changed rows only, with a progress bar (the base model runs over each entry)."""
+def feature_cache(run_dir: str | Path) -> Path:
+    """Where a run keeps the entry features it computed, by content (safe to delete: they are recomputed)."""
+    return Path(run_dir) / "cache" / "entry-features"
+
+
+def _refresh(mem: MemoryAugmentedLM, rows: torch.Tensor, chunk: int = 256, cache: Path | None = None) -> None:
+    """Entry features of the changed rows only, with a progress bar (the base model runs over each entry).
+
+    With ``cache``, each chunk's features are written there as soon as they are computed, named by what they
+    depend on (the base model's weights, the layers, the chunk's token ids): an interrupted change run again,
+    or the same entries added to another copy of the run, reads them instead of running the model."""
     from memcli.console import progress
 
     if mem.cfg.entry_key != "hidden":
         return  # pooled input embeddings are computed at every forward
+    base = _base_fingerprint(mem) if cache is not None else ""
     with progress() as bar:
         task = bar.add_task("entry features", total=len(rows))
         for s in range(0, len(rows), chunk):
-            mem.refresh_entry_features(rows[s: s + chunk])
-            bar.advance(task, min(chunk, len(rows) - s))
+            part = rows[s: s + chunk]
+            f = None if cache is None else cache / f"{_chunk_key(mem, base, part)}.safetensors"
+            if f is None or not _read_chunk(mem, part, f):
+                mem.refresh_entry_features(part)
+                if f is not None:
+                    _write_chunk(mem, part, f)
+            bar.advance(task, len(part))
 
 
-def add(mem: MemoryAugmentedLM, bank: Bank, tok, entries: list[dict], step: int = 0):
+def _base_fingerprint(mem: MemoryAugmentedLM) -> str:
+    from memcli.backbone import backbone_checksum
+
+    return f"{mem.cfg.backbone}|{backbone_checksum(mem.backbone):.12e}|{mem.cfg.pad_id}|{list(mem.cfg.memory_layers)}"
+
+
+def _chunk_key(mem: MemoryAugmentedLM, base: str, rows: torch.Tensor) -> str:
+    import hashlib
+
+    ids = mem.bank[rows.to(mem.bank.device)].to(torch.int64).cpu().contiguous()
+    return hashlib.sha256(base.encode() + str(tuple(ids.shape)).encode() + ids.numpy().tobytes()).hexdigest()[:32]
+
+
+def _read_chunk(mem: MemoryAugmentedLM, rows: torch.Tensor, f: Path) -> bool:
+    """Features of ``rows`` from a cached chunk; False (recompute) when it is absent or does not fit."""
+    from safetensors.torch import load_file
+
+    if not f.is_file():
+        return False
+    try:
+        got = load_file(str(f))
+    except Exception:  # a damaged cache file is recomputed and rewritten, never trusted
+        return False
+    bufs = {i: mem.entry_feats(i) for i in mem.cfg.memory_layers}
+    want = {f"layer{i}": (len(rows), b.shape[1]) for i, b in bufs.items()}
+    if {k: tuple(v.shape) for k, v in got.items()} != want:
+        return False
+    for i, b in bufs.items():
+        b[rows.to(b.device)] = got[f"layer{i}"].to(device=b.device, dtype=b.dtype)
+    return True
+
+
+def _write_chunk(mem: MemoryAugmentedLM, rows: torch.Tensor, f: Path) -> None:
+    from safetensors.torch import save
+
+    from memcli.records import atomic_write_bytes
+
+    feats = {f"layer{i}": mem.entry_feats(i)[rows.to(mem.bank.device)].detach().cpu().contiguous()
+             for i in mem.cfg.memory_layers}
+    atomic_write_bytes(f, save(feats))
+
+
+def add(mem: MemoryAugmentedLM, bank: Bank, tok, entries: list[dict], step: int = 0, cache: Path | None = None):
     """Store ``entries`` in free rows (growing the bank when needed) -> (model, bank, Change)."""
     have = bank.row_of_uuid()
     stored = [e["uuid"] for e in entries if e["uuid"] in have]
@@ -87,12 +145,13 @@ def add(mem: MemoryAugmentedLM, bank: Bank, tok, entries: list[dict], step: int 
         change.grown = (len(have) + len(free), bank.knowledge_num)
         free = [i for i, e in enumerate(bank.entries) if e.get("uuid") is None]
     rows = free[: len(entries)]
-    write_rows(mem, bank, tok, rows, entries, step)
+    write_rows(mem, bank, tok, rows, entries, step, cache)
     change.added = rows
     return mem, bank, change
 
 
-def replace_entries(mem: MemoryAugmentedLM, bank: Bank, tok, entries: list[dict], step: int = 0) -> Change:
+def replace_entries(mem: MemoryAugmentedLM, bank: Bank, tok, entries: list[dict], step: int = 0,
+                    cache: Path | None = None) -> Change:
     """Rewrite the entries whose uuids are given (a fact's new wording or object)."""
     have = bank.row_of_uuid()
     missing = [e["uuid"] for e in entries if e["uuid"] not in have]
@@ -100,7 +159,7 @@ def replace_entries(mem: MemoryAugmentedLM, bank: Bank, tok, entries: list[dict]
         raise MemcliError(f"{len(missing)} of the {len(entries)} facts are not in the bank (e.g. uuid '{missing[0]}'); "
                           "use 'memcli memory add' to store new facts")
     rows = [have[e["uuid"]] for e in entries]
-    write_rows(mem, bank, tok, rows, entries, step)
+    write_rows(mem, bank, tok, rows, entries, step, cache)
     return Change(replaced=rows)
 
 
