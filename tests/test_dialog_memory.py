@@ -122,6 +122,49 @@ def test_evidence_recall_on_a_two_session_conversation():
     assert r["recall@7"] == 1.0 and r["all@7"] == 1.0  # all 7 turns brought back
 
 
+def test_likelihood_reranker_scores_are_the_question_log_likelihood():
+    """log p(question | turn) from the re-ranker's batched, right-padded pass (vocabulary projection on the
+    question's positions only) equals the sum read off the model's full logits, one turn at a time."""
+    from memcli.backbone import load_backbone
+
+    bb, tok = load_backbone("tiny")
+    r = T.LikelihoodReranker(bb, tok)
+    turns = ["Alice: I adopted a beagle from the shelter in Denver last week.", "Bob: violin"]
+    question = "What breed is Alice's dog?"
+    got = r.scores(turns, question)
+    q = tok(" " + question, add_special_tokens=False)["input_ids"]
+    for i, t in enumerate(turns):
+        x = tok(t + "\nQuestion:", add_special_tokens=False)["input_ids"] + q
+        with torch.no_grad():
+            logp = torch.log_softmax(bb(input_ids=torch.tensor([x])).logits.float(), -1)[0]
+        start = len(x) - len(q)
+        want = sum(logp[start - 1 + j, w].item() for j, w in enumerate(q))
+        assert got[i].item() == pytest.approx(want, abs=1e-3)
+
+
+def test_reranking_reorders_only_the_retrievers_candidates():
+    from memcli.backbone import load_backbone
+
+    bb, tok = load_backbone("tiny")
+    entries = LC.conversation_entries(_conversation())
+    plain = T.TurnMemory(retriever="lexical")
+    plain.add(entries)
+    ranked = T.TurnMemory(retriever="lexical", reranker=T.LikelihoodReranker(bb, tok, candidates=3))
+    ranked.add(entries)
+    qs = [q["question"] for q in _conversation()["qa"]]
+    top3 = plain.search(qs, 3)[0]
+    idx, sc = ranked.search(qs, 2)
+    for j, q in enumerate(qs):
+        assert set(idx[j].tolist()) <= set(top3[j].tolist())  # nothing outside the first 3 comes back
+        lm = ranked.reranker.scores([T.key_text(entries[i]) for i in top3[j].tolist()], q)
+        first = plain.scores([q])[0][top3[j]]
+        fused = T._z(lm[None])[0] + T._z(first[None])[0]
+        assert idx[j].tolist() == top3[j][torch.argsort(-fused, stable=True)[:2]].tolist()
+    r = LC.recall_only([_conversation()], None, retriever="lexical", ks=(1, 2),
+                       reranker=T.LikelihoodReranker(bb, tok, candidates=7))
+    assert r["retriever"] == "lexical + lm re-ranking of the top 7" and r["questions_with_evidence"] == 3
+
+
 def test_turn_memory_written_turn_by_turn_equals_written_at_once():
     enc = T.make_encoder("minilm")
     entries = LC.conversation_entries(_conversation())
@@ -239,3 +282,12 @@ def test_compare_locomo_recall_only_and_refusals(cli, tmp_path):
     assert_one_line_error(code, err, "--retriever 'fuzzy'", "hybrid, dense, lexical")
     code, _, err = cli("compare", "locomo", "--data", p, "--backbone", "tiny", "--skip", "1")
     assert_one_line_error(code, err, "--skip 1", "has 1 conversations")
+    code, out, err = cli("compare", "locomo", "--data", p, "--backbone", "tiny", "--recall-only", "--retriever",
+                         "lexical", "--rerank-with", "tiny", "--rerank-candidates", "7", "--sample", "2", "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["retriever"] == "lexical + tiny re-ranking of the top 7" and r["recall@10"] == 1.0
+    picked = LC.pick_questions(_conversation()["qa"], None, 2, 0)  # --sample 2 of the 4 questions (seed 0)
+    assert r["questions_with_evidence"] == sum(bool(q["evidence"]) for q in picked) == 1
+    code, _, err = cli("compare", "locomo", "--data", p, "--backbone", "tiny", "--rerank-candidates", "0")
+    assert_one_line_error(code, err, "--rerank-candidates 0", "at least 1")

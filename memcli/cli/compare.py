@@ -92,6 +92,9 @@ def locomo(
     encoder: str = typer.Option("minilm", help="Dense turn keys: minilm (all-MiniLM-L6-v2, offline) or backbone (mean "
                                 "states of a backbone layer)."),
     top_k: int = typer.Option(5, "--top-k", help="Turns read per question by the turns setups."),
+    rerank_with: Optional[str] = typer.Option(None, "--rerank-with", help="Re-order each question's best turns by "
+                                              "this backbone's log p(question | turn) (tiny, smollm2-135m, a path)."),
+    rerank_candidates: int = typer.Option(20, help="Turns re-ordered per question with --rerank-with."),
     conversations: Optional[int] = typer.Option(None, help="Only N conversations (from --skip on)."),
     skip: int = typer.Option(0, help="Skip the first N conversations (e.g. --skip 5: the held-out half)."),
     max_questions: Optional[int] = typer.Option(None, help="Only the first N questions of each conversation."),
@@ -121,6 +124,7 @@ def locomo(
       memcli compare locomo --data locomo10.json -m out/hippo
       memcli compare locomo --data locomo10.json --backbone smollm2-135m --setups none,oracle,turns
       memcli compare locomo --data locomo10.json --backbone smollm2-135m --recall-only --encoder backbone
+      memcli compare locomo --data locomo10.json --backbone tiny --recall-only --rerank-with smollm2-135m
     """
     from memcli.console import progress
     from memcli.eval.locomo import load_locomo, pick_questions, recall_only as recall_fn, run_locomo
@@ -130,7 +134,8 @@ def locomo(
     samples = load_locomo(data)
     if backbone is not None and model_path is not None:
         raise MemcliError("--backbone and --model-path: give one (a backbone alone, or a HIPPO run)")
-    for name, v in (("--top-k", top_k), ("--batch", batch), ("--sample", sample)):
+    for name, v in (("--top-k", top_k), ("--batch", batch), ("--sample", sample),
+                    ("--rerank-candidates", rerank_candidates)):
         if v is not None and v < 1:
             raise MemcliError(f"{name} {v}: expected at least 1")
     if skip < 0 or skip >= len(samples):
@@ -142,16 +147,27 @@ def locomo(
     model, tok, bb, path, allowed = _locomo_model(backbone, model_path, out_dir)
     chosen = _locomo_setups(setups, allowed, backbone is not None)
     enc = None if retriever == "lexical" else make_encoder(encoder, bb, tok)
+    reranker = None
+    if rerank_with is not None:
+        from memcli.backbone import load_backbone
+        from memcli.hippo.turns import LikelihoodReranker
+
+        rbb, rtok = (bb, tok) if rerank_with == str(path) else load_backbone(rerank_with)
+        reranker = LikelihoodReranker(rbb, rtok, candidates=rerank_candidates, name=rerank_with)
     if recall_only:
-        _show_recall(recall_fn(samples, enc, conversations, max_questions, retriever=retriever, first=skip),
-                     as_json, markdown)
+        with progress() as bar:
+            task = bar.add_task("retrieving", total=sum(len(pick_questions(s["qa"], max_questions, sample, 0))
+                                                        for s in samples[skip:][:conversations]))
+            r = recall_fn(samples, enc, conversations, max_questions, retriever=retriever, first=skip,
+                          reranker=reranker, sample=sample, progress_cb=lambda _, n: bar.advance(task, n))
+        _show_recall(r, as_json, markdown)
         return
     total = sum(len(pick_questions(s["qa"], max_questions, sample, 0)) for s in samples[skip:][:conversations]) * len(chosen)
     with progress() as bar:
         task = bar.add_task("answering", total=total)
         res = run_locomo(model, tok, samples, chosen, conversations, max_questions, max_new_tokens, context_window,
                          batch=batch, top_k=top_k, encoder=enc, retriever=retriever, first=skip, sample=sample,
-                         progress_cb=lambda setup, n: bar.advance(task, n))
+                         reranker=reranker, progress_cb=lambda setup, n: bar.advance(task, n))
     if answers is not None:
         write_jsonl(answers, res["answers"])
     _show_locomo(res, str(path), as_json, markdown)

@@ -266,23 +266,35 @@ def _recall_summary(name: str, recall: dict, every: dict, ks) -> dict:
 
 
 def recall_only(data: list[dict], encoder, conversations: int | None = None, max_questions: int | None = None,
-                ks=RECALL_KS, retriever: str = "hybrid", first: int = 0) -> dict:
+                ks=RECALL_KS, retriever: str = "hybrid", first: int = 0, reranker=None, sample: int | None = None,
+                seed: int = 0, progress_cb=None) -> dict:
     """The turn retriever's evidence recall@k over the conversations, without answering anything."""
-    from memcli.hippo.turns import TurnMemory
-
     recall = {k: [] for k in ks}
     every = {k: [] for k in ks}
     t0 = time.perf_counter()
-    for sample in data[first:][:conversations]:
-        entries = conversation_entries(sample)
+    for conv in data[first:][:conversations]:
+        entries = conversation_entries(conv)
         position = {e["id"]: i for i, e in enumerate(entries)}
-        qa = sample["qa"][:max_questions]
-        mem = TurnMemory(encoder, retriever)
+        qa = pick_questions(conv["qa"], max_questions, sample, seed)
+        mem = _turn_memory(encoder, retriever, reranker)
         mem.add(entries)
         ranked = mem.search([q["question"] for q in qa], max(ks))[0].tolist()
         _count_recall(ranked, [[position[x] for x in evidence_ids(q) if x in position] for q in qa], ks, recall, every)
-    return {**_recall_summary(TurnMemory(encoder, retriever).name, recall, every, ks),
+        if progress_cb:
+            progress_cb("recall", len(qa))
+    return {**_recall_summary(_retriever_name(encoder, retriever, reranker), recall, every, ks),
             "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _turn_memory(encoder, retriever: str, reranker=None):
+    from memcli.hippo.turns import TurnMemory
+
+    return TurnMemory(encoder, retriever, reranker=reranker)
+
+
+def _retriever_name(encoder, retriever: str, reranker=None) -> str:
+    name = _turn_memory(encoder, retriever).name
+    return name if reranker is None else f"{name} + {reranker.name} re-ranking of the top {reranker.candidates}"
 
 
 def pick_questions(qa: list, first: int | None, sample: int | None, seed: int) -> list:
@@ -318,16 +330,16 @@ def _mean(xs) -> float | None:
 def run_locomo(model, tok, data: list[dict], setups=SETUPS, conversations: int | None = None,
                max_questions: int | None = None, max_new_tokens: int = 24, context_window: int | None = None,
                batch: int = 8, seed: int = 0, top_k: int = 5, encoder=None, recall_ks=RECALL_KS,
-               progress_cb=None, retriever: str = "hybrid", first: int = 0, sample: int | None = None) -> dict:
+               progress_cb=None, retriever: str = "hybrid", first: int = 0, sample: int | None = None,
+               reranker=None) -> dict:
     """Answer each conversation's QA in every setup.
 
     Returns ``summary`` (per setup: F1 and BLEU-1 per category, ``overall`` = categories 1-4, adversarial apart;
     evidence share in the prompt; retrieval recall@k; latency; prompt tokens), ``answers`` (one row per question)
     and ``context_window``. ``retriever`` and ``encoder`` (``memcli.hippo.turns``) rank the turns for ``turns`` /
     ``hippo+turns``. ``first``: skip that many conversations; ``sample``: that many questions per conversation, drawn
-    with ``seed`` (kept in file order), instead of the first ``max_questions``."""
-    from memcli.hippo.turns import TurnMemory
-
+    with ``seed`` (kept in file order), instead of the first ``max_questions``. ``reranker``
+    (``memcli.hippo.turns.LikelihoodReranker``) re-orders the retriever's best candidates."""
     bad = [s for s in setups if s not in SETUPS]
     if bad:
         raise MemcliError(f"--setups: '{bad[0]}' is not a setup, expected some of {', '.join(SETUPS)}")
@@ -340,7 +352,7 @@ def run_locomo(model, tok, data: list[dict], setups=SETUPS, conversations: int |
     per = {s: {"latency": [], "tokens": [], "in_prompt": [], "write_s": []} for s in setups}
     recall = {k: [] for k in recall_ks}
     recall_all = {k: [] for k in recall_ks}
-    ret_name = TurnMemory(encoder, retriever).name if retrieving else None
+    ret_name = _retriever_name(encoder, retriever, reranker) if retrieving else None
     sample_n = sample
     for sample in data[first:][:conversations]:
         entries = conversation_entries(sample)
@@ -354,7 +366,7 @@ def run_locomo(model, tok, data: list[dict], setups=SETUPS, conversations: int |
         ranked = None
         if retrieving:
             t0 = time.perf_counter()
-            mem = TurnMemory(encoder, retriever)
+            mem = _turn_memory(encoder, retriever, reranker)
             mem.add(entries)
             t1 = time.perf_counter()
             idx, _ = mem.search([q["question"] for q in qa], max(top_k, *recall_ks))

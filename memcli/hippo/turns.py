@@ -201,6 +201,39 @@ def _z(s: torch.Tensor) -> torch.Tensor:
     return (s - s.mean(1, keepdim=True)) / s.std(1, keepdim=True).clamp_min(1e-6)
 
 
+class LikelihoodReranker:
+    """Re-orders a question's best candidate turns by how likely a language model finds the question after
+    the turn, log p(question | turn) (query-likelihood re-ranking, as UPR does for passages: nothing trained).
+    A turn that could have prompted the question ranks first, also when it shares no word with it."""
+
+    def __init__(self, backbone, tok, candidates: int = 20, turn_tokens: int = 160, name: str = "lm"):
+        self.backbone, self.tok, self.candidates, self.turn_tokens = backbone, tok, candidates, turn_tokens
+        self.name = name
+
+    @torch.no_grad()
+    def scores(self, turns: list[str], question: str) -> torch.Tensor:
+        """``[len(turns)]`` summed log-probabilities of the question's tokens after each turn."""
+        tok = self.tok
+        q = tok(" " + question, add_special_tokens=False)["input_ids"]
+        seqs = [tok(t + "\nQuestion:", add_special_tokens=False)["input_ids"][-self.turn_tokens:] + q for t in turns]
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), tok.pad_token_id if tok.pad_token_id is not None else 0)
+        att = torch.zeros_like(ids)
+        for i, x in enumerate(seqs):  # right padding: every row's positions start at 0
+            ids[i, :len(x)] = torch.tensor(x)
+            att[i, :len(x)] = 1
+        bb = self.backbone
+        dev = next(bb.parameters()).device
+        h = bb.get_decoder()(input_ids=ids.to(dev), attention_mask=att.to(dev)).last_hidden_state
+        out = torch.empty(len(seqs))
+        head = bb.get_output_embeddings()
+        for i, x in enumerate(seqs):  # the vocabulary projection for the question's positions only
+            start = len(x) - len(q)
+            logp = torch.log_softmax(head(h[i, start - 1: len(x) - 1]).float(), -1)
+            out[i] = logp.gather(1, torch.tensor(x[start:], device=dev)[:, None]).sum().cpu()
+        return out
+
+
 @dataclass
 class TurnMemory:
     """Turns (dicts with ``text`` and optionally ``id``, ``speaker``, ``date``, ``session``, ``caption``), each
@@ -210,6 +243,7 @@ class TurnMemory:
     retriever: str = "hybrid"
     turns: list = field(default_factory=list)
     keys: torch.Tensor | None = None  # [n, 2, d]: alone, in context
+    reranker: LikelihoodReranker | None = None  # re-orders each query's best candidates
     _lexical: list = field(default_factory=list, repr=False)  # BM25 of the turns alone, in context
 
     def __post_init__(self):
@@ -265,8 +299,20 @@ class TurnMemory:
         if k == 0 or not queries:
             return torch.zeros(len(queries), 0, dtype=torch.long), torch.zeros(len(queries), 0)
         sim = self.scores(queries)
-        order = torch.argsort(-sim, dim=1, stable=True)[:, :k]  # stable: ties keep the earlier turn
-        return order, sim.gather(1, order)
+        order = torch.argsort(-sim, dim=1, stable=True)  # stable: ties keep the earlier turn
+        if self.reranker is None:
+            order = order[:, :k]
+            return order, sim.gather(1, order)
+        n = min(max(k, self.reranker.candidates), len(self.turns))
+        order, first = order[:, :n], sim.gather(1, order[:, :n])
+        rows, scores = [], []
+        for j, q in enumerate(queries):
+            lm = self.reranker.scores([key_text(self.turns[i]) for i in order[j].tolist()], q)
+            fused = _z(lm[None])[0] + _z(first[j][None])[0]  # the retriever's evidence is kept beside the LM's
+            best = torch.argsort(-fused, stable=True)[:k]
+            rows.append(order[j][best])
+            scores.append(fused[best])
+        return torch.stack(rows), torch.stack(scores)
 
     def read(self, query: str, k: int) -> list[dict]:
         """The query's top-k turns, in conversation order (how they are written into the prompt), with scores."""
