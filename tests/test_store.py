@@ -86,15 +86,16 @@ def test_an_interrupted_add_resumes_from_the_feature_cache(run, tmp_path, cli, m
     from memcli.explicit.model import MemoryAugmentedLM
     from memcli.runs import load_run
 
-    facts = _facts(tmp_path, [{"text": f"Person{i} was born in Town{i} ."} for i in range(600)], "many.jsonl")
+    monkeypatch.setattr(store, "FEATURE_CHUNK", 4)  # 10 rows: chunks of 4, 4 and 2
+    facts = _facts(tmp_path, [{"text": f"Person{i} was born in Town{i} ."} for i in range(10)], "many.jsonl")
     a = _copy(run, tmp_path)
     assert cli("memory", "add", "-m", a, "--from", facts)[0] == 0
     chunks = sorted(store.feature_cache(a).glob("*.safetensors"))
-    assert len(chunks) == 3  # 600 rows in chunks of 256
+    assert len(chunks) == 3
     b = tmp_path / "b"
     shutil.copytree(run, b)
     store.feature_cache(b).mkdir(parents=True)
-    kept = sorted(chunks, key=lambda c: c.stat().st_size)[1:]  # the two 256-row chunks: as if killed before the last
+    kept = sorted(chunks, key=lambda c: c.stat().st_size)[1:]  # the two 4-row chunks: as if killed before the last
     for c in kept:
         shutil.copy(c, store.feature_cache(b) / c.name)
     (store.feature_cache(b) / kept[1].name).write_bytes(kept[1].read_bytes()[:100])  # ... and one of them damaged
@@ -103,14 +104,14 @@ def test_an_interrupted_add_resumes_from_the_feature_cache(run, tmp_path, cli, m
     monkeypatch.setattr(MemoryAugmentedLM, "refresh_entry_features",
                         lambda self, rows=None, fit=False: computed.append(len(rows)) or real(self, rows, fit))
     assert cli("memory", "add", "-m", b, "--from", facts)[0] == 0
-    assert sorted(computed) == [88, 256]  # the damaged chunk and the one never written; the whole chunk was read
+    assert sorted(computed) == [2, 4]  # the damaged chunk and the one never written; the whole chunk was read
     fa, fb = load_run(a).model.entry_feats(1), load_run(b).model.entry_feats(1)
     assert torch.equal(fa, fb)
     assert sorted(p.name for p in store.feature_cache(b).glob("*")) == [c.name for c in chunks]  # damaged one rewritten
     computed.clear()
     c = _copy(run, tmp_path / "c")
     assert cli("memory", "add", "-m", c, "--from", facts, "--no-cache")[0] == 0
-    assert sorted(computed) == [88, 256, 256] and not store.feature_cache(c).exists()
+    assert sorted(computed) == [2, 4, 4] and not store.feature_cache(c).exists()
 
 
 def test_new_entries_are_retrieved_by_their_content(run, tmp_path, cli):

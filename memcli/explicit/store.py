@@ -64,7 +64,10 @@ def feature_cache(run_dir: str | Path) -> Path:
     return Path(run_dir) / "cache" / "entry-features"
 
 
-def _refresh(mem: MemoryAugmentedLM, rows: torch.Tensor, chunk: int = 256, cache: Path | None = None) -> None:
+FEATURE_CHUNK = 256  # entries per cached feature file
+
+
+def _refresh(mem: MemoryAugmentedLM, rows: torch.Tensor, cache: Path | None = None) -> None:
     """Entry features of the changed rows only, with a progress bar (the base model runs over each entry).
 
     With ``cache``, each chunk's features are written there as soon as they are computed, named by what they
@@ -75,6 +78,7 @@ def _refresh(mem: MemoryAugmentedLM, rows: torch.Tensor, chunk: int = 256, cache
     if mem.cfg.entry_key != "hidden":
         return  # pooled input embeddings are computed at every forward
     base = _base_fingerprint(mem) if cache is not None else ""
+    chunk = FEATURE_CHUNK
     with progress() as bar:
         task = bar.add_task("entry features", total=len(rows))
         for s in range(0, len(rows), chunk):
