@@ -11,6 +11,7 @@
       backbone/         the whole backbone + tokenizer (finetuning_method=full)
       lora/             a PEFT adapter (finetuning_method=lora)
       memory/ bank/ router/       explicit memory    hippo_model/   HIPPO    thinking_residual/   HRPO
+      cache/            explicit memory: entry features that ``memcli memory`` computed, by content (disposable)
 
 Every part is written whole (temporary directory, then rename); a kind adds its own parts between
 :func:`begin` and :func:`finish`.

@@ -124,6 +124,9 @@ def make_encoder(name: str, backbone=None, tok=None):
     raise MemcliError(f"turn encoder '{name}': expected one of {', '.join(ENCODERS)}")
 
 
+_stemmer = None
+
+
 @functools.lru_cache(maxsize=1 << 16)
 def _stem(word: str) -> str:
     global _stemmer
@@ -132,9 +135,6 @@ def _stem(word: str) -> str:
 
         _stemmer = PorterStemmer()
     return _stemmer.stem(word)
-
-
-_stemmer = None
 
 
 def _tokens(texts: list[str]) -> list[list[str]]:
