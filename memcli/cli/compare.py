@@ -134,43 +134,54 @@ def locomo(
     samples = load_locomo(data)
     if backbone is not None and model_path is not None:
         raise MemcliError("--backbone and --model-path: give one (a backbone alone, or a HIPPO run)")
-    for name, v in (("--top-k", top_k), ("--batch", batch), ("--sample", sample),
-                    ("--rerank-candidates", rerank_candidates)):
-        if v is not None and v < 1:
-            raise MemcliError(f"{name} {v}: expected at least 1")
-    if skip < 0 or skip >= len(samples):
-        raise MemcliError(f"--skip {skip}: {data} has {len(samples)} conversations")
+    _at_least_one(**{"--top-k": top_k, "--batch": batch, "--sample": sample, "--rerank-candidates": rerank_candidates})
+    _check_selection(data, len(samples), skip, sample, max_questions)
     if retriever not in RETRIEVERS:
         raise MemcliError(f"--retriever '{retriever}': expected one of {', '.join(RETRIEVERS)}")
-    if sample is not None and max_questions is not None:
-        raise MemcliError("--sample and --max-questions: give one")
     model, tok, bb, path, allowed = _locomo_model(backbone, model_path, out_dir)
     chosen = _locomo_setups(setups, allowed, backbone is not None)
     enc = None if retriever == "lexical" else make_encoder(encoder, bb, tok)
-    reranker = None
-    if rerank_with is not None:
-        from memcli.backbone import load_backbone
-        from memcli.hippo.turns import LikelihoodReranker
-
-        rbb, rtok = (bb, tok) if rerank_with == str(path) else load_backbone(rerank_with)
-        reranker = LikelihoodReranker(rbb, rtok, candidates=rerank_candidates, name=rerank_with)
+    reranker = _reranker(rerank_with, rerank_candidates, (bb, tok) if rerank_with == str(path) else None)
+    per_setup = sum(len(pick_questions(s["qa"], max_questions, sample, 0)) for s in samples[skip:][:conversations])
     if recall_only:
         with progress() as bar:
-            task = bar.add_task("retrieving", total=sum(len(pick_questions(s["qa"], max_questions, sample, 0))
-                                                        for s in samples[skip:][:conversations]))
+            task = bar.add_task("retrieving", total=per_setup)
             r = recall_fn(samples, enc, conversations, max_questions, retriever=retriever, first=skip,
                           reranker=reranker, sample=sample, progress_cb=lambda _, n: bar.advance(task, n))
         _show_recall(r, as_json, markdown)
         return
-    total = sum(len(pick_questions(s["qa"], max_questions, sample, 0)) for s in samples[skip:][:conversations]) * len(chosen)
     with progress() as bar:
-        task = bar.add_task("answering", total=total)
+        task = bar.add_task("answering", total=per_setup * len(chosen))
         res = run_locomo(model, tok, samples, chosen, conversations, max_questions, max_new_tokens, context_window,
                          batch=batch, top_k=top_k, encoder=enc, retriever=retriever, first=skip, sample=sample,
                          reranker=reranker, progress_cb=lambda setup, n: bar.advance(task, n))
     if answers is not None:
         write_jsonl(answers, res["answers"])
     _show_locomo(res, str(path), as_json, markdown)
+
+
+def _check_selection(data: Path, n: int, skip: int, sample: Optional[int], max_questions: Optional[int]) -> None:
+    if skip < 0 or skip >= n:
+        raise MemcliError(f"--skip {skip}: {data} has {n} conversations")
+    if sample is not None and max_questions is not None:
+        raise MemcliError("--sample and --max-questions: give one")
+
+
+def _at_least_one(**options) -> None:
+    for name, v in options.items():
+        if v is not None and v < 1:
+            raise MemcliError(f"{name} {v}: expected at least 1")
+
+
+def _reranker(spec: Optional[str], candidates: int, loaded: Optional[tuple] = None):
+    """A likelihood re-ranker over ``spec``'s backbone (``loaded``: the answering model's, already in memory)."""
+    if spec is None:
+        return None
+    from memcli.backbone import load_backbone
+    from memcli.hippo.turns import LikelihoodReranker
+
+    bb, tok = loaded or load_backbone(spec)
+    return LikelihoodReranker(bb, tok, candidates=candidates, name=spec)
 
 
 def _locomo_model(backbone: Optional[str], model_path: Optional[Path], out_dir: Path):

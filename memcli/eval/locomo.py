@@ -353,12 +353,11 @@ def run_locomo(model, tok, data: list[dict], setups=SETUPS, conversations: int |
     recall = {k: [] for k in recall_ks}
     recall_all = {k: [] for k in recall_ks}
     ret_name = _retriever_name(encoder, retriever, reranker) if retrieving else None
-    sample_n = sample
-    for sample in data[first:][:conversations]:
-        entries = conversation_entries(sample)
+    for conv in data[first:][:conversations]:
+        entries = conversation_entries(conv)
         position = {e["id"]: i for i, e in enumerate(entries)}
-        turns = conversation_turns(sample)
-        qa = pick_questions(sample["qa"], max_questions, sample_n, seed)
+        turns = conversation_turns(conv)
+        qa = pick_questions(conv["qa"], max_questions, sample, seed)
         questions = [question_text(q, rng) for q in qa]
         evidence = [[position[x] for x in evidence_ids(q) if x in position] for q in qa]
         prompts, reads, states, write_s, extra_s = {}, {}, {}, {}, {}
@@ -392,27 +391,35 @@ def run_locomo(model, tok, data: list[dict], setups=SETUPS, conversations: int |
             per[setup]["write_s"].append(write_s[setup])
             if progress_cb:
                 progress_cb(setup, len(qa))
-        for j, q in enumerate(qa):
-            row = {"sample_id": sample.get("sample_id", ""), "category": q["category"], "question": q["question"],
-                   "gold": q.get("answer", q.get("adversarial_answer")), "evidence": [entries[i]["id"] for i in evidence[j]]}
-            for setup in setups:
-                a = answers[setup][j]
-                row[setup] = a
-                row[f"{setup}_f1"] = score(a, q)
-                row[f"{setup}_bleu1"] = bleu_score(a, q)
-                row[f"{setup}_read"] = [entries[i]["id"] for i in reads[setup][j]] if setup != "full" else None
-                ev = set(evidence[j])
-                share = (sum(i in set(reads[setup][j]) for i in ev) / len(ev)) if ev else None
-                row[f"{setup}_evidence_in_prompt"] = share
-                per[setup]["in_prompt"].append(share)
-                per[setup]["tokens"].append(len(prompts[setup][j]))
-                per[setup]["latency"].append(times[setup][j] + extra_s[setup])
-            rows.append(row)
+        rows += _score_rows(conv, qa, entries, evidence, setups, answers, reads, prompts,
+                            {s: [t + extra_s[s] for t in times[s]] for s in setups}, per)
     summary = {setup: _setup_summary(setup, rows, per[setup]) for setup in setups}
     res = {"summary": summary, "answers": rows, "context_window": window, "top_k": top_k}
     if retrieving:
         res["retrieval"] = _recall_summary(ret_name, recall, recall_all, recall_ks)
     return res
+
+
+def _score_rows(conv: dict, qa: list[dict], entries: list[dict], evidence: list[list[int]], setups, answers: dict,
+                reads: dict, prompts: dict, latency: dict, per: dict) -> list[dict]:
+    """One row per question (every setup's answer, F1, BLEU-1, turns read, evidence share); ``per`` collects
+    each setup's evidence shares, prompt lengths and latencies."""
+    rows = []
+    for j, q in enumerate(qa):
+        row = {"sample_id": conv.get("sample_id", ""), "category": q["category"], "question": q["question"],
+               "gold": q.get("answer", q.get("adversarial_answer")), "evidence": [entries[i]["id"] for i in evidence[j]]}
+        ev = set(evidence[j])
+        for setup in setups:
+            a = answers[setup][j]
+            share = (sum(i in set(reads[setup][j]) for i in ev) / len(ev)) if ev else None
+            row.update({setup: a, f"{setup}_f1": score(a, q), f"{setup}_bleu1": bleu_score(a, q),
+                        f"{setup}_read": [entries[i]["id"] for i in reads[setup][j]] if setup != "full" else None,
+                        f"{setup}_evidence_in_prompt": share})
+            per[setup]["in_prompt"].append(share)
+            per[setup]["tokens"].append(len(prompts[setup][j]))
+            per[setup]["latency"].append(latency[setup][j])
+        rows.append(row)
+    return rows
 
 
 def _setup_prompts(setup: str, tok, questions: list[str], entries: list[dict], turns: list[str],
