@@ -188,13 +188,6 @@ class BM25Index:
         return out.float()
 
 
-def bm25_scores(docs: list[str], queries: list[str]) -> torch.Tensor:
-    """``[Q, D]`` BM25 scores of every document for every query (a one-off index)."""
-    index = BM25Index()
-    index.add(docs)
-    return index.scores(queries)
-
-
 def _z(s: torch.Tensor) -> torch.Tensor:
     if s.shape[1] < 2:
         return torch.zeros_like(s)
