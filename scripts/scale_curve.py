@@ -8,6 +8,7 @@ question's features); and the process's peak memory. Each size runs in its own p
     python scripts/scale_curve.py RUN DATA_DIR FACTS.jsonl SIZE [SIZE ...] [--out DIR] [--markdown FILE] [--cache]
     python scripts/scale_curve.py --write-facts ../shared/data/trex RUN FACTS.jsonl
     python scripts/scale_curve.py --latency DATA_DIR RUN [RUN ...]     # keys kept vs recomputed per query
+    python scripts/scale_curve.py --index DATA_DIR RUN PROBE:POOL [...]  # exact search vs fitted indexes, one run
 
 FACTS.jsonl: ``{"text", "subject", "predicate", "object"}`` lines that are not in the run's bank, added in
 file order (so every bank holds the smaller ones' facts). ``--write-facts`` writes every usable fact of an
@@ -108,6 +109,65 @@ def latency(run: Path, data: Path) -> dict:
     return out
 
 
+def _queries(mem, tok, bank, data: Path):
+    """The held-out questions' prompt features (what one retrieval reads) and the evaluation data."""
+    import torch
+
+    from memcli.backbone import left_pad
+    from memcli.eval.explicit import load_eval_data
+
+    omcq, items = load_eval_data(tok, bank, data / "omcq_val.json", data / "sft_val.jsonl",
+                                 data / "keys" / "val_labeled.jsonl", 128, "cloze")
+    ids, att = left_pad([it.prompt_ids for it in items], mem.cfg.pad_id)
+    with torch.no_grad():
+        return mem.prompt_features(ids, att), omcq, items
+
+
+def _search_row(mem, tok, bank, omcq, items, feats, name: str) -> dict:
+    """Router recall, memory on and edits followed, and the time of one retrieval (one question) per query."""
+    import torch
+
+    from memcli.eval.explicit import evaluate
+
+    res = evaluate(mem.eval(), tok, bank, omcq, items, "cloze", modes=("on", "edit"))
+    with torch.no_grad():
+        mem.retrieve(feats[:1])  # warm-up: the content keys are computed once and kept
+        t = time.perf_counter()
+        for i in range(len(feats)):
+            mem.retrieve(feats[i: i + 1])
+        ms = (time.perf_counter() - t) * 1000 / len(feats)
+        top = mem.retrieve(feats)["cells"][:, 0]
+    layer = mem.cfg.memory_layers[0]
+    return {"search": name, "recall@1": res.get(f"recall@1_l{layer}"), "memory_on": res["heldout_memory_on"],
+            "edit_success": res["edit_success"], "ms_per_query": round(ms, 3), "top1": top}
+
+
+def index_check(data: Path, run: Path, settings: list[str]) -> list[dict]:
+    """Exact search and fitted indexes (PROBE:POOL each) on one run's held-out questions, side by side: recall@1,
+    memory on, edits followed, the share of questions whose top entry is exact search's, ms per query and the
+    ratio to exact search's, the fit's time and self-recall."""
+    from memcli.explicit import index
+    from memcli.runs import load_run
+
+    r = load_run(run)
+    mem, tok, bank = r.model, r.tok, r.bank
+    index.drop(mem)
+    feats, omcq, items = _queries(mem, tok, bank, data)
+    ref = _search_row(mem, tok, bank, omcq, items, feats, "exact")
+    rows = [ref]
+    for s in settings:
+        probe, pool = (int(x) for x in s.split(":"))
+        fit = index.fit(mem, pool, probe)
+        row = _search_row(mem, tok, bank, omcq, items, feats, f"index probe {probe} pool {pool}")
+        row.update(fit_s=fit["fit_s"], self_recall=round(index.self_recall(mem), 4))
+        rows.append(row)
+    for row in rows:
+        row["same_top1"] = round(float((row.pop("top1") == ref["top1"]).float().mean()), 4)
+        row["x_exact_time"] = round(row["ms_per_query"] / ref["ms_per_query"], 3)
+        row["entries"] = int(mem.valid.sum())
+    return rows
+
+
 def write_facts(trex: str, run: Path, path: Path) -> int:
     import random
 
@@ -130,6 +190,10 @@ def main() -> None:
     if sys.argv[1:2] == ["--latency"]:  # --latency DATA_DIR RUN [RUN ...]
         for run in sys.argv[3:]:
             print(json.dumps(latency(Path(run), Path(sys.argv[2]))), flush=True)
+        return
+    if sys.argv[1:2] == ["--index"]:  # --index DATA_DIR RUN PROBE:POOL [...]
+        for row in index_check(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:]):
+            print(json.dumps(row), flush=True)
         return
     if sys.argv[1:2] == ["--write-facts"]:
         print(f"{write_facts(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]))} facts in {sys.argv[4]}")

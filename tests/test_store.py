@@ -244,3 +244,105 @@ def test_abstain_below_needs_cosine_retrieval(cli, tmp_path, default_data):
                        "model.abstain_below=0.5")  # tiny's default: additive read, token queries
     assert_one_line_error(code, err, "model.abstain_below", "read=prefix, query=mean, entry_key=hidden")
     assert not (tmp_path / "memory").exists()
+
+
+def _retrieved(run_dir, texts) -> torch.Tensor:
+    """Candidate rows (best first) of each text, through ``retrieve`` as the prefix read does."""
+    from memcli.backbone import left_pad
+    from memcli.runs import load_run
+
+    r = load_run(run_dir)
+    ids, att = left_pad([r.tok(t, add_special_tokens=False)["input_ids"] for t in texts], r.model.cfg.pad_id)
+    with torch.no_grad():
+        rec = r.model.retrieve(r.model.prompt_features(ids, att))
+    return rec["cells"], rec
+
+
+def test_a_fitted_index_with_every_cell_in_its_pool_is_exact_search(run, tmp_path, cli):
+    """``memory index`` re-ranks the pool's entries by the exact score: with every cell in the pool (probe = sqrt(N),
+    pool = N) it returns exact search's candidates, in its order; the index is a permutation of the rows, saved
+    and reloaded strictly; --exact drops it."""
+    from memcli.runs import load_run
+
+    d = _copy(run, tmp_path)
+    texts = [e["sentence"] for e in load_run(d).bank.entries[:40:3]] + ["Who plays the violin?"]
+    exact, _ = _retrieved(d, texts)
+    code, out, err = cli("memory", "index", "-m", d, "--probe", "32", "--pool", "1024", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["cells"] == 1024 and res["pool"] == 1024 and res["self_recall@1"] == 1.0
+    got, rec = _retrieved(d, texts)
+    assert rec["indexed"] and torch.equal(got, exact)
+    r = load_run(d)
+    g = r.model.gates["1"]
+    assert torch.equal(torch.sort(g.cell_rows).values, torch.arange(1024)) and r.model.cfg.retrieval == "product"
+    code, out, err = cli("memory", "index", "-m", d, "--exact", "--json")
+    assert code == 0 and json.loads(out)["retrieval"] == "exact", err
+    got, rec = _retrieved(d, texts)
+    assert "indexed" not in rec and torch.equal(got, exact)
+    assert not (d / "memory" / "index.safetensors").exists()
+
+
+def test_a_small_index_keeps_most_of_exact_search_and_finds_written_rows(run, tmp_path, cli):
+    """A pool of 64 of 1,024 cells: the entries' own sentences still find them mostly; an entry replaced after
+    the fit is searched exactly (found by its new text at once, counted in the change summary); 'memory add'
+    beyond the bank grows it and re-fits; a missing index file is refused in one line."""
+    from memcli.data.facts import fact_uuid
+    from memcli.runs import load_run
+
+    d = _copy(run, tmp_path)
+    entries = load_run(d).bank.entries
+    code, out, err = cli("memory", "index", "-m", d, "--probe", "8", "--pool", "64", "--json")
+    assert code == 0, err
+    assert 0.5 < json.loads(out)["self_recall@1"] <= 1.0
+    texts = [e["sentence"] for e in entries[:200:5]]
+    got, _ = _retrieved(d, texts)
+    exact_top = torch.arange(0, 200, 5)
+    assert (got[:, 0] == exact_top).float().mean() >= 0.6
+    code, out, err = cli("memory", "add", "-m", d, "--from", _facts(tmp_path, FACTS), "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["bank grown"] == "1024 -> 1089 entries" and res["index"].startswith("re-fitted to 1089 cells")
+    assert load_run(d).model.gates["1"].cell_rows.shape == (1089,)
+    new = "Basim was born in the ancient harbour city of Valparaiso ."
+    fix = _facts(tmp_path, [{"text": new, "uuid": fact_uuid(FACTS[0]["text"])}], "fix.jsonl")
+    code, out, err = cli("memory", "replace", "-m", d, "--from", fix, "--json")
+    assert code == 0 and json.loads(out)["index"].startswith("1 rows written since the fit"), err
+    got, _ = _retrieved(d, [new])
+    assert int(got[0, 0]) == 1024 and bool(load_run(d).model.gates["1"].stale[1024])
+    (d / "memory" / "index.safetensors").unlink()
+    code, _, err = cli("memory", "list", "-m", d)
+    assert_one_line_error(code, err, "index.safetensors", "missing", "memory index")
+
+
+def test_an_index_pool_beyond_its_probe_is_refused(run, tmp_path, cli):
+    d = _copy(run, tmp_path)
+    snap = _digest(d)
+    code, _, err = cli("memory", "index", "-m", d, "--probe", "4", "--pool", "64")
+    assert_one_line_error(code, err, "pool 64", "probe^2 = 16")
+    assert _digest(d) == snap
+
+
+def test_an_index_serves_the_additive_read_too(default_data, tmp_path, cli):
+    """The tiny recipe (a query per token, pooled-embedding keys, additive read): with every cell in the pool the
+    indexed model's logits are exact search's; a small pool changes them only where a token's candidates differ."""
+    from memcli.runs import load_run
+
+    code, _, err = cli("train", "memory", f"dataset.data_dir={default_data}", f"logging.out_dir={tmp_path}",
+                       "training.max_steps=2", "training.eval_interval=0", "training.final_eval_num_samples=8",
+                       "logging.tensorboard=false")
+    assert code == 0, err
+    d = tmp_path / "memory"
+    r = load_run(d)
+    ids = r.bank.token_ids[:4, :12].long()
+
+    def logits():
+        with torch.no_grad():
+            m = load_run(d).model
+            return m(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+    exact = logits()
+    assert cli("memory", "index", "-m", d, "--probe", "32", "--pool", "1024")[0] == 0
+    assert torch.allclose(logits(), exact, atol=1e-5)
+    assert cli("memory", "index", "-m", d, "--probe", "4", "--pool", "16")[0] == 0
+    assert not torch.allclose(logits(), exact, atol=1e-5)  # 16 of 1,024 cells: some tokens read other entries

@@ -1,4 +1,5 @@
-"""``memcli memory list|add|replace|remove``: the user's own facts in a trained explicit-memory run, no retraining."""
+"""``memcli memory list|add|replace|remove|index``: the user's own facts in a trained explicit-memory run, no
+retraining, and the index that searches a large bank."""
 
 from __future__ import annotations
 
@@ -127,6 +128,36 @@ def remove(model_path: Optional[Path] = _RUN, out_dir: Path = _OUT,
     targets = [have[u] for u in ids] + (_rows(rows, run.bank.knowledge_num) if rows else [])
     change = store.remove(run.model, run.bank, run.tok, targets, step=int(run.info.get("step", 0)))
     _done(run, run.model, run.bank, change, as_json)
+
+
+@memory.command("index")
+def index_cmd(model_path: Optional[Path] = _RUN, out_dir: Path = _OUT,
+              pool: int = typer.Option(256, "--pool", help="Cells re-ranked by the exact score per query."),
+              probe: int = typer.Option(32, "--probe", help="Best half keys taken per half (pool <= probe^2)."),
+              exact: bool = typer.Option(False, "--exact", help="Drop the index: search every entry exactly."),
+              seed: int = typer.Option(0, "--seed", help="Seed of the k-means that places the cells."),
+              as_json: bool = _JSON):
+    """Fit a product-key index to the run's trained content keys, or re-fit it: a query then scores 2 x sqrt(N)
+    half keys and re-ranks --pool entries instead of scoring all N (no training; rows changed later are searched
+    exactly until the next fit; a bank that grows is re-fitted by 'memory add').
+
+    [bold]Examples[/bold]
+
+      memcli memory index -m out/big            # fit (or re-fit) the index
+      memcli memory index -m out/big --exact    # back to exact search
+    """
+    from memcli.explicit import index, store
+
+    run = _open(model_path, out_dir)
+    mem = run.model
+    if exact:
+        index.drop(mem)
+        res = {"run": str(run.path), "retrieval": "exact", "entries": int(mem.valid.sum())}
+    else:
+        res = dict(run=str(run.path), retrieval="fitted product-key index", **index.fit(mem, pool, probe, seed))
+        res["self_recall@1"] = round(index.self_recall(mem), 4)
+    store.save(run.path, mem, run.bank)
+    emit(res, as_json, lambda r: kv_table("memory index", r))
 
 
 def _rows(spec: str, n: int) -> list[int]:

@@ -38,7 +38,8 @@ class MemoryGate(nn.Module):
     def __init__(self, hidden_size: int, knowledge_num: int, knowledge_dim: int, num_candidates: int = 16,
                  topk_per_half: int | None = None, gate_rank: int = 0, keys: torch.Tensor | None = None,
                  freeze_keys: bool = False, temperature: float | None = None, rerank: bool = True,
-                 retrieval: str = "product", query: str = "token", entry_key: str = "embeddings"):
+                 retrieval: str = "product", query: str = "token", entry_key: str = "embeddings",
+                 index_pool: int = 0):
         super().__init__()
         S = math.isqrt(knowledge_num)
         if S * S != knowledge_num:
@@ -69,7 +70,12 @@ class MemoryGate(nn.Module):
         # half score ~0 at start and starve the router loss of signal; only directions matter
         self.keys = nn.Parameter(F.normalize(keys.clone().float(), dim=-1), requires_grad=not freeze_keys)
         self.retrieval = retrieval
-        self.rerank = rerank or retrieval == "exact"
+        self.rerank = rerank or retrieval == "exact" or index_pool > 0
+        # a product-key index fitted to the content keys (memcli/explicit/index.py; set by memcli memory index):
+        # cells re-ranked per query, the row each cell holds, and the rows written since the fit (searched exactly)
+        self.index_pool = index_pool
+        self.register_buffer("cell_rows", None, persistent=False)
+        self.register_buffer("stale", None, persistent=False)
         if self.rerank:
             # pooled embeddings have an arbitrary scale (RMS norm); hidden-state means need centring (standardise)
             self.content_norm = nn.RMSNorm(hidden_size, eps=1e-6) if entry_key == "embeddings" else Standardise(hidden_size)
@@ -107,11 +113,15 @@ class MemoryGate(nn.Module):
     # ------------------------------------------------------------------ retrieval
     def forward(self, h: torch.Tensor, bank: torch.Tensor, emb: torch.Tensor, pad_id: int,
                 valid: torch.Tensor | None = None, entry_feats: torch.Tensor | None = None,
-                read: bool = True) -> dict:
-        """Retrieve for ``h [T, D]``: cells, softmax weights, scores, query and (``read``) the pooled read ``m [T, D]``."""
+                read: bool = True, fresh: torch.Tensor | None = None) -> dict:
+        """Retrieve for ``h [T, D]``: cells, softmax weights, scores, query and (``read``) the pooled read ``m [T, D]``.
+        ``fresh``: rows whose content differs from the bank's for this call (counterfactual overrides); a fitted
+        index searches them exactly, as it does rows written since its fit."""
         q = self.queries(h)
         if self.retrieval == "exact":
             return self._exact(q, bank, emb, pad_id, valid, entry_feats, read)
+        if self.cell_rows is not None:
+            return self._indexed(q, bank, emb, pad_id, valid, entry_feats, read, fresh)
         s1, s2 = self.half_scores(q)
         coarse, cells = product_key_select(s1, s2, self.num_candidates, self.topk_per_half, valid)
         rec = {"cells": cells, "s1": s1, "s2": s2, "q": q}
@@ -129,6 +139,36 @@ class MemoryGate(nn.Module):
             rec.update(scores=coarse, weights=weights)
             if read:
                 rec["m"] = token_bag(bank, cells, weights, emb, pad_id)
+        return rec
+
+    def _indexed(self, q, bank, emb, pad_id, valid, entry_feats, read, fresh) -> dict:
+        """Search through a fitted index: the product-key top ``index_pool`` cells, mapped to their rows, plus every
+        row written since the fit, re-ranked by content key (the exact score) -> the top ``num_candidates``."""
+        T, N = q.shape[0], bank.shape[0]
+        exact = self.stale.clone()
+        if fresh is not None:
+            exact[fresh.to(exact.device)] = True
+        ok = torch.ones(N, dtype=torch.bool, device=bank.device) if valid is None else valid
+        s1, s2 = self.half_scores(q)
+        coarse, cells = product_key_select(s1, s2, self.index_pool, self.topk_per_half, (ok & ~exact)[self.cell_rows])
+        extra = torch.nonzero(exact & ok).flatten()
+        rows = torch.cat([self.cell_rows[cells], extra.expand(T, -1)], 1)  # [T, pool + written]
+        live = torch.cat([torch.isfinite(coarse), torch.ones(T, len(extra), dtype=torch.bool, device=q.device)], 1)
+        if fresh is None and not torch.is_grad_enabled():  # a stable bank: every key kept once, candidates gathered
+            feats_all, keys_all = self._all_keys(bank, emb, pad_id, torch.arange(N, device=bank.device), entry_feats,
+                                                 q.dtype)
+            keys = keys_all[rows]
+        else:  # keys of the candidates alone (a batch-local override changes features at every call)
+            keys = self.content_keys(self._features(bank, emb, pad_id, rows, entry_feats).to(q.dtype))
+        scores = (q.unsqueeze(1) * keys).sum(-1).masked_fill(~live, float("-inf"))
+        scores, j = scores.topk(min(self.num_candidates, scores.shape[1]), dim=-1)
+        cells = rows.gather(1, j)
+        weights = F.softmax(scaled(scores, self.log_scale.exp()), dim=-1)
+        rec = {"cells": cells, "weights": weights, "scores": scores, "q": q, "indexed": True}
+        if read:
+            pooled = self._features(bank, emb, pad_id, cells, entry_feats) if self.entry_key == "embeddings" else \
+                entry_pool(bank, cells, emb, pad_id)
+            rec["m"] = (weights.to(q.dtype).unsqueeze(-1) * pooled.to(q.dtype)).sum(1)
         return rec
 
     def _exact(self, q, bank, emb, pad_id, valid, entry_feats, read) -> dict:

@@ -19,6 +19,7 @@ from memcli import rundir
 from memcli.checkpoint import check_shape, load_tensors, save_tensors
 from memcli.data.bank import Bank, load_bank
 from memcli.errors import MemcliError
+from memcli.explicit import index
 from memcli.kinds import EXPLICIT
 from memcli.explicit.config import MemoryConfig
 from memcli.explicit.model import MemoryAugmentedLM
@@ -128,6 +129,8 @@ def write_memory_files(d: Path, model: MemoryAugmentedLM) -> None:
     save_tensors(d / "usage.safetensors", {"usage": model.usage, "last_updated": model.last_updated})
     if _entry_feats(model):
         save_tensors(d / "entry_features.safetensors", _entry_feats(model))
+    if index.fitted(model):
+        save_tensors(d / index.FILE, index.tensors(model))
 
 
 def save_memory(model: MemoryAugmentedLM, tok, bank: Bank, run_dir: str | Path, info: dict,
@@ -171,6 +174,12 @@ def load_memory(path: str | Path, device: str = "cpu"):
                 mem.entry_feats(i).copy_(ef[str(i)])
             else:
                 mem.refresh_entry_features()
+    if index.fitted(mem):
+        f = md / index.FILE
+        if not f.is_file():
+            raise MemcliError(f"{f}: missing; this run retrieves through a fitted index (run 'memcli memory index' on "
+                              "it again, or 'memcli memory index --exact' to search exactly)")
+        index.load(mem, load_tensors(f), f)
     return mem.to(device).eval(), tok, bank, dict(info, finetuning_method=info.get("finetuning_method", method))
 
 
@@ -200,6 +209,8 @@ def save_bank_edit(run_dir: str | Path, model: MemoryAugmentedLM, bank: Bank) ->
     save_tensors(d / MEMORY / "usage.safetensors", {"usage": model.usage, "last_updated": model.last_updated})
     if _entry_feats(model):
         save_tensors(d / MEMORY / "entry_features.safetensors", _entry_feats(model))
+    if index.fitted(model):
+        save_tensors(d / MEMORY / index.FILE, index.tensors(model))
 
 
 def open_run(path: str | Path, device: str = "cpu") -> dict:

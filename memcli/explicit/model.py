@@ -55,7 +55,8 @@ class MemoryAugmentedLM(nn.Module):
             k = keys.get(i) if isinstance(keys, dict) else keys
             self.gates[str(i)] = MemoryGate(D, N, cfg.knowledge_dim, cfg.num_candidates, cfg.topk_per_half,
                                             cfg.gate_rank, k, cfg.freeze_keys, rerank=cfg.rerank,
-                                            retrieval=cfg.retrieval, query=cfg.query, entry_key=cfg.entry_key)
+                                            retrieval=cfg.retrieval, query=cfg.query, entry_key=cfg.entry_key,
+                                            index_pool=cfg.index_pool)
             if cfg.read == "additive":
                 self.mem_norms[str(i)] = MemoryNorm(D)
                 self.fusions[str(i)] = GatedMemoryFusion(D, cfg.fusion_rank)
@@ -174,6 +175,10 @@ class MemoryAugmentedLM(nn.Module):
             feats[rows] = cache[layer]
         return bank, feats
 
+    def _fresh_rows(self) -> torch.Tensor | None:
+        """Rows a counterfactual override rewrites in this call (a fitted index searches them exactly)."""
+        return None if self._override is None else self._override[0]
+
     def set_override(self, rows: torch.Tensor | None, ids: torch.Tensor | None = None) -> None:
         """Rewrite ``rows`` to token ids ``ids`` for the following forwards only (None: back to the bank)."""
         self._override = None if rows is None else (rows, ids)
@@ -184,7 +189,8 @@ class MemoryAugmentedLM(nn.Module):
         """Memory read for hidden states ``h [T, D]`` at ``layer``: (fused h, record)."""
         gate = self.gates[str(layer)]
         bank, feats = self._bank_for_read(layer)
-        rec = gate(h if q_in is None else q_in, bank, self.embed_weight(), self.cfg.pad_id, self.valid, feats)
+        rec = gate(h if q_in is None else q_in, bank, self.embed_weight(), self.cfg.pad_id, self.valid, feats,
+                   fresh=self._fresh_rows())
         m = self.mem_norms[str(layer)](rec.pop("m").to(h.dtype))
         fused = self.fusions[str(layer)](h, m)
         rec["h"] = h
@@ -237,7 +243,7 @@ class MemoryAugmentedLM(nn.Module):
         layer = self.cfg.memory_layers[0]
         bank, ef = self._bank_for_read(layer)
         rec = self.gates[str(layer)](feats.to(self.embed_weight().dtype), bank, self.embed_weight(), self.cfg.pad_id,
-                                     self.valid, ef, read=False)
+                                     self.valid, ef, read=False, fresh=self._fresh_rows())
         rec.update(layer=layer, per_sequence=True, mask=torch.ones(feats.shape[0], dtype=torch.bool, device=feats.device))
         return rec
 

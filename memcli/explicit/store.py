@@ -6,8 +6,9 @@ facts it never saw once their entries are in its bank. Every change here:
 - checks all of its input before touching anything (an unknown uuid, a fact already stored, an empty text);
 - recomputes the entry features of the changed rows only (``entry_key=hidden``: the base model's states);
 - grows the bank to the next perfect square when the free (padding) rows do not suffice, keeping every
-  row where it was (exact retrieval; a run that retrieves through product keys cannot grow without new
-  keys and is refused);
+  row where it was (exact retrieval, or a fitted index, which is fitted again to the grown bank; a run whose
+  product keys were trained with it cannot grow without new keys and training, and is refused);
+- marks the changed rows in a fitted index (memcli/explicit/index.py): searched exactly until the next fit;
 - is written as new ``bank/`` and ``memory/`` parts beside the old ones and swapped in, so a failure
   leaves the run as it was. The bank's ``index_id`` and the memory config follow the new row contents.
 """
@@ -22,6 +23,7 @@ import torch
 
 from memcli.data.bank import Bank, index_id, tokenize_entries
 from memcli.errors import MemcliError
+from memcli.explicit import index
 from memcli.explicit.model import MemoryAugmentedLM
 from memcli.records import atomic_dir
 
@@ -34,11 +36,14 @@ class Change:
     replaced: list[int] = field(default_factory=list)
     removed: list[int] = field(default_factory=list)
     grown: tuple[int, int] | None = None  # (entries before, after)
+    index: str | None = None  # a fitted index: re-fitted, or how many rows are searched exactly until the next fit
 
     def summary(self) -> dict:
         out = {"added": len(self.added), "replaced": len(self.replaced), "removed": len(self.removed)}
         if self.grown:
             out["bank grown"] = f"{self.grown[0]} -> {self.grown[1]} entries"
+        if self.index:
+            out["index"] = self.index
         return out
 
 
@@ -57,6 +62,7 @@ def write_rows(mem: MemoryAugmentedLM, bank: Bank, tok, rows: list[int], entries
     bank.meta["index_id"] = index_id(bank.uuids())
     mem.cfg.index_id = bank.meta["index_id"]
     _refresh(mem, idx, cache=cache)
+    index.mark_written(mem, idx)
 
 
 def feature_cache(run_dir: str | Path) -> Path:
@@ -151,7 +157,10 @@ def add(mem: MemoryAugmentedLM, bank: Bank, tok, entries: list[dict], step: int 
     rows = free[: len(entries)]
     write_rows(mem, bank, tok, rows, entries, step, cache)
     change.added = rows
-    return mem, bank, change
+    if change.grown and index.fitted(mem):  # new cells: the index is fitted to the grown bank
+        fit = index.fit(mem, mem.cfg.index_pool, mem.cfg.topk_per_half or index.PROBE)
+        change.index = f"re-fitted to {fit['cells']} cells ({fit['fit_s']} s)"
+    return mem, bank, _noted(mem, change)
 
 
 def replace_entries(mem: MemoryAugmentedLM, bank: Bank, tok, entries: list[dict], step: int = 0,
@@ -164,7 +173,7 @@ def replace_entries(mem: MemoryAugmentedLM, bank: Bank, tok, entries: list[dict]
                           "use 'memcli memory add' to store new facts")
     rows = [have[e["uuid"]] for e in entries]
     write_rows(mem, bank, tok, rows, entries, step, cache)
-    return Change(replaced=rows)
+    return _noted(mem, Change(replaced=rows))
 
 
 def remove(mem: MemoryAugmentedLM, bank: Bank, tok, rows: list[int], step: int = 0) -> Change:
@@ -177,16 +186,22 @@ def remove(mem: MemoryAugmentedLM, bank: Bank, tok, rows: list[int], step: int =
         raise MemcliError(f"row {empty[0]} holds no entry (padding)")
     rows = sorted(set(rows))
     write_rows(mem, bank, tok, rows, [dict(PADDING) for _ in rows], step)
-    return Change(removed=rows)
+    return _noted(mem, Change(removed=rows))
+
+
+def _noted(mem: MemoryAugmentedLM, change: Change) -> Change:
+    if index.fitted(mem) and change.index is None:
+        change.index = f"{index.written(mem)} rows written since the fit, searched exactly ('memcli memory index' re-fits)"
+    return change
 
 
 def grow(mem: MemoryAugmentedLM, bank: Bank, n: int):
     """The same model over a bank of ``n`` entries (a perfect square): rows keep their place, new rows are padding."""
     from memcli.explicit.io import load_memory_state_dict, memory_state_dict
 
-    if mem.cfg.retrieval != "exact":
-        raise MemcliError("this run retrieves through product keys (model.retrieval=product), which are fitted to its "
-                          "bank: growing it needs new keys (build-keys) and training; remove entries to make room")
+    if mem.cfg.retrieval != "exact" and not index.fitted(mem):
+        raise MemcliError("this run retrieves through product keys trained with its bank (model.retrieval=product): "
+                          "growing it needs new keys (build-keys) and training; remove entries to make room")
     old_n, S = bank.knowledge_num, math.isqrt(n)
     ids = torch.full((n, bank.knowledge_length), bank.pad_id, dtype=bank.token_ids.dtype)
     ids[:old_n] = bank.token_ids
