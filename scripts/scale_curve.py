@@ -161,8 +161,9 @@ def index_check(data: Path, run: Path, settings: list[str]) -> list[dict]:
         row = _search_row(mem, tok, bank, omcq, items, feats, f"index probe {probe} pool {pool}")
         row.update(fit_s=fit["fit_s"], self_recall=round(index.self_recall(mem), 4))
         rows.append(row)
+    ref_top = ref["top1"]
     for row in rows:
-        row["same_top1"] = round(float((row.pop("top1") == ref["top1"]).float().mean()), 4)
+        row["same_top1"] = round(float((row.pop("top1") == ref_top).float().mean()), 4)
         row["x_exact_time"] = round(row["ms_per_query"] / ref["ms_per_query"], 3)
         row["entries"] = int(mem.valid.sum())
     return rows

@@ -259,9 +259,9 @@ def _retrieved(run_dir, texts) -> torch.Tensor:
 
 
 def test_a_fitted_index_with_every_cell_in_its_pool_is_exact_search(run, tmp_path, cli):
-    """``memory index`` re-ranks the pool's entries by the exact score: with every cell in the pool (probe = sqrt(N),
-    pool = N) it returns exact search's candidates, in its order; the index is a permutation of the rows, saved
-    and reloaded strictly; --exact drops it."""
+    """``memory index`` re-ranks the pool's entries by the exact score: with every entry in the pool (probe = sqrt(N),
+    pool = N) it returns exact search's candidates, in its order; every row is filed under one cell, the index is
+    saved and reloaded strictly; --exact drops it."""
     from memcli.runs import load_run
 
     d = _copy(run, tmp_path)
@@ -270,12 +270,13 @@ def test_a_fitted_index_with_every_cell_in_its_pool_is_exact_search(run, tmp_pat
     code, out, err = cli("memory", "index", "-m", d, "--probe", "32", "--pool", "1024", "--json")
     assert code == 0, err
     res = json.loads(out)
-    assert res["cells"] == 1024 and res["pool"] == 1024 and res["self_recall@1"] == 1.0
+    assert res["cells"] == 1024 and res["pool"] == 1024 and res["self_recall@1"] == 1.0 and res["cells_used"] > 32
     got, rec = _retrieved(d, texts)
     assert rec["indexed"] and torch.equal(got, exact)
     r = load_run(d)
     g = r.model.gates["1"]
-    assert torch.equal(torch.sort(g.cell_rows).values, torch.arange(1024)) and r.model.cfg.retrieval == "product"
+    assert int(g.cell_count.sum()) == 1024 and torch.equal(torch.sort(g.members).values, torch.arange(1024))
+    assert torch.equal(g.row_cell[g.members], torch.sort(g.row_cell).values) and r.model.cfg.retrieval == "product"
     code, out, err = cli("memory", "index", "-m", d, "--exact", "--json")
     assert code == 0 and json.loads(out)["retrieval"] == "exact", err
     got, rec = _retrieved(d, texts)
@@ -303,7 +304,7 @@ def test_a_small_index_keeps_most_of_exact_search_and_finds_written_rows(run, tm
     assert code == 0, err
     res = json.loads(out)
     assert res["bank grown"] == "1024 -> 1089 entries" and res["index"].startswith("re-fitted to 1089 cells")
-    assert load_run(d).model.gates["1"].cell_rows.shape == (1089,)
+    assert load_run(d).model.gates["1"].row_cell.shape == (1089,)
     new = "Basim was born in the ancient harbour city of Valparaiso ."
     fix = _facts(tmp_path, [{"text": new, "uuid": fact_uuid(FACTS[0]["text"])}], "fix.jsonl")
     code, out, err = cli("memory", "replace", "-m", d, "--from", fix, "--json")
@@ -315,11 +316,11 @@ def test_a_small_index_keeps_most_of_exact_search_and_finds_written_rows(run, tm
     assert_one_line_error(code, err, "index.safetensors", "missing", "memory index")
 
 
-def test_an_index_pool_beyond_its_probe_is_refused(run, tmp_path, cli):
+def test_an_empty_index_pool_is_refused(run, tmp_path, cli):
     d = _copy(run, tmp_path)
     snap = _digest(d)
-    code, _, err = cli("memory", "index", "-m", d, "--probe", "4", "--pool", "64")
-    assert_one_line_error(code, err, "pool 64", "probe^2 = 16")
+    code, _, err = cli("memory", "index", "-m", d, "--pool", "0")
+    assert_one_line_error(code, err, "pool 0", "at least 1")
     assert _digest(d) == snap
 
 

@@ -132,14 +132,15 @@ def remove(model_path: Optional[Path] = _RUN, out_dir: Path = _OUT,
 
 @memory.command("index")
 def index_cmd(model_path: Optional[Path] = _RUN, out_dir: Path = _OUT,
-              pool: int = typer.Option(256, "--pool", help="Cells re-ranked by the exact score per query."),
-              probe: int = typer.Option(32, "--probe", help="Best half keys taken per half (pool <= probe^2)."),
+              pool: int = typer.Option(1024, "--pool", help="Entries re-ranked by the exact score per query."),
+              probe: int = typer.Option(64, "--probe", help="Best half keys taken per half (cells walked: among "
+                                        "probe^2)."),
               exact: bool = typer.Option(False, "--exact", help="Drop the index: search every entry exactly."),
               seed: int = typer.Option(0, "--seed", help="Seed of the k-means that places the cells."),
               as_json: bool = _JSON):
-    """Fit a product-key index to the run's trained content keys, or re-fit it: a query then scores 2 x sqrt(N)
-    half keys and re-ranks --pool entries instead of scoring all N (no training; rows changed later are searched
-    exactly until the next fit; a bank that grows is re-fitted by 'memory add').
+    """Fit a product-key index (an inverted multi-index) to the run's trained content keys, or re-fit it: a query
+    then scores 2 x sqrt(N) half keys and re-ranks the --pool entries of its best cells instead of scoring all N
+    (no training; rows changed later are searched exactly until the next fit; 'memory add' re-fits a grown bank).
 
     [bold]Examples[/bold]
 

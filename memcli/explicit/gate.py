@@ -72,10 +72,11 @@ class MemoryGate(nn.Module):
         self.retrieval = retrieval
         self.rerank = rerank or retrieval == "exact" or index_pool > 0
         # a product-key index fitted to the content keys (memcli/explicit/index.py; set by memcli memory index):
-        # cells re-ranked per query, the row each cell holds, and the rows written since the fit (searched exactly)
+        # entries re-ranked per query, each row's cell, the rows in cell order with each cell's start and count, and
+        # the rows written since the fit (searched exactly)
         self.index_pool = index_pool
-        self.register_buffer("cell_rows", None, persistent=False)
-        self.register_buffer("stale", None, persistent=False)
+        for name in ("row_cell", "members", "cell_start", "cell_count", "stale"):
+            self.register_buffer(name, None, persistent=False)
         if self.rerank:
             # pooled embeddings have an arbitrary scale (RMS norm); hidden-state means need centring (standardise)
             self.content_norm = nn.RMSNorm(hidden_size, eps=1e-6) if entry_key == "embeddings" else Standardise(hidden_size)
@@ -120,7 +121,7 @@ class MemoryGate(nn.Module):
         q = self.queries(h)
         if self.retrieval == "exact":
             return self._exact(q, bank, emb, pad_id, valid, entry_feats, read)
-        if self.cell_rows is not None:
+        if self.row_cell is not None:
             return self._indexed(q, bank, emb, pad_id, valid, entry_feats, read, fresh)
         s1, s2 = self.half_scores(q)
         coarse, cells = product_key_select(s1, s2, self.num_candidates, self.topk_per_half, valid)
@@ -142,27 +143,37 @@ class MemoryGate(nn.Module):
         return rec
 
     def _indexed(self, q, bank, emb, pad_id, valid, entry_feats, read, fresh) -> dict:
-        """Search through a fitted index: the product-key top ``index_pool`` cells, mapped to their rows, plus every
-        row written since the fit, re-ranked by content key (the exact score) -> the top ``num_candidates``."""
-        T, N = q.shape[0], bank.shape[0]
+        """Search through a fitted index (an inverted multi-index): the product-key best cells that hold a live
+        entry, their entries in that order up to ``index_pool``, plus every row written since the fit, re-ranked by
+        content key (the exact score) -> the top ``num_candidates``."""
+        T, N, P = q.shape[0], bank.shape[0], self.index_pool
         exact = self.stale.clone()
         if fresh is not None:
             exact[fresh.to(exact.device)] = True
         ok = torch.ones(N, dtype=torch.bool, device=bank.device) if valid is None else valid
+        live = ok & ~exact
+        cell_live = torch.zeros_like(self.cell_count).index_add_(0, self.row_cell, live.long()) > 0
         s1, s2 = self.half_scores(q)
-        coarse, cells = product_key_select(s1, s2, self.index_pool, self.topk_per_half, (ok & ~exact)[self.cell_rows])
+        coarse, cells = product_key_select(s1, s2, P, self.topk_per_half, cell_live)  # best cells first
+        cnt = self.cell_count[cells].masked_fill(~torch.isfinite(coarse), 0)
+        cum = cnt.cumsum(1)
+        j = torch.arange(P, device=q.device).expand(T, -1)
+        ci = torch.searchsorted(cum, j.contiguous(), right=True).clamp_max(cells.shape[1] - 1)  # the cell of slot j
+        pos = self.cell_start[cells.gather(1, ci)] + j - (cum.gather(1, ci) - cnt.gather(1, ci))
+        rows = self.members[pos.clamp(0, N - 1)]
         extra = torch.nonzero(exact & ok).flatten()
-        rows = torch.cat([self.cell_rows[cells], extra.expand(T, -1)], 1)  # [T, pool + written]
-        live = torch.cat([torch.isfinite(coarse), torch.ones(T, len(extra), dtype=torch.bool, device=q.device)], 1)
+        rows = torch.cat([rows, extra.expand(T, -1)], 1)  # [T, pool + written]
+        live_c = torch.cat([(j < cum[:, -1:]) & live[rows[:, :P]],
+                            torch.ones(T, len(extra), dtype=torch.bool, device=q.device)], 1)
         if fresh is None and not torch.is_grad_enabled():  # a stable bank: every key kept once, candidates gathered
             feats_all, keys_all = self._all_keys(bank, emb, pad_id, torch.arange(N, device=bank.device), entry_feats,
                                                  q.dtype)
             keys = keys_all[rows]
         else:  # keys of the candidates alone (a batch-local override changes features at every call)
             keys = self.content_keys(self._features(bank, emb, pad_id, rows, entry_feats).to(q.dtype))
-        scores = (q.unsqueeze(1) * keys).sum(-1).masked_fill(~live, float("-inf"))
-        scores, j = scores.topk(min(self.num_candidates, scores.shape[1]), dim=-1)
-        cells = rows.gather(1, j)
+        scores = (q.unsqueeze(1) * keys).sum(-1).masked_fill(~live_c, float("-inf"))
+        scores, top = scores.topk(min(self.num_candidates, scores.shape[1]), dim=-1)
+        cells = rows.gather(1, top)
         weights = F.softmax(scaled(scores, self.log_scale.exp()), dim=-1)
         rec = {"cells": cells, "weights": weights, "scores": scores, "q": q, "indexed": True}
         if read:

@@ -1,0 +1,59 @@
+"""One LoCoMo table from the answers files of several ``memcli compare locomo --answers`` runs (e.g. the design
+conversations 1-5 and the held-out 6-10, each sampled): token F1 per category with its standard error, BLEU-1,
+the share of evidence turns in the prompt, and the paired difference between setups.
+
+    python scripts/locomo_table.py A.jsonl [B.jsonl ...] [--markdown FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop"}
+
+
+def mean_se(v: list[float]) -> tuple[float, float]:
+    mu = sum(v) / len(v)
+    se = math.sqrt(sum((x - mu) ** 2 for x in v) / (len(v) - 1) / len(v)) if len(v) > 1 else 0.0
+    return mu, se
+
+
+def table(rows: list[dict]) -> str:
+    setups = [k[:-3] for k in rows[0] if k.endswith("_f1")]
+    head = "| category (questions) | " + " | ".join(setups) + " |\n" + "|---" * (len(setups) + 1) + "|\n"
+    body = ""
+    groups = [(f"{n}", [r for r in rows if r["category"] == c]) for c, n in CATEGORIES.items()]
+    scored = [r for r in rows if r["category"] in CATEGORIES]
+    groups += [("**overall 1-4**", scored), ("adversarial (5)", [r for r in rows if r["category"] == 5])]
+    for name, sub in groups:
+        if sub:
+            cells = [mean_se([r[f"{s}_f1"] for r in sub]) for s in setups]
+            body += f"| {name} ({len(sub)}) | " + " | ".join(f"{m:.3f} ± {e:.3f}" for m, e in cells) + " |\n"
+    body += "| BLEU-1 overall 1-4 | " + " | ".join(f"{mean_se([r[f'{s}_bleu1'] for r in scored])[0]:.3f}"
+                                              for s in setups) + " |\n"
+    body += "| evidence turns in the prompt | " + " | ".join(
+        f"{mean_se([r[f'{s}_evidence_in_prompt'] for r in scored])[0]:.3f}" for s in setups) + " |\n"
+    pairs = [(b, a) for i, a in enumerate(setups) for b in setups[i + 1:]]
+    diff = "\n".join(f"- {a} - {b}, paired over the {len(scored)} questions: "
+                     f"{mean_se([r[f'{a}_f1'] - r[f'{b}_f1'] for r in scored])[0]:+.3f} ± "
+                     f"{mean_se([r[f'{a}_f1'] - r[f'{b}_f1'] for r in scored])[1]:.3f}" for a, b in pairs)
+    return head + body + "\nToken F1 ± standard error.\n\n" + diff + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("answers", type=Path, nargs="+")
+    ap.add_argument("--markdown", type=Path, default=None)
+    a = ap.parse_args()
+    rows = [json.loads(x) for p in a.answers for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
+    md = f"{len({r['sample_id'] for r in rows})} conversations, {len(rows)} questions\n\n" + table(rows)
+    if a.markdown:
+        a.markdown.write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
