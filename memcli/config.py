@@ -238,6 +238,7 @@ class MemoryModel(FusionModel, LoraFields):
     read: Optional[Read] = None  # additive (fused at the layer) | prefix (entry tokens before the input); None: per backbone
     prefix_entries: int = 1  # read=prefix: retrieved entries placed before the input
     abstain_below: Optional[float] = None  # read=prefix, cosine retrieval: read no entry when the best one's cosine is below this
+    lexical_weight: float = 0.0  # read=prefix: re-rank the candidates by z(score) + this * z(IDF of the prompt's words in the entry)
 
 
 @dataclass
@@ -378,6 +379,9 @@ class MemoryRecipe(Schema):
                                                 and m.entry_key == EntryKey.hidden and -1 <= m.abstain_below <= 1):
             raise MemcliError(f"key 'model.abstain_below' got {m.abstain_below}: it is a cosine in [-1, 1] and needs the "
                               "cosine retrieval of model.read=prefix, query=mean, entry_key=hidden")
+        if m.lexical_weight and not (m.read == Read.prefix and m.lexical_weight > 0):
+            raise MemcliError(f"key 'model.lexical_weight' got {m.lexical_weight}: expected a weight >= 0 with "
+                              "model.read=prefix (the prompt's words re-rank the entries placed before it)")
         if self.training.ema_update_freq and m.read == Read.prefix:
             raise MemcliError("training.ema_update_freq needs model.read=additive (EMA moves entries toward the hidden "
                               "states that read them)")

@@ -347,3 +347,46 @@ def test_an_index_serves_the_additive_read_too(default_data, tmp_path, cli):
     assert torch.allclose(logits(), exact, atol=1e-5)
     assert cli("memory", "index", "-m", d, "--probe", "4", "--pool", "16")[0] == 0
     assert not torch.allclose(logits(), exact, atol=1e-5)  # 16 of 1,024 cells: some tokens read other entries
+
+
+def test_lexical_rerank_orders_candidates_by_fused_z_scores():
+    """model.lexical_weight: each candidate's lexical score is the IDF sum of the distinct prompt tokens it holds
+    (padding and repeats not counted), fused with the retriever's score as z(score) + w * z(lex); hand-computed."""
+    import math
+
+    from memcli.explicit.model import lexical_rerank, token_idf
+
+    pad = 0
+    bank = torch.tensor([[5, 6, 7, 0], [5, 8, 8, 0], [9, 6, 0, 0], [5, 6, 9, 0], [3, 3, 3, 3]])
+    valid = torch.tensor([True, True, True, True, False])  # row 4 is padding: its tokens count for no df
+    idf = token_idf(bank, valid, pad)
+    n = 4
+    df = {5: 3, 6: 3, 7: 1, 8: 1, 9: 2, 3: 0}
+    for t, d in df.items():
+        assert math.isclose(float(idf[t]), math.log((n + 1) / (d + 0.5)), rel_tol=1e-6)
+    rec = {"cells": torch.tensor([[0, 1, 2]]), "scores": torch.tensor([[0.9, 0.8, 0.7]]),
+           "weights": torch.tensor([[0.5, 0.3, 0.2]])}
+    prompt = torch.tensor([[0, 8, 8, 9, 1]])  # left padding, a repeated 8, and 1 (in no entry)
+    mask = torch.tensor([[0, 1, 1, 1, 1]])
+    out = lexical_rerank(rec, bank, valid, prompt, mask, pad, weight=1.0)
+    lex = [0.0, math.log(5 / 1.5), math.log(5 / 2.5)]  # row 0 holds none; row 1: 8 once; row 2: 9
+
+    def z(v):
+        m = sum(v) / len(v)
+        sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+        return [(x - m) / (sd + 1e-6) for x in v]
+
+    fused = [a + b for a, b in zip(z([0.9, 0.8, 0.7]), z(lex))]
+    order = sorted(range(3), key=lambda i: -fused[i])
+    assert out["cells"][0].tolist() == order == [1, 0, 2]  # the rare shared word lifts row 1 to the top
+    assert out["scores"][0].tolist() == pytest.approx([[0.9, 0.8, 0.7][i] for i in order])  # the retriever's scores
+    assert out["lexical"][0].tolist() == pytest.approx([lex[i] for i in order])
+    same = lexical_rerank(rec, bank, valid, prompt, mask, pad, weight=0.0)
+    assert same["cells"].tolist() == [[0, 1, 2]]
+
+
+def test_lexical_weight_needs_the_prefix_read(cli, tmp_path, default_data):
+    code, _, err = cli("train", "memory", f"dataset.data_dir={default_data}", f"logging.out_dir={tmp_path}",
+                       "model.lexical_weight=1.0")  # tiny's default: additive read
+    assert_one_line_error(code, err, "model.lexical_weight", "read=prefix")
+    assert not (tmp_path / "memory").exists()

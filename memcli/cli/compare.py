@@ -354,6 +354,7 @@ def editing(
     seed: int = typer.Option(0, "--seed", help="Edit order, options and samples."),
     answers: Optional[Path] = typer.Option(None, "--answers", help="Write every scored answer here (JSON lines)."),
     abstain_below: Optional[float] = typer.Option(None, "--abstain-below", help="Measure with this model.abstain_below instead of the run's."),
+    lexical_weight: Optional[float] = typer.Option(None, "--lexical-weight", help="Measure with this model.lexical_weight instead of the run's."),
     out_dir: Path = typer.Option(Path("out"), help="Where to look for the newest run."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write the table as Markdown here."),
@@ -385,7 +386,7 @@ def editing(
     path = model_path or newest_run(out_dir, EXPLICIT)
     if data is None:
         data = Path(read_info(path)[1].get("data_dir") or "data/default")
-    res = compare_editing(Path(path), data, counts, num_samples, trex, seed, abstain_below)
+    res = compare_editing(Path(path), data, counts, num_samples, trex, seed, abstain_below, lexical_weight)
     records = res.pop("answers")
     if answers is not None:
         atomic_write_text(answers, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

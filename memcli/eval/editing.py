@@ -321,7 +321,7 @@ def held_out_uuids(data: Path | None) -> set[str]:
 
 def compare_editing(path: Path, data: Path | None = None, edits: tuple[int, ...] = (1, 10, 100, 1000),
                     num_samples: int | None = 200, trex: str | Path = "builtin", seed: int = 0,
-                    abstain_below: float | None = None) -> dict:
+                    abstain_below: float | None = None, lexical_weight: float | None = None) -> dict:
     """The editing table of the run at ``path`` (see the module docstring); returns rows, counts and timing."""
     from memcli import kinds
     from memcli.rundir import require_kind
@@ -339,6 +339,11 @@ def compare_editing(path: Path, data: Path | None = None, edits: tuple[int, ...]
                               f"query=mean, entry_key=hidden ({path} has read={c.read}, query={c.query}, "
                               f"entry_key={c.entry_key})")
         c.abstain_below = abstain_below
+    if lexical_weight is not None:  # likewise: the words only re-order the candidates
+        if not (mem.cfg.read == "prefix" and lexical_weight >= 0):
+            raise MemcliError(f"--lexical-weight {lexical_weight}: expected a weight >= 0 for a run with read=prefix "
+                              f"({path} has read={mem.cfg.read})")
+        mem.cfg.lexical_weight = lexical_weight
     forms = load_forms(trex)
     facts = bank_facts(bank, forms, seed, held_out_uuids(data))
     if not edits or min(edits) < 1 or max(edits) > len(facts):
@@ -367,5 +372,6 @@ def compare_editing(path: Path, data: Path | None = None, edits: tuple[int, ...]
         rows.append(ed.row("outside bank", outside, T))
     return {"run": str(path), "data": str(data) if data else None, "edits": sorted(set(edits)), "facts": len(facts),
             "bank": bank.knowledge_num, "num_samples": num_samples, "seed": seed, "abstain_below": mem.cfg.abstain_below,
+            "lexical_weight": mem.cfg.lexical_weight,
             "order": "held-out facts first, then the others, each shuffled with the seed; scored after T writes",
             "rows": rows, "seconds": round(time.perf_counter() - t0, 1), "answers": ed.answers}

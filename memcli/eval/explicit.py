@@ -97,7 +97,7 @@ def questions(tok, bank, omcq: list[dict], fmt: str, seed: int = 1234) -> list[Q
 def _retrieved_rows(mem, prompts: list[list[int]]) -> torch.Tensor:
     ids, att = left_pad(prompts, mem.cfg.pad_id)
     dev = mem.bank.device
-    rec = mem.retrieve(mem.prompt_features(ids.to(dev), att.to(dev)))
+    rec = mem.retrieve(mem.prompt_features(ids.to(dev), att.to(dev)), ids.to(dev), att.to(dev))
     return mem.chosen_rows(rec)
 
 
@@ -196,7 +196,7 @@ def router_recall(mem, items: list[Item], ks: tuple[int, ...] = (1,), batch: int
         ids, att = ids.to(dev), att.to(dev)
         rows = torch.tensor([it.row for it in chunk], device=dev)
         if mem.cfg.read == "prefix":
-            recs = [mem.retrieve(mem.prompt_features(ids, att))]
+            recs = [mem.retrieve(mem.prompt_features(ids, att), ids, att)]
             last = [r["cells"] for r in recs]
         else:
             recs = mem(input_ids=ids, attention_mask=att, collect=True).memory_records

@@ -36,6 +36,7 @@ class MemoryConfig(ModelConfig):
     # re-ranked per query; 0: product keys trained with the run (build-keys)
     index_pool: int = 0
     abstain_below: float | None = None  # read=prefix: no entry read when the best one's cosine is below this
+    lexical_weight: float = 0.0  # read=prefix: candidates re-ranked by z(score) + w * z(IDF-weighted shared words)
     prefix_separator: list[int] = field(default_factory=list)  # token ids between the prefix and the input
     backbone: str = "tiny"
     finetuning_method: str = "full"  # frozen | lora | full

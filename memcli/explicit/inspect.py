@@ -50,7 +50,7 @@ def query_view(model, bank, tok, query: str, top: int = 5) -> list[dict]:
         raise MemcliError("--query is empty")
     ids = enc["input_ids"]
     if model.cfg.read == "prefix":  # one query for the whole text: the mean of its states at the memory layer
-        rec = model.retrieve(model.prompt_features(ids, torch.ones_like(ids)))
+        rec = model.retrieve(model.prompt_features(ids, torch.ones_like(ids)), ids)
         rows = rec["cells"][0, :top].tolist()
         return [{"layer": rec["layer"], "position": "all", "token": query,
                  "entries": [{"row": r, "weight": round(float(x), 4), "text": t}
