@@ -70,6 +70,8 @@ def fit(mem: MemoryAugmentedLM, pool: int = POOL, probe: int = PROBE, seed: int 
 
 def drop(mem: MemoryAugmentedLM) -> None:
     """Back to exact search over every entry."""
+    if not mem.cfg.rerank:
+        raise MemcliError("index --exact: this run has no content keys (model.rerank=false) to search exactly")
     for layer in mem.cfg.memory_layers:
         gate = mem.gates[str(layer)]
         for name in ("row_cell", "members", "cell_start", "cell_count", "stale"):
