@@ -32,7 +32,7 @@ class MemoryConfig(ModelConfig):
     entry_key: str = EntryKey.embeddings.value  # embeddings | hidden
     read: str = Read.additive.value  # additive | prefix
     prefix_entries: int = 1
-    # > 0: product retrieval through an index fitted to the content keys (memcli memory index), this many cells
+    # > 0: product retrieval through an index fitted to the content keys (memcli memory index), this many entries
     # re-ranked per query; 0: product keys trained with the run (build-keys)
     index_pool: int = 0
     abstain_below: float | None = None  # read=prefix: no entry read when the best one's cosine is below this

@@ -166,8 +166,8 @@ class MemoryGate(nn.Module):
         live_c = torch.cat([(j < cum[:, -1:]) & live[rows[:, :P]],
                             torch.ones(T, len(extra), dtype=torch.bool, device=q.device)], 1)
         if fresh is None and not torch.is_grad_enabled():  # a stable bank: every key kept once, candidates gathered
-            feats_all, keys_all = self._all_keys(bank, emb, pad_id, torch.arange(N, device=bank.device), entry_feats,
-                                                 q.dtype)
+            _, keys_all = self._all_keys(bank, emb, pad_id, torch.arange(N, device=bank.device), entry_feats,
+                                         q.dtype)
             keys = keys_all[rows]
         else:  # keys of the candidates alone (a batch-local override changes features at every call)
             keys = self.content_keys(self._features(bank, emb, pad_id, rows, entry_feats).to(q.dtype))
