@@ -82,9 +82,10 @@ def hybrid_generate(model, residual, tok, input_ids, attention_mask, max_new_tok
     """Sample ``max_new_tokens`` (or until EOS in every row) with the hybrid input rule."""
     from transformers import DynamicCache
 
-    dev = input_ids.device
     emb = model.get_input_embeddings()
     W = emb.weight
+    dev = W.device  # callers may pass CPU batches (evaluation, chat) to a model on the GPU
+    input_ids, attention_mask = input_ids.to(dev), attention_mask.to(dev)
     B = input_ids.shape[0]
     mix_on = hybrid and residual is not None
     want_hidden = mix_on and residual.thinking_projection is not None

@@ -134,6 +134,11 @@ class HrpoRecipe(Recipe):
 
     def step(self, m, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
         t, model, tok = self.cfg.training, self.model, self.tok
+        dev = next(model.backbone.parameters()).device
+        if self.gen.device != dev:  # multinomial samples with a generator of the probabilities' device (CUDA too)
+            self.gen = torch.Generator(device=dev)
+        if self.ref is not None and next(self.ref.parameters()).device != dev:  # the loop places only the policy
+            self.ref.to(dev)
         self.gen.manual_seed(t.seed * 100003 + batch["micro"])  # rollouts replay exactly on resume
         model.eval()
         ro = hybrid_generate(model.backbone, model.residual, tok, batch["input_ids"], batch["attention_mask"],
