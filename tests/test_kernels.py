@@ -2,6 +2,10 @@
 
 Odd shapes (non-power-of-two S, L, D; num_candidates that divides nothing), entries of all padding,
 excluded cells, ties, fp32 and bf16 (cast to fp32 inside the kernels), outputs and gradients.
+
+``MEMCLI_KERNEL_TEST_DEVICE=cuda`` runs the same checks with the compiled kernels on a GPU: inputs
+are built on the CPU as here, each kernel call moves them to the GPU and its outputs back (the
+copies are differentiable, so the gradient checks cover the GPU backward too).
 """
 
 import importlib
@@ -11,14 +15,34 @@ import sys
 import pytest
 import torch
 
-os.environ["TRITON_INTERPRET"] = "1"  # must precede the @triton.jit decorations
+ON_GPU = os.environ.get("MEMCLI_KERNEL_TEST_DEVICE", "cpu") == "cuda"
+if ON_GPU and not torch.cuda.is_available():
+    raise RuntimeError("MEMCLI_KERNEL_TEST_DEVICE=cuda, but torch sees no CUDA device")
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the @triton.jit decorations
 triton = pytest.importorskip("triton")
 if "memcli.kernels.triton_ops" in sys.modules:  # imported earlier without the interpreter
     importlib.reload(sys.modules["memcli.kernels.triton_ops"])
 from memcli.kernels import dispatch  # noqa: E402
 from memcli.kernels.reference import (entry_pool_ref, product_key_select_bruteforce,  # noqa: E402
                                       product_key_select_ref, token_bag_materialised, token_bag_ref)
-from memcli.kernels.triton_ops import entry_pool_triton, product_key_select_triton, token_bag_triton  # noqa: E402
+from memcli.kernels import triton_ops  # noqa: E402
+
+
+def _on_device(fn):
+    """``fn`` as the tests call it: on the CPU under the interpreter, or through the GPU."""
+    if not ON_GPU:
+        return fn
+
+    def run(*args):
+        out = fn(*(a.cuda() if isinstance(a, torch.Tensor) else a for a in args))
+        return tuple(o.cpu() for o in out) if isinstance(out, tuple) else out.cpu()
+    return run
+
+
+product_key_select_triton = _on_device(triton_ops.product_key_select_triton)
+token_bag_triton = _on_device(triton_ops.token_bag_triton)
+entry_pool_triton = _on_device(triton_ops.entry_pool_triton)
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
 
@@ -140,6 +164,8 @@ def test_token_bag_frozen_embedding_and_entry_pool():
 
 def test_dispatcher_switch(monkeypatch):
     s1, s2 = _halves(2, 6, torch.float32)
+    if ON_GPU:  # forced Triton then runs on these tensors' device, which must be the GPU there
+        s1, s2 = s1.detach().cuda(), s2.detach().cuda()
     monkeypatch.setenv("MEMCLI_KERNELS", "triton")
     assert dispatch._use_triton(s1)  # forced, and runnable here under the interpreter
     v, c = dispatch.product_key_select(s1, s2, 4)
@@ -149,7 +175,7 @@ def test_dispatcher_switch(monkeypatch):
     monkeypatch.setenv("MEMCLI_KERNELS", "reference")
     assert not dispatch._use_triton(s1)
     monkeypatch.setenv("MEMCLI_KERNELS", "auto")
-    assert not dispatch._use_triton(s1)  # auto keeps CPU tensors on the reference
+    assert dispatch._use_triton(s1) == ON_GPU  # auto: Triton for CUDA tensors, the reference for CPU ones
     from memcli.errors import MemcliError
 
     monkeypatch.setenv("MEMCLI_KERNELS", "triron")  # a typo is an error, not a silent auto
@@ -170,8 +196,8 @@ def test_memory_model_forward_backward_same_with_kernels(monkeypatch, default_da
         for f in model.fusions.values():
             f.out.weight.copy_(torch.randn(f.out.weight.shape, generator=g) * 0.05)
     x = tok(["Where was Qir born?"], return_tensors="pt", add_special_tokens=False)["input_ids"]
-    from memcli.kernels import triton_ops
-
+    if ON_GPU:
+        model, x = model.cuda(), x.cuda()
     calls = []
     for name in ("product_key_select_triton", "token_bag_triton", "entry_pool_triton"):
         fn = getattr(triton_ops, name)
