@@ -293,3 +293,12 @@ def test_compare_locomo_recall_only_and_refusals(cli, tmp_path):
     assert r["questions_with_evidence"] == sum(bool(q["evidence"]) for q in picked) == 1
     code, _, err = cli("compare", "locomo", "--data", p, "--backbone", "tiny", "--rerank-candidates", "0")
     assert_one_line_error(code, err, "--rerank-candidates 0", "at least 1")
+    # --categories: only the multi-hop question (two evidence turns, one found at rank 1 by BM25 here)
+    code, out, err = cli("compare", "locomo", "--data", p, "--backbone", "tiny", "--recall-only", "--retriever",
+                         "lexical", "--categories", "1", "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["questions_with_evidence"] == 1 and r["recall@1"] == 0.5 and r["recall@10"] == 1.0
+    for bad in ("6", "2,x", ""):
+        code, _, err = cli("compare", "locomo", "--data", p, "--backbone", "tiny", "--categories", bad)
+        assert_one_line_error(code, err, f"--categories {bad!r}", "1 (multi-hop)")

@@ -100,6 +100,9 @@ def locomo(
     max_questions: Optional[int] = typer.Option(None, help="Only the first N questions of each conversation."),
     sample: Optional[int] = typer.Option(None, "--sample", help="N questions per conversation drawn at random (seed 0) "
                                          "instead of the first N: every category represented."),
+    categories: Optional[str] = typer.Option(None, "--categories", help="Only these question categories, comma-separated "
+                                             "(1 multi-hop, 2 temporal, 3 open-domain, 4 single-hop, 5 adversarial); "
+                                             "--sample and --max-questions then count within them."),
     context_window: Optional[int] = typer.Option(None, help="Token budget of the full-history setup (default: the model's window)."),
     max_new_tokens: int = typer.Option(24, help="Answer length."),
     batch: int = typer.Option(8, help="Questions generated together (latency is each question's share of its batch)."),
@@ -131,7 +134,7 @@ def locomo(
     from memcli.hippo.turns import RETRIEVERS, make_encoder
     from memcli.records import write_jsonl
 
-    samples = load_locomo(data)
+    samples = _only_categories(load_locomo(data), categories)
     if backbone is not None and model_path is not None:
         raise MemcliError("--backbone and --model-path: give one (a backbone alone, or a HIPPO run)")
     _at_least_one(**{"--top-k": top_k, "--batch": batch, "--sample": sample, "--rerank-candidates": rerank_candidates})
@@ -158,6 +161,21 @@ def locomo(
     if answers is not None:
         write_jsonl(answers, res["answers"])
     _show_locomo(res, str(path), as_json, markdown)
+
+
+def _only_categories(samples: list[dict], spec: Optional[str]) -> list[dict]:
+    if spec is None:
+        return samples
+    from memcli.eval.locomo import CATEGORIES
+
+    try:
+        cats = {int(x) for x in spec.split(",") if x.strip()}
+    except ValueError:
+        cats = set()
+    if not cats or not cats <= set(CATEGORIES):
+        raise MemcliError(f"--categories {spec!r}: expected comma-separated categories among "
+                          f"{', '.join(f'{c} ({n})' for c, n in CATEGORIES.items())}")
+    return [dict(s, qa=[q for q in s["qa"] if q["category"] in cats]) for s in samples]
 
 
 def _check_selection(data: Path, n: int, skip: int, sample: Optional[int], max_questions: Optional[int]) -> None:

@@ -55,7 +55,9 @@ def context_text(turns: list[dict], i: int) -> str:
 
 
 def entry_text(turn: dict) -> str:
-    """How a turn is written into the prompt: its date first, because questions ask when things happened."""
+    """How a turn is written into the prompt: its date first, because questions ask when things happened.
+    The date stays as the conversation gives it: written as a bare day ("8 May 2023", the form of LoCoMo's
+    answers), SmolLM2's temporal F1 fell (turns 0.021 -> 0.015, oracle 0.055 -> 0.040, 80 design questions)."""
     s = key_text(turn)
     return f"[{turn['date']}] {s}" if turn.get("date") else s
 
