@@ -302,3 +302,31 @@ def test_compare_locomo_recall_only_and_refusals(cli, tmp_path):
     for bad in ("6", "2,x", ""):
         code, _, err = cli("compare", "locomo", "--data", p, "--backbone", "tiny", "--categories", bad)
         assert_one_line_error(code, err, f"--categories {bad!r}", "1 (multi-hop)")
+
+
+def test_backbone_setups_use_the_chat_templates_own_form():
+    """Context in the system message (after the template's default one), the question as the user's message."""
+    import copy
+
+    from memcli.backbone import load_backbone
+
+    _, tok = load_backbone("tiny")
+    assert T.default_system_prompt(tok) == ""  # the tiny template writes no system message of its own
+    assert tok.decode(T.context_prompt(tok, "Conversation excerpts:\nA: hi", "Q?")) == (
+        "<|im_start|>system\nConversation excerpts:\nA: hi<|im_end|>\n<|im_start|>user\nQ?<|im_end|>\n"
+        "<|im_start|>assistant\n")
+    smol = copy.deepcopy(tok)  # SmolLM2's template: a default system message when none is given
+    smol.chat_template = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                          "{{ '<|im_start|>system\nBe brief<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role']"
+                          " + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+                          "{{ '<|im_start|>assistant\n' }}{% endif %}")
+    assert T.default_system_prompt(smol) == "Be brief"
+    head = "<|im_start|>system\nBe brief"
+    tail = "<|im_end|>\n<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n"
+    assert smol.decode(T.context_prompt(smol, "ctx", "Q?")) == head + ".\n\nctx" + tail
+    assert smol.decode(T.context_prompt(smol, None, "Q?")) == head + tail
+    # the oracle setup writes its excerpts that way; the HIPPO setups keep their trained one-user-message form
+    e = [{"speaker": "A", "text": "hi", "date": "1 May 2023"}]
+    assert smol.decode(T.excerpt_prompt(smol, e, "Q?", native=True)) == (
+        head + ".\n\nConversation excerpts:\n[1 May 2023] A: hi" + tail)
+    assert "Be brief" not in smol.decode(T.excerpt_prompt(smol, e, "Q?"))

@@ -427,17 +427,20 @@ def _setup_prompts(setup: str, tok, questions: list[str], entries: list[dict], t
                    budget: int) -> tuple[list[list[int]], list[list[int]]]:
     """(prompt ids, turns read) of each question in one setup; ``budget``: the full history's prompt tokens."""
     from memcli.hippo.data import prompt_ids
-    from memcli.hippo.turns import excerpt_prompt, key_text
+    from memcli.hippo.turns import context_prompt, excerpt_prompt, key_text
 
+    # the setups without a state use the backbone's own chat form (context_prompt); the HIPPO setups keep the
+    # format their run was trained with
+    native = not setup.startswith("hippo")
     if setup in ("none", "hippo"):  # hippo: the state carries the conversation, the prompt is the question
-        return [prompt_ids(tok, q) for q in questions], [[] for _ in questions]
+        return [context_prompt(tok, None, q) if native else prompt_ids(tok, q) for q in questions], [[] for _ in questions]
     if setup == "full":
         history = tok("\n".join(turns), add_special_tokens=False)["input_ids"]
         prompts = [full_history_prompt(tok, history, q, budget) for q in questions]
         texts = [tok.decode(p) for p in prompts]
         return prompts, [[i for i, e in enumerate(entries) if key_text(e) in t] for t in texts]
     reads = [sorted(ev) for ev in evidence] if setup == "oracle" else [sorted(r[:top_k]) for r in ranked]
-    return [excerpt_prompt(tok, [entries[i] for i in r], q) for r, q in zip(reads, questions)], reads
+    return [excerpt_prompt(tok, [entries[i] for i in r], q, native) for r, q in zip(reads, questions)], reads
 
 
 def _setup_summary(setup: str, rows: list[dict], per: dict) -> dict:
@@ -461,12 +464,12 @@ def _setup_summary(setup: str, rows: list[dict], per: dict) -> dict:
 
 def full_history_prompt(tok, history: list[int], question: str, budget: int) -> list[int]:
     """The question after the most recent part of the conversation that fits ``budget`` tokens in all."""
-    from memcli.hippo.data import prompt_ids
+    from memcli.hippo.turns import context_prompt
 
-    room = budget - len(prompt_ids(tok, "Conversation:\n\n\n" + question))
+    room = budget - len(context_prompt(tok, "Conversation:\n", question))
     while True:
         tail = tok.decode(history[-room:]) if room > 0 else ""
-        ids = prompt_ids(tok, f"Conversation:\n{tail}\n\n{question}")
+        ids = context_prompt(tok, f"Conversation:\n{tail}", question)
         if len(ids) <= budget or room <= 0:
             return ids[-budget:] if len(ids) > budget else ids
         room -= len(ids) - budget  # re-tokenising the cut text can take a few more tokens

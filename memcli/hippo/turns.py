@@ -62,12 +62,37 @@ def entry_text(turn: dict) -> str:
     return f"[{turn['date']}] {s}" if turn.get("date") else s
 
 
-def excerpt_prompt(tok, entries: list[dict], question: str) -> list[int]:
-    """Turns read from memory (conversation order, each with its date) before the question, as one user message."""
+def excerpt_prompt(tok, entries: list[dict], question: str, native: bool = False) -> list[int]:
+    """Turns read from memory (conversation order, each with its date) before the question: as one user
+    message (the HIPPO recipe's trained format), or with ``native`` as ``context_prompt`` writes them."""
     from memcli.hippo.data import prompt_ids
 
-    lines = "\n".join(entry_text(e) for e in entries)
-    return prompt_ids(tok, f"Conversation excerpts:\n{lines}\n\n{question}")
+    text = "Conversation excerpts:\n" + "\n".join(entry_text(e) for e in entries)
+    return context_prompt(tok, text, question) if native else prompt_ids(tok, f"{text}\n\n{question}")
+
+
+def default_system_prompt(tok) -> str:
+    """The system message a chat template writes when it is given none ("" when it writes none)."""
+    def render(msgs):
+        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+
+    bare = render([{"role": "user", "content": "x"}])
+    pre, _, post = render([{"role": "system", "content": "\x00"}, {"role": "user", "content": "x"}]).partition("\x00")
+    if post and bare.startswith(pre) and bare.endswith(post) and len(bare) > len(pre) + len(post):
+        return bare[len(pre): len(bare) - len(post)]
+    return ""
+
+
+def context_prompt(tok, context: str | None, question: str) -> list[int]:
+    """A backbone answering alone, in its chat template's own form: the context (turns read, the history) in
+    the system message after the template's default one, the question as the user's message. Chosen on
+    LoCoMo conversations 1-5: SmolLM2 given the context and the question in one user message, with no system
+    message, repeated the question instead of answering it in 15-20% of answers (README)."""
+    default = default_system_prompt(tok)
+    system = f"{default}.\n\n{context}" if default and context else (context or default)
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    ids = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
+    return list(ids)
 
 
 class MiniLMEncoder:
