@@ -131,16 +131,14 @@ def locomo(
     """
     from memcli.console import progress
     from memcli.eval.locomo import load_locomo, pick_questions, recall_only as recall_fn, run_locomo
-    from memcli.hippo.turns import RETRIEVERS, make_encoder
+    from memcli.hippo.turns import make_encoder
     from memcli.records import write_jsonl
 
     samples = _only_categories(load_locomo(data), categories)
     if backbone is not None and model_path is not None:
         raise MemcliError("--backbone and --model-path: give one (a backbone alone, or a HIPPO run)")
     _at_least_one(**{"--top-k": top_k, "--batch": batch, "--sample": sample, "--rerank-candidates": rerank_candidates})
-    _check_selection(data, len(samples), skip, sample, max_questions)
-    if retriever not in RETRIEVERS:
-        raise MemcliError(f"--retriever '{retriever}': expected one of {', '.join(RETRIEVERS)}")
+    _check_selection(data, len(samples), skip, sample, max_questions, retriever)
     model, tok, bb, path, allowed = _locomo_model(backbone, model_path, out_dir)
     chosen = _locomo_setups(setups, allowed, backbone is not None)
     enc = None if retriever == "lexical" else make_encoder(encoder, bb, tok)
@@ -149,9 +147,9 @@ def locomo(
     if recall_only:
         with progress() as bar:
             task = bar.add_task("retrieving", total=per_setup)
-            r = recall_fn(samples, enc, conversations, max_questions, retriever=retriever, first=skip,
-                          reranker=reranker, sample=sample, progress_cb=lambda _, n: bar.advance(task, n))
-        _show_recall(r, as_json, markdown)
+            _show_recall(recall_fn(samples, enc, conversations, max_questions, retriever=retriever, first=skip,
+                                   reranker=reranker, sample=sample, progress_cb=lambda _, n: bar.advance(task, n)),
+                         as_json, markdown)
         return
     with progress() as bar:
         task = bar.add_task("answering", total=per_setup * len(chosen))
@@ -178,7 +176,12 @@ def _only_categories(samples: list[dict], spec: Optional[str]) -> list[dict]:
     return [dict(s, qa=[q for q in s["qa"] if q["category"] in cats]) for s in samples]
 
 
-def _check_selection(data: Path, n: int, skip: int, sample: Optional[int], max_questions: Optional[int]) -> None:
+def _check_selection(data: Path, n: int, skip: int, sample: Optional[int], max_questions: Optional[int],
+                     retriever: str) -> None:
+    from memcli.hippo.turns import RETRIEVERS
+
+    if retriever not in RETRIEVERS:
+        raise MemcliError(f"--retriever '{retriever}': expected one of {', '.join(RETRIEVERS)}")
     if skip < 0 or skip >= n:
         raise MemcliError(f"--skip {skip}: {data} has {n} conversations")
     if sample is not None and max_questions is not None:
