@@ -71,16 +71,22 @@ def excerpt_prompt(tok, entries: list[dict], question: str, native: bool = False
     return context_prompt(tok, text, question) if native else prompt_ids(tok, f"{text}\n\n{question}")
 
 
+_DEFAULT_SYSTEM: dict = {}  # (tokenizer, template) -> its default system message: rendered once, not per prompt
+
+
 def default_system_prompt(tok) -> str:
     """The system message a chat template writes when it is given none ("" when it writes none)."""
-    def render(msgs):
-        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+    key = (id(tok), tok.chat_template)
+    if key not in _DEFAULT_SYSTEM:
+        def render(msgs):
+            return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
 
-    bare = render([{"role": "user", "content": "x"}])
-    pre, _, post = render([{"role": "system", "content": "\x00"}, {"role": "user", "content": "x"}]).partition("\x00")
-    if post and bare.startswith(pre) and bare.endswith(post) and len(bare) > len(pre) + len(post):
-        return bare[len(pre): len(bare) - len(post)]
-    return ""
+        bare = render([{"role": "user", "content": "x"}])
+        pre, _, post = render([{"role": "system", "content": "\x00"},
+                               {"role": "user", "content": "x"}]).partition("\x00")
+        found = post and bare.startswith(pre) and bare.endswith(post) and len(bare) > len(pre) + len(post)
+        _DEFAULT_SYSTEM[key] = bare[len(pre): len(bare) - len(post)] if found else ""
+    return _DEFAULT_SYSTEM[key]
 
 
 def context_prompt(tok, context: str | None, question: str) -> list[int]:
