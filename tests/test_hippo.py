@@ -513,7 +513,7 @@ def test_locomo_harness_on_excerpt(tiny):
 
 
 def test_full_history_prompt_fits_window_and_keeps_the_end(tiny):
-    from memcli.hippo.data import prompt_ids
+    from memcli.hippo.turns import context_prompt
 
     _, tok = tiny
     history = tok("\n".join(f"turn {i}: something happened" for i in range(300)), add_special_tokens=False)["input_ids"]
@@ -522,7 +522,8 @@ def test_full_history_prompt_fits_window_and_keeps_the_end(tiny):
     text = tok.decode(ids)
     assert "turn 299: something happened" in text and "Question: what?" in text and "turn 0:" not in text
     short = LC.full_history_prompt(tok, history[:20], "Q?", 200)
-    assert short == prompt_ids(tok, "Conversation:\n" + tok.decode(history[:20]) + "\n\nQ?")
+    # the backbone's own chat form: the history as system context, the question as the user's message
+    assert short == context_prompt(tok, "Conversation:\n" + tok.decode(history[:20]), "Q?")
 
 
 @pytest.mark.parametrize("content,needle", [
