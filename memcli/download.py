@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memcli.errors import MemcliError
+from memcli.records import sweep_stale_temps, temp_prefix
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,8 @@ def download(name: str, out: str | Path | None = None, force: bool = False, quie
 def _stage(target: Path, fill) -> None:
     """Build the model directory in a temporary sibling, then rename it into place (never half-written)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    sweep_stale_temps(target.parent, recursive=False)  # what an interrupted download left
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target), suffix=".tmp", dir=target.parent))
     try:
         fill(tmp)
         old = None

@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -36,10 +37,57 @@ def _umask() -> int:
     return mask
 
 
+def temp_prefix(path: Path) -> str:
+    """Prefix of a temporary sibling of ``path``: it names the writing process, so a later run can tell a
+    leftover of a killed writer (kill -9 runs no cleanup) from a write in progress."""
+    return f".{path.name}.{os.getpid()}."
+
+
+# .NAME.PID.RANDOM.tmp (mkstemp / mkdtemp) and .NAME.old-PID (a directory being replaced)
+_TEMP = re.compile(r"^\..+\.(\d+)\.[A-Za-z0-9_]+\.tmp$|^\..+\.old-(\d+)$")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists but belongs to someone else: not ours to judge
+    return True
+
+
+def sweep_stale_temps(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Remove the temporary files and directories under ``root`` whose writing process no longer runs.
+
+    A write killed between creating its temporary sibling and renaming it leaves that sibling behind;
+    readers never see it (the target is whole or absent), and the next run over ``root`` removes it here.
+    Temporaries of a live process are kept; ``recursive=False`` looks at ``root``'s own entries only (a
+    shared parent such as a model cache or the user's data folder). Returns what was removed."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    gone = []
+    found = root.rglob(".*") if recursive else root.glob(".*")
+    for p in sorted(found, key=lambda q: len(q.parts)):
+        m = _TEMP.match(p.name)
+        if m is None or _alive(int(m.group(1) or m.group(2))) or any(p.is_relative_to(g) for g in gone):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        gone.append(p)
+    return gone
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; finished files get normal permissions
     try:
         with os.fdopen(fd, "wb") as f:
@@ -75,7 +123,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     if path.exists() and not path.is_dir():
         raise MemcliError(f"{path}: expected an output directory, found a file (it is left as it is)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp

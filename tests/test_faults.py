@@ -86,7 +86,10 @@ def test_kill_minus_9_at_a_random_moment_then_resume(kind, inputs, tmp_path):
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     states = b / kind / "states"
-    assert not [f for f in states.parent.rglob(".*.tmp")], "a temporary file or directory was left behind"
+    # a kill between creating a temporary sibling and renaming it leaves that sibling: it must be the killed
+    # writer's (its pid in the name, so the next run can tell it from a live write) and only a temporary
+    left = list(states.parent.rglob(".*"))
+    assert all(f".{p.pid}." in f.name or f.name.endswith(f".old-{p.pid}") for f in left), left
     for st in states.glob("step-*"):  # every state on disk is whole
         assert {f.name for f in st.iterdir()} == {"trainable.safetensors", "optimizer.safetensors", "state.json"}
     ptr = json.loads(latest.read_text())
@@ -94,6 +97,7 @@ def test_kill_minus_9_at_a_random_moment_then_resume(kind, inputs, tmp_path):
     r = subprocess.run(_command(kind, inputs, b) + ["training.resume=auto"], env=_env(), capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert not [f for f in states.parent.rglob(".*")], "the resumed run left a temporary behind"
     wa, wb = _final_tensors(a / kind), _final_tensors(b / kind)
     assert wa.keys() == wb.keys()
     for k in wa:
@@ -103,6 +107,34 @@ def test_kill_minus_9_at_a_random_moment_then_resume(kind, inputs, tmp_path):
     assert [m["step"] for m in lb] == [m["step"] for m in la]  # each step logged once across the kill
     key = "reward_mean" if kind == "hrpo" else "loss"
     assert torch.allclose(torch.tensor([m[key] for m in lb]), torch.tensor([m[key] for m in la]), atol=1e-4, rtol=0)
+
+
+_KILLED_WRITER = """
+import os, signal, sys
+from memcli import records
+os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)  # die after the data is written, before the rename
+{call}
+"""
+
+
+def test_a_killed_writers_temporaries_are_swept_by_the_next_run_and_a_live_writers_kept(inputs, tmp_path):
+    """kill -9 mid-write, made deterministic: the writer kills itself between writing its temporary and the
+    rename. The next `train` over that run directory removes what the dead writer left, and nothing else."""
+    run = tmp_path / "hippo"
+    for call in (f"records.write_json({str(run / 'states' / 'latest.json')!r}, {{'state': 'step-00000002'}})",
+                 f"with records.atomic_dir({str(run / 'states' / 'step-00000002')!r}) as t:\n"
+                 "    records.write_json(t / 'state.json', {})"):
+        r = subprocess.run([sys.executable, "-c", _KILLED_WRITER.format(call=call)], env=_env(), capture_output=True)
+        assert r.returncode == -signal.SIGKILL, r.stderr[-500:]
+    dead = sorted(f.name for f in (run / "states").iterdir())
+    assert len(dead) == 2 and all(n.endswith(".tmp") for n in dead), dead  # a temp file and a temp directory
+    live = run / f".metrics.jsonl.{os.getpid()}.abcd1234.tmp"  # this test process is alive: its write may be going on
+    live.write_text("in progress")
+    r = subprocess.run([sys.executable, "-m", "memcli", "train", "hippo", f"dataset.data_dir={inputs['dialog']}",
+                        f"logging.out_dir={tmp_path}", "training.batch_size=8", "training.max_steps=2", *QUIET],
+                       env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [f for f in run.rglob(".*")] == [live] and live.read_text() == "in progress"
 
 
 # ---------------------------------------------------------------- NaN / inf

@@ -171,3 +171,26 @@ def test_resume_pointer_never_leaves_the_states_directory(tmp_path_factory, obj)
         assert "\n" not in str(e) and "latest.json" in str(e)
     else:
         assert st_dir.resolve().parent == (run / "states").resolve()
+
+
+def test_sweep_removes_only_dead_writers_temporaries(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(p.stdout)  # that process has exited: its pid names no running writer
+    (tmp_path / "run" / "states").mkdir(parents=True)
+    top = tmp_path / f".run.{dead}.x1y2z3ab.tmp"
+    nested_dir = tmp_path / "run" / "states" / f".step-00000002.{dead}.q9w8e7r6.tmp"
+    nested_dir.mkdir()
+    (nested_dir / f".state.json.{dead}.aaaabbbb.tmp").write_text("{}")
+    old = tmp_path / "run" / f".model.old-{dead}"
+    live = tmp_path / "run" / f".metrics.jsonl.{os.getpid()}.abcd1234.tmp"
+    user = tmp_path / "run" / ".notes.tmp"  # not a memcli temporary: no writer's pid in the name
+    for f in (top, old, live, user):
+        f.write_text("x")
+    assert records.sweep_stale_temps(tmp_path, recursive=False) == [top]  # a shared parent: its own entries only
+    assert nested_dir.is_dir() and old.exists()
+    assert set(records.sweep_stale_temps(tmp_path)) == {nested_dir, old}  # the directory goes whole, once
+    assert sorted(f.name for f in tmp_path.rglob("*")) == sorted(["run", "states", live.name, user.name])

@@ -231,11 +231,13 @@ def default_data(data_dir: str | Path = "data/default", seed: int = 0, num_facts
     ``layer``: build hidden-state keys at that decoder layer (pretrained backbones).
     """
     d = Path(data_dir)
+    if d.parent.is_dir():
+        records.sweep_stale_temps(d.parent, recursive=False)  # what an interrupted build left beside it
     if not (d.is_dir() and any(d.iterdir())):
         with atomic_dir(d) as tmp:  # the directory appears whole or not at all: a failure leaves nothing behind
             return _default_data(tmp, seed, num_facts, source, backbone, knowledge_length, layer)
     # a directory with other files in it: build beside it, then move each output in (the user's files stay)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", suffix=".tmp", dir=d.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=records.temp_prefix(d), suffix=".tmp", dir=d.parent))
     try:
         out = _default_data(tmp, seed, num_facts, source, backbone, knowledge_length, layer)
         for item in sorted(tmp.iterdir()):

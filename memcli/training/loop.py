@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from memcli.errors import MemcliError, RunAborted
-from memcli.records import atomic_write_text
+from memcli.records import atomic_write_text, sweep_stale_temps
 
 # memcli keeps rank-local buffers (bank, usage) out of DDP's sync on purpose: broadcast_buffers=False is the
 # setting that does that in accelerate 1.15, whose deprecation notice points to a replacement that still syncs at init
@@ -183,6 +183,8 @@ def train(recipe: Recipe) -> dict:
     if acc.is_main_process:
         preflight_output(run_dir, _nbytes(params) + 2 * 3 * _nbytes(trainable))
     run_dir.mkdir(parents=True, exist_ok=True)
+    if acc.is_main_process:
+        sweep_stale_temps(run_dir)  # a kill -9 mid-write leaves its temporary sibling; readers never saw it
     if acc.num_processes == 1:
         return recipe.result(_run(recipe, acc, run_dir))
     prev = signal.signal(signal.SIGTERM, _on_sigterm)  # a launcher ends the survivors of a dead rank with SIGTERM
