@@ -3,6 +3,12 @@ conversations 1-5 and the held-out 6-10, each sampled): token F1 per category wi
 the share of evidence turns in the prompt, and the paired difference between setups.
 
     python scripts/locomo_table.py A.jsonl [B.jsonl ...] [--markdown FILE]
+
+Files of other questions add rows. Files that answer the same questions in other setups (a frozen backbone
+and a trained HIPPO run, say) go side by side: ``FILE=LABEL`` names that file's setups ``LABEL:setup``, and a
+question's row gathers its answers from every file.
+
+    python scripts/locomo_table.py frozen.jsonl hippo.jsonl=hippo-run
 """
 
 from __future__ import annotations
@@ -34,8 +40,9 @@ def table(rows: list[dict]) -> str:
             body += f"| {name} ({len(sub)}) | " + " | ".join(f"{m:.3f} ± {e:.3f}" for m, e in cells) + " |\n"
     body += "| BLEU-1 overall 1-4 | " + " | ".join(f"{mean_se([r[f'{s}_bleu1'] for r in scored])[0]:.3f}"
                                               for s in setups) + " |\n"
-    body += "| evidence turns in the prompt | " + " | ".join(
-        f"{mean_se([r[f'{s}_evidence_in_prompt'] for r in scored])[0]:.3f}" for s in setups) + " |\n"
+    body += "| evidence turns in the prompt | " + " | ".join(  # questions without evidence turns have None
+        f"{mean_se([v for r in scored if (v := r[f'{s}_evidence_in_prompt']) is not None])[0]:.3f}"
+        for s in setups) + " |\n"
     pairs = [(b, a) for i, a in enumerate(setups) for b in setups[i + 1:]]
     diff = "\n".join(f"- {a} - {b}, paired over the {len(scored)} questions: "
                      f"{mean_se([r[f'{a}_f1'] - r[f'{b}_f1'] for r in scored])[0]:+.3f} ± "
@@ -43,12 +50,50 @@ def table(rows: list[dict]) -> str:
     return head + body + "\nToken F1 ± standard error.\n\n" + diff + "\n"
 
 
+QUESTION_KEYS = ("sample_id", "category", "question", "gold", "evidence")
+
+
+def read_rows(spec: str) -> list[dict]:
+    """The rows of ``PATH`` or ``PATH=LABEL`` (setup columns renamed ``LABEL:setup``)."""
+    path, _, label = spec.partition("=")
+    if not Path(path).is_file():
+        raise SystemExit(f"{path}: no such answers file (memcli compare locomo --answers FILE writes one)")
+    rows = [json.loads(x) for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
+    if label:
+        rows = [{(k if k in QUESTION_KEYS else f"{label}:{k}"): v for k, v in r.items()} for r in rows]
+    return rows
+
+
+def gather(files: list[list[dict]]) -> list[dict]:
+    """One row per question over every file, in first-seen order: a question answered in several files gets
+    the setups of each (the same setup name twice is refused: label one file)."""
+    out: dict[tuple, dict] = {}
+    for rows in files:
+        seen: dict[tuple, int] = {}  # a conversation may ask the same question twice: match them in order
+        for r in rows:
+            q = (r["sample_id"], r["category"], r["question"])
+            seen[q] = seen.get(q, 0) + 1
+            key = (*q, seen[q])
+            row = out.setdefault(key, {})
+            clash = [k for k in r if k.endswith("_f1") and k in row]
+            if clash:
+                raise SystemExit(f"setup '{clash[0][:-3]}' answers '{r['question']}' twice: label a file as FILE=LABEL")
+            row.update(r)
+    merged = list(out.values())
+    setups = {k for r in merged for k in r if k.endswith("_f1")}
+    partial = [r for r in merged if not setups <= set(r)]
+    if partial:
+        raise SystemExit(f"{len(partial)} questions lack some setup's answer (e.g. '{partial[0]['question']}'): "
+                         "the files must answer the same questions")
+    return merged
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("answers", type=Path, nargs="+")
+    ap.add_argument("answers", nargs="+", help="answers JSONL files; FILE=LABEL prefixes that file's setups")
     ap.add_argument("--markdown", type=Path, default=None)
     a = ap.parse_args()
-    rows = [json.loads(x) for p in a.answers for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
+    rows = gather([read_rows(spec) for spec in a.answers])
     md = f"{len({r['sample_id'] for r in rows})} conversations, {len(rows)} questions\n\n" + table(rows)
     if a.markdown:
         a.markdown.write_text(md)

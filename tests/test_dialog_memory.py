@@ -330,3 +330,48 @@ def test_backbone_setups_use_the_chat_templates_own_form():
     assert smol.decode(T.excerpt_prompt(smol, e, "Q?", native=True)) == (
         head + ".\n\nConversation excerpts:\n[1 May 2023] A: hi" + tail)
     assert "Be brief" not in smol.decode(T.excerpt_prompt(smol, e, "Q?"))
+
+
+def _answers_file(path, f1s: dict, order=(0, 1, 2)):
+    """An answers JSONL as `compare locomo --answers` writes it, with hand-set F1 values per setup."""
+    qs = [("conv-1", 4, "Where?"), ("conv-1", 2, "When?"), ("conv-1", 4, "Where?")]  # the same question twice
+    rows = []
+    for j in order:
+        sid, cat, q = qs[j]
+        r = {"sample_id": sid, "category": cat, "question": q, "gold": "x", "evidence": ["D1:1"]}
+        for s, v in f1s.items():
+            r.update({s: "a", f"{s}_f1": v[j], f"{s}_bleu1": v[j] / 2, f"{s}_read": [], f"{s}_evidence_in_prompt": 0.0})
+        rows.append(r)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_locomo_table_puts_two_runs_answers_side_by_side(tmp_path):
+    """scripts/locomo_table.py: FILE=LABEL joins another run's answers to the same questions (matched by
+    conversation, category, question text and, for a repeated question, its order), refuses clashes and gaps."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = str(Path(__file__).parent.parent / "scripts" / "locomo_table.py")
+    a = _answers_file(tmp_path / "frozen.jsonl", {"none": [0.0, 0.5, 1.0], "turns": [1.0, 0.5, 0.0]})
+    b = _answers_file(tmp_path / "hippo.jsonl", {"none": [0.2, 0.4, 0.6]}, order=(1, 0, 2))
+
+    def run(*args):
+        return subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True)
+
+    r = run(a, f"{b}=run")
+    assert r.returncode == 0, r.stderr
+    assert "1 conversations, 3 questions" in r.stdout
+    assert "| category (questions) | none | turns | run:none |" in r.stdout
+    # single-hop: the first and third question; run:none's values follow the questions, not the file order
+    assert "| single-hop (2) | 0.500 ± 0.500 | 0.500 ± 0.500 | 0.400 ± 0.200 |" in r.stdout
+    assert "| temporal (1) | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.400 ± 0.000 |" in r.stdout
+    # paired run:none - none over 3 questions: (0.2, -0.1, -0.4) -> mean -0.1, se sqrt(0.18 / 2 / 3) = 0.173
+    assert "run:none - none, paired over the 3 questions: -0.100 ± 0.173" in r.stdout
+    clash = run(a, b)
+    assert clash.returncode != 0 and "setup 'none' answers 'When?' twice" in clash.stderr
+    gap = run(a, f"{_answers_file(tmp_path / 'one.jsonl', {'full': [0.1, 0.1, 0.1]}, order=(0, 1))}=x")
+    assert gap.returncode != 0 and "1 questions lack some setup's answer" in gap.stderr
+    missing = run(tmp_path / "nope.jsonl")
+    assert missing.returncode != 0 and "nope.jsonl: no such answers file" in missing.stderr
