@@ -495,12 +495,19 @@ def test_locomo_harness_on_excerpt(tiny):
         for t in turns[:9]:
             s.remember(t)
         assert torch.allclose(LC.hippo_state(m, tok, turns[:9], batch=4), s.state, atol=1e-5)
-        res = LC.run_locomo(m, tok, data, setups=("hippo", "none", "full", "hippo+turns"), max_new_tokens=3,
-                            context_window=256, batch=4, retriever="lexical")
+        res = LC.run_locomo(m, tok, data, setups=("hippo", "none", "full", "hippo+turns", "oracle", "hippo+oracle"),
+                            max_new_tokens=3, context_window=256, batch=4, retriever="lexical")
     finally:
         _remove(m)
     summ = res["summary"]
-    assert set(summ) == {"hippo", "none", "full", "hippo+turns"}
+    assert set(summ) == {"hippo", "none", "full", "hippo+turns", "oracle", "hippo+oracle"}
+    order = {e["id"]: i for i, e in enumerate(LC.conversation_entries(data[0]))}
+    for r, q in zip(res["answers"], data[0]["qa"]):
+        ev = sorted((x for x in LC.evidence_ids(q) if x in order), key=order.get)
+        # both oracles read exactly the evidence turns; the hippo one in the run's trained form, beside the state
+        assert r["hippo+oracle_read"] == r["oracle_read"] == ev and r["hippo_read"] == []
+    assert summ["hippo+oracle"]["evidence_in_prompt"] == 1.0
+    assert summ["hippo+oracle"]["prompt_tokens_mean"] != summ["oracle"]["prompt_tokens_mean"]
     cats = [q["category"] for q in data[0]["qa"]]
     assert all(sum(summ[s]["count"][n] for n in LC.CATEGORIES.values()) == len(cats) for s in summ)
     # the table's numbers are the means of the per-question scores, which are LoCoMo's score of the answers
@@ -546,7 +553,7 @@ def test_compare_locomo_cli_on_excerpt(cli, hippo_run, tmp_path):
                          "--answers", tmp_path / "a.jsonl")
     assert code == 0, err
     r = json.loads(out)
-    setups = ["hippo", "none", "full", "oracle", "turns", "hippo+turns"]
+    setups = ["hippo", "none", "full", "oracle", "turns", "hippo+turns", "hippo+oracle"]
     assert list(r["f1"]) == setups and sum(r["count"][n] for n in LC.CATEGORIES.values()) == 12
     assert r["evidence_in_prompt"]["oracle"] == 1.0 and r["retrieval"]["retriever"] == "hybrid/minilm"
     rows = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]

@@ -85,8 +85,8 @@ def locomo(
     backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Answer with this backbone alone (tiny, "
                                            "smollm2-135m, a path) instead of a HIPPO run: the setups without a state."),
     data: Path = typer.Option(..., "--data", help="LoCoMo JSON (locomo10.json format)."),
-    setups: Optional[str] = typer.Option(None, help="Comma-separated, of: none, full, oracle, turns, hippo, hippo+turns "
-                                         "(default: all that the model allows)."),
+    setups: Optional[str] = typer.Option(None, help="Comma-separated, of: none, full, oracle, turns, hippo, hippo+turns, "
+                                         "hippo+oracle (default: all that the model allows)."),
     retriever: str = typer.Option("hybrid", help="How the turns setups rank turns: hybrid (BM25 + dense, z-fused), dense, "
                                   "or lexical (BM25)."),
     encoder: str = typer.Option("minilm", help="Dense turn keys: minilm (all-MiniLM-L6-v2, offline) or backbone (mean "
@@ -207,7 +207,7 @@ def _reranker(spec: Optional[str], candidates: int, loaded: Optional[tuple] = No
 
 def _locomo_model(backbone: Optional[str], model_path: Optional[Path], out_dir: Path):
     """(model, tokenizer, backbone, name, setups it allows): a backbone alone, or a HIPPO run with its state."""
-    from memcli.eval.locomo import PlainModel
+    from memcli.eval.locomo import SETUPS, PlainModel
 
     if backbone is not None:
         from memcli.backbone import load_backbone
@@ -220,7 +220,7 @@ def _locomo_model(backbone: Optional[str], model_path: Optional[Path], out_dir: 
     path = model_path or newest_run(out_dir, "hippo")
     require_kind(path, "hippo")
     run = load_run(path)
-    return run.model, run.tok, run.model.backbone, path, ("hippo", "none", "full", "oracle", "turns", "hippo+turns")
+    return run.model, run.tok, run.model.backbone, path, SETUPS
 
 
 def _locomo_setups(setups: Optional[str], allowed: tuple, plain: bool) -> list[str]:

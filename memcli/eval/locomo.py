@@ -15,7 +15,8 @@ Setups answer the same questions after the whole conversation:
 - ``turns``: the conversation's turns as memory entries (``memcli.hippo.turns``); the question brings back
   its top-k turns, read as a prefix like the oracle's;
 - ``hippo``: the turns written one by one into the HIPPO memory state, the prompt holds only the
-  question; ``hippo+turns``: the state and the retrieved turns together.
+  question; ``hippo+turns``: the state and the retrieved turns together; ``hippo+oracle``: the state and the
+  evidence turns, in the form the HIPPO run was trained with (the ceiling of ``hippo+turns``).
 
 Beside F1 and BLEU-1 per category: the share of each question's evidence turns that its prompt holds,
 the retriever's recall@k, latency per question (its share of the batch's wall time, plus retrieval),
@@ -38,8 +39,9 @@ from memcli.errors import MemcliError
 
 CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop", 5: "adversarial"}
 SCORED = (1, 2, 3, 4)  # what the field reports as "overall"; adversarial (5) is scored on abstention, apart
-SETUPS = ("hippo", "none", "full", "oracle", "turns", "hippo+turns")
+SETUPS = ("hippo", "none", "full", "oracle", "turns", "hippo+turns", "hippo+oracle")
 RETRIEVAL_SETUPS = ("turns", "hippo+turns")
+ORACLE_SETUPS = ("oracle", "hippo+oracle")  # read exactly the evidence turns
 RECALL_KS = (1, 5, 10)
 QA_PROMPT = ("Based on the conversation, write an answer in the form of a short phrase for the following question. "
              "Answer with exact words from the conversation whenever possible.\n\nQuestion: {} Short answer:")
@@ -375,7 +377,7 @@ def run_locomo(model, tok, data: list[dict], setups=SETUPS, conversations: int |
         for setup in setups:
             states[setup], write_s[setup], extra_s[setup] = None, 0.0, 0.0
             if setup.startswith("hippo"):
-                if hippo is None:  # one state per conversation, shared by hippo and hippo+turns
+                if hippo is None:  # one state per conversation, shared by the hippo setups
                     t0h = time.perf_counter()
                     hippo = (hippo_state(model, tok, turns), time.perf_counter() - t0h)
                 states[setup], write_s[setup] = hippo
@@ -439,7 +441,7 @@ def _setup_prompts(setup: str, tok, questions: list[str], entries: list[dict], t
         prompts = [full_history_prompt(tok, history, q, budget) for q in questions]
         texts = [tok.decode(p) for p in prompts]
         return prompts, [[i for i, e in enumerate(entries) if key_text(e) in t] for t in texts]
-    reads = [sorted(ev) for ev in evidence] if setup == "oracle" else [sorted(r[:top_k]) for r in ranked]
+    reads = [sorted(ev) for ev in evidence] if setup in ORACLE_SETUPS else [sorted(r[:top_k]) for r in ranked]
     return [excerpt_prompt(tok, [entries[i] for i in r], q, native) for r, q in zip(reads, questions)], reads
 
 
