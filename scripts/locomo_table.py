@@ -2,7 +2,7 @@
 conversations 1-5 and the held-out 6-10, each sampled): token F1 per category with its standard error, BLEU-1,
 the share of evidence turns in the prompt, and the paired difference between setups.
 
-    python scripts/locomo_table.py A.jsonl [B.jsonl ...] [--markdown FILE]
+    python scripts/locomo_table.py A.jsonl [B.jsonl ...] [--markdown FILE] [--by-setup]
 
 Files of other questions add rows. Files that answer the same questions in other setups (a frozen backbone
 and a trained HIPPO run, say) go side by side: ``FILE=LABEL`` names that file's setups ``LABEL:setup``, and a
@@ -27,27 +27,42 @@ def mean_se(v: list[float]) -> tuple[float, float]:
     return mu, se
 
 
-def table(rows: list[dict]) -> str:
+def grid(rows: list[dict]) -> tuple[list[str], list[str], dict]:
+    """(line names, setups, {(line, setup): cell}): F1 ± standard error per category, BLEU-1, evidence share."""
     setups = [k[:-3] for k in rows[0] if k.endswith("_f1")]
-    head = "| category (questions) | " + " | ".join(setups) + " |\n" + "|---" * (len(setups) + 1) + "|\n"
-    body = ""
     groups = [(f"{n}", [r for r in rows if r["category"] == c]) for c, n in CATEGORIES.items()]
     scored = [r for r in rows if r["category"] in CATEGORIES]
     groups += [("**overall 1-4**", scored), ("adversarial (5)", [r for r in rows if r["category"] == 5])]
+    lines, cell = [], {}
     for name, sub in groups:
         if sub:
-            cells = [mean_se([r[f"{s}_f1"] for r in sub]) for s in setups]
-            body += f"| {name} ({len(sub)}) | " + " | ".join(f"{m:.3f} ± {e:.3f}" for m, e in cells) + " |\n"
-    body += "| BLEU-1 overall 1-4 | " + " | ".join(f"{mean_se([r[f'{s}_bleu1'] for r in scored])[0]:.3f}"
-                                              for s in setups) + " |\n"
-    body += "| evidence turns in the prompt | " + " | ".join(  # questions without evidence turns have None
-        f"{mean_se([v for r in scored if (v := r[f'{s}_evidence_in_prompt']) is not None])[0]:.3f}"
-        for s in setups) + " |\n"
+            lines.append(f"{name} ({len(sub)})")
+            for s in setups:
+                m, e = mean_se([r[f"{s}_f1"] for r in sub])
+                cell[lines[-1], s] = f"{m:.3f} ± {e:.3f}"
+    lines += ["BLEU-1 overall 1-4", "evidence turns in the prompt"]
+    for s in setups:
+        cell[lines[-2], s] = f"{mean_se([r[f'{s}_bleu1'] for r in scored])[0]:.3f}"
+        # questions without evidence turns have None
+        cell[lines[-1], s] = f"{mean_se([v for r in scored if (v := r[f'{s}_evidence_in_prompt']) is not None])[0]:.3f}"
+    return lines, setups, cell
+
+
+def table(rows: list[dict], by_setup: bool = False) -> str:
+    """Lines x setups (``by_setup``: setups x lines), then every paired difference over categories 1-4."""
+    lines, setups, cell = grid(rows)
+    if by_setup:
+        head, body = ["setup", *lines], [[s, *(cell[x, s] for x in lines)] for s in setups]
+    else:
+        head, body = ["category (questions)", *setups], [[x, *(cell[x, s] for s in setups)] for x in lines]
+    md = "| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|\n"
+    md += "".join("| " + " | ".join(b) + " |\n" for b in body)
+    scored = [r for r in rows if r["category"] in CATEGORIES]
     pairs = [(b, a) for i, a in enumerate(setups) for b in setups[i + 1:]]
     diff = "\n".join(f"- {a} - {b}, paired over the {len(scored)} questions: "
                      f"{mean_se([r[f'{a}_f1'] - r[f'{b}_f1'] for r in scored])[0]:+.3f} ± "
                      f"{mean_se([r[f'{a}_f1'] - r[f'{b}_f1'] for r in scored])[1]:.3f}" for a, b in pairs)
-    return head + body + "\nToken F1 ± standard error.\n\n" + diff + "\n"
+    return md + "\nToken F1 ± standard error.\n\n" + diff + "\n"
 
 
 QUESTION_KEYS = ("sample_id", "category", "question", "gold", "evidence")
@@ -92,9 +107,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("answers", nargs="+", help="answers JSONL files; FILE=LABEL prefixes that file's setups")
     ap.add_argument("--markdown", type=Path, default=None)
+    ap.add_argument("--by-setup", action="store_true", help="one line per setup (for many setups)")
     a = ap.parse_args()
     rows = gather([read_rows(spec) for spec in a.answers])
-    md = f"{len({r['sample_id'] for r in rows})} conversations, {len(rows)} questions\n\n" + table(rows)
+    md = f"{len({r['sample_id'] for r in rows})} conversations, {len(rows)} questions\n\n" + table(rows, a.by_setup)
     if a.markdown:
         a.markdown.write_text(md)
     print(md)

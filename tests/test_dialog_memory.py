@@ -369,6 +369,11 @@ def test_locomo_table_puts_two_runs_answers_side_by_side(tmp_path):
     assert "| temporal (1) | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.400 ± 0.000 |" in r.stdout
     # paired run:none - none over 3 questions: (0.2, -0.1, -0.4) -> mean -0.1, se sqrt(0.18 / 2 / 3) = 0.173
     assert "run:none - none, paired over the 3 questions: -0.100 ± 0.173" in r.stdout
+    flipped = run(a, f"{b}=run", "--by-setup")
+    assert flipped.returncode == 0, flipped.stderr
+    assert ("| setup | temporal (1) | single-hop (2) | **overall 1-4** (3) | BLEU-1 overall 1-4 | "
+            "evidence turns in the prompt |") in flipped.stdout
+    assert "| run:none | 0.400 ± 0.000 | 0.400 ± 0.200 | 0.400 ± 0.115 | 0.200 | 0.000 |" in flipped.stdout
     clash = run(a, b)
     assert clash.returncode != 0 and "setup 'none' answers 'When?' twice" in clash.stderr
     gap = run(a, f"{_answers_file(tmp_path / 'one.jsonl', {'full': [0.1, 0.1, 0.1]}, order=(0, 1))}=x")
