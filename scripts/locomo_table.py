@@ -59,9 +59,8 @@ def table(rows: list[dict], by_setup: bool = False) -> str:
     md += "".join("| " + " | ".join(b) + " |\n" for b in body)
     scored = [r for r in rows if r["category"] in CATEGORIES]
     pairs = [(b, a) for i, a in enumerate(setups) for b in setups[i + 1:]]
-    diff = "\n".join(f"- {a} - {b}, paired over the {len(scored)} questions: "
-                     f"{mean_se([r[f'{a}_f1'] - r[f'{b}_f1'] for r in scored])[0]:+.3f} ± "
-                     f"{mean_se([r[f'{a}_f1'] - r[f'{b}_f1'] for r in scored])[1]:.3f}" for a, b in pairs)
+    diff = "\n".join(f"- {a} - {b}, paired over the {len(scored)} questions: {m:+.3f} ± {e:.3f}" for a, b in pairs
+                     for m, e in [mean_se([r[f"{a}_f1"] - r[f"{b}_f1"] for r in scored])])
     return md + "\nToken F1 ± standard error.\n\n" + diff + "\n"
 
 
