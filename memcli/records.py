@@ -54,8 +54,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):
-        return True  # exists but belongs to someone else: not ours to judge
+    except OSError:  # PermissionError among them: it exists but belongs to someone else, not ours to judge
+        return True
     return True
 
 
