@@ -132,6 +132,7 @@ class HippoChatSession:
     max_turn_length: int = 64
     recall: int = 0
     session_path: Path | None = None
+    encoder: str = "minilm"  # the turn memory's dense keys: minilm or a 'train retriever' directory
     state: torch.Tensor | None = None
     turns: int = 0
     memory: object = None
@@ -143,7 +144,9 @@ class HippoChatSession:
         if self.recall < 0:
             raise MemcliError(f"--recall {self.recall}: expected 0 (state only) or more turns")
         if self.recall or self.session_path is not None:
-            self.memory = TurnMemory(make_encoder("minilm"), "hybrid")
+            self.memory = TurnMemory(make_encoder(self.encoder), "hybrid")
+        elif self.encoder != "minilm":
+            raise MemcliError(f"--encoder {self.encoder}: keys the turn memory, which needs --recall N or --session FILE")
         self.reset_hidden()
         if self.session_path is not None and Path(self.session_path).exists():
             self.load(self.session_path)
@@ -282,8 +285,10 @@ def explicit_session(run, options: GenOptions) -> ChatSession:
     return ChatSession(run.model, run.tok, run.bank, options, plain=run.info.get("answer_format") == "cloze")
 
 
-def hippo_session(run, options: GenOptions, recall: int = 0, session: str | Path | None = None) -> HippoChatSession:
-    return HippoChatSession(run.model, run.tok, options, recall=recall, session_path=None if session is None else Path(session))
+def hippo_session(run, options: GenOptions, recall: int = 0, session: str | Path | None = None,
+                  encoder: str = "minilm") -> HippoChatSession:
+    return HippoChatSession(run.model, run.tok, options, recall=recall,
+                            session_path=None if session is None else Path(session), encoder=encoder)
 
 
 def hrpo_session(run, options: GenOptions) -> HrpoChatSession:
@@ -293,7 +298,7 @@ def hrpo_session(run, options: GenOptions) -> HrpoChatSession:
 
 
 def open_session(model_path: str | Path | None, model_type: str, options: GenOptions, out_dir: str | Path = "out",
-                 recall: int = 0, session: str | Path | None = None):
+                 recall: int = 0, session: str | Path | None = None, encoder: str = "minilm"):
     """The chat session for a run: a kind's chat type (``memory`` / ``hippo`` / ``hrpo``) names the kind; ``lora`` /
     ``full`` open a run of any kind whose backbone was trained that way (the newest under ``out_dir`` when no path)."""
     from memcli import kinds
@@ -314,8 +319,8 @@ def open_session(model_path: str | Path | None, model_type: str, options: GenOpt
                           f"({'no LoRA adapter' if model_type == 'lora' else 'no full backbone'} to load)")
     factory = kinds.resolve_ref(kinds.get(run.kind).chat)
     if run.kind != "hippo":
-        if recall or session is not None:
-            raise MemcliError(f"{path}: --recall and --session keep a dialog memory, for HIPPO runs (-t hippo); this is "
-                              f"a {run.kind} run")
+        if recall or session is not None or encoder != "minilm":
+            raise MemcliError(f"{path}: --recall, --session and --encoder keep a dialog memory, for HIPPO runs (-t hippo); "
+                              f"this is a {run.kind} run")
         return factory(run, options), path
-    return factory(run, options, recall=recall, session=session), path
+    return factory(run, options, recall=recall, session=session, encoder=encoder), path

@@ -14,17 +14,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from memcli.config import (RECIPES, BackboneFields, DistributedFields, LoggingSection, LoopFields,  # noqa: E402
                            LoraFields, load_config)
+from memcli.training.retriever import RetrieverRecipe  # noqa: E402
 
-SRC = (Path(__file__).resolve().parent.parent / "memcli" / "config.py").read_text().splitlines()
+ROOT = Path(__file__).resolve().parent.parent
+SRC = (ROOT / "memcli" / "config.py").read_text().splitlines()
+RETRIEVER_SRC = (ROOT / "memcli" / "training" / "retriever.py").read_text().splitlines()
 
 
-def comment(name: str, cls) -> str:
+def comment(name: str, cls, src=SRC) -> str:
     """The trailing comment of the field's line in the class that defines it."""
     for klass in cls.__mro__:
-        start = next((i for i, ln in enumerate(SRC) if ln.startswith(f"class {klass.__name__}")), None)
+        start = next((i for i, ln in enumerate(src) if ln.startswith(f"class {klass.__name__}")), None)
         if start is None:
             continue
-        for ln in SRC[start + 1:]:
+        for ln in src[start + 1:]:
             if ln.startswith("class ") or ln.startswith("def "):
                 break
             m = re.match(rf"\s+{name}: [^=]+= .*?#\s*(.*)$", ln)
@@ -76,6 +79,15 @@ def tables() -> None:
         for k, (d, c) in ALL[r].items():
             if k not in SHARED_KEYS or k not in SAME:
                 print(f"| `{k}` | {d} | {c} |")
+    print("\n`memcli train retriever` (example: `examples/train_retriever.yaml`; not a memory kind: it writes a "
+          "sentence-transformers directory for the turn memory, `--encoder DIR`):\n\n| key | default | meaning |\n"
+          "|---|---|---|")
+    cfg = load_config(RetrieverRecipe, overrides=["dataset.path=x"])
+    for sec in ("dataset", "model", "training", "logging"):
+        s = getattr(cfg, sec)
+        for f in fields(s):
+            d = "null" if f.name == "path" else value(getattr(s, f.name))
+            print(f"| `{sec}.{f.name}` | {d} | {comment(f.name, type(s), RETRIEVER_SRC)} |")
 
 
 if "--write" in sys.argv:

@@ -190,6 +190,7 @@ def test_chat_history_and_greedy_determinism(short_run):
     (["chat", "--model-type", "hippo", "--out-dir", "{run}", "--prompt", "hi"], "memcli train hippo"),
     (["chat", "--out-dir", "{run}", "--prompt", "hi", "--top-p", "0"], "--top-p"),
     (["chat", "--model-path", "{run}/nope", "--prompt", "hi"], "not found"),
+    (["chat", "--out-dir", "{run}", "--prompt", "hi", "--encoder", "{run}"], "--encoder keep a dialog memory"),
 ])
 def test_chat_bad_input(cli, short_run, args, needle):
     assert_one_line_error(*cli(*[a.format(run=short_run) for a in args])[::2], needle)

@@ -27,6 +27,8 @@ def chat(
                                "top N turns before it (0: the state alone)."),
     session_file: Optional[Path] = typer.Option(None, "--session", help="HIPPO: save the memory (state and turns) to this "
                                            "file after every answer, and reopen it when it exists."),
+    encoder: str = typer.Option("minilm", "--encoder", help="HIPPO with --recall / --session: the turn memory's dense "
+                                "keys, minilm or a directory written by 'memcli train retriever'."),
 ):
     """Talk to a trained model; answers stream token by token (KV cache).
 
@@ -45,13 +47,15 @@ def chat(
       printf 'Where was Velmora born?\\n/memory\\n' | memcli chat
       printf 'My pet is called Zorvak.\\nWhat is my pet called?\\n/state\\n' | memcli chat -t hippo -m out/hippo
       memcli chat -t hippo -m out/hippo --recall 5 --session me.session
+      memcli chat -t hippo -m out/hippo --recall 5 --encoder out/turn-encoder
     """
     from transformers import TextStreamer
 
     from memcli.chat import GenOptions, open_session
 
     opts = GenOptions(max_new_tokens, temperature, top_p, repetition_penalty)
-    session, path = open_session(model_path, model_type, opts, out_dir, recall=recall, session=session_file)
+    session, path = open_session(model_path, model_type, opts, out_dir, recall=recall, session=session_file,
+                                 encoder=encoder)
     if prompt is None:
         _loop(session, path)
     elif as_json:

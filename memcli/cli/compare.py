@@ -89,8 +89,8 @@ def locomo(
                                          "hippo+oracle (default: all that the model allows)."),
     retriever: str = typer.Option("hybrid", help="How the turns setups rank turns: hybrid (BM25 + dense, z-fused), dense, "
                                   "or lexical (BM25)."),
-    encoder: str = typer.Option("minilm", help="Dense turn keys: minilm (all-MiniLM-L6-v2, offline) or backbone (mean "
-                                "states of a backbone layer)."),
+    encoder: str = typer.Option("minilm", help="Dense turn keys: minilm (all-MiniLM-L6-v2, offline), backbone (mean "
+                                "states of a backbone layer) or a sentence-transformers directory ('train retriever')."),
     top_k: int = typer.Option(5, "--top-k", help="Turns read per question by the turns setups."),
     rerank_with: Optional[str] = typer.Option(None, "--rerank-with", help="Re-order each question's best turns by "
                                               "this backbone's log p(question | turn) (tiny, smollm2-135m, a path)."),
@@ -142,6 +142,8 @@ def locomo(
     model, tok, bb, path, allowed = _locomo_model(backbone, model_path, out_dir)
     chosen = _locomo_setups(setups, allowed, backbone is not None)
     enc = None if retriever == "lexical" else make_encoder(encoder, bb, tok)
+    if enc is not None:
+        _warn_if_trained_on(encoder, skip, conversations, len(samples))
     reranker = _reranker(rerank_with, rerank_candidates, (bb, tok) if rerank_with == str(path) else None)
     per_setup = sum(len(pick_questions(s["qa"], max_questions, sample, 0)) for s in samples[skip:][:conversations])
     if recall_only:
@@ -159,6 +161,18 @@ def locomo(
     if answers is not None:
         write_jsonl(answers, res["answers"])
     _show_locomo(res, str(path), as_json, markdown)
+
+
+def _warn_if_trained_on(encoder: str, skip: int, conversations: Optional[int], n: int) -> None:
+    """A 'train retriever' encoder measured on the conversations it learnt from reports a fit, not recall."""
+    from memcli.console import err_console
+    from memcli.training.retriever import trained_conversations
+
+    trained = set(trained_conversations(encoder) or ())
+    seen = sorted(trained & set(range(skip + 1, min(n, skip + (conversations or n)) + 1)))
+    if seen:
+        err_console.print(f"warning: --encoder {encoder} was trained on conversation(s) {', '.join(map(str, seen))} "
+                          "evaluated here: their figures are not held out", highlight=False, soft_wrap=True)
 
 
 def _only_categories(samples: list[dict], spec: Optional[str]) -> list[dict]:

@@ -102,12 +102,14 @@ def context_prompt(tok, context: str | None, question: str) -> list[int]:
 
 
 class MiniLMEncoder:
-    name = "minilm"
+    """A sentence-transformers model: ``minilm`` (the offline all-MiniLM-L6-v2) or a local directory (one
+    ``memcli train retriever`` wrote, say); its name is the spec, so a session file records which keyed it."""
 
-    def __init__(self):
+    def __init__(self, spec: str = "minilm"):
         from memcli.data.keys import sentence_embedder
 
-        self.model = sentence_embedder("minilm")
+        self.name = spec
+        self.model = sentence_embedder(spec)
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> torch.Tensor:
@@ -154,7 +156,10 @@ def make_encoder(name: str, backbone=None, tok=None):
         if backbone is None:
             raise MemcliError("turn encoder 'backbone' needs a model")
         return BackboneEncoder(backbone, tok)
-    raise MemcliError(f"turn encoder '{name}': expected one of {', '.join(ENCODERS)}")
+    if Path(name).is_dir():
+        return MiniLMEncoder(name)
+    raise MemcliError(f"turn encoder '{name}': expected one of {', '.join(ENCODERS)} or a local sentence-transformers "
+                      "directory")
 
 
 _stemmer = None
