@@ -1,4 +1,5 @@
-"""``memcli train router|fusion|memory|hippo|hrpo``: each recipe's own schema (memcli/config.py), key=value overrides."""
+"""``memcli train router|fusion|memory|hippo|hrpo``: each recipe's own schema (memcli/config.py), key=value overrides;
+``memcli train retriever`` (memcli/training/retriever.py) the same way."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import typer
 
 from memcli.views import console, emit, kv_table
 
-train = typer.Typer(help="Train memory components: explicit memory (router, fusion, memory), HIPPO, HRPO.",
+train = typer.Typer(help="Train memory components: explicit memory (router, fusion, memory), HIPPO, HRPO; the turn "
+                    "memory's retriever.",
                     no_args_is_help=True, rich_markup_mode="rich")
 
 
