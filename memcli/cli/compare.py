@@ -131,7 +131,6 @@ def locomo(
     """
     from memcli.console import progress
     from memcli.eval.locomo import load_locomo, pick_questions, recall_only as recall_fn, run_locomo
-    from memcli.hippo.turns import make_encoder
     from memcli.records import write_jsonl
 
     samples = _only_categories(load_locomo(data), categories)
@@ -141,9 +140,7 @@ def locomo(
     _check_selection(data, len(samples), skip, sample, max_questions, retriever)
     model, tok, bb, path, allowed = _locomo_model(backbone, model_path, out_dir)
     chosen = _locomo_setups(setups, allowed, backbone is not None)
-    enc = None if retriever == "lexical" else make_encoder(encoder, bb, tok)
-    if enc is not None:
-        _warn_if_trained_on(encoder, skip, conversations, len(samples))
+    enc = _turn_encoder(encoder, retriever, bb, tok, skip, conversations, len(samples))
     reranker = _reranker(rerank_with, rerank_candidates, (bb, tok) if rerank_with == str(path) else None)
     per_setup = sum(len(pick_questions(s["qa"], max_questions, sample, 0)) for s in samples[skip:][:conversations])
     if recall_only:
@@ -163,16 +160,22 @@ def locomo(
     _show_locomo(res, str(path), as_json, markdown)
 
 
-def _warn_if_trained_on(encoder: str, skip: int, conversations: Optional[int], n: int) -> None:
-    """A 'train retriever' encoder measured on the conversations it learnt from reports a fit, not recall."""
+def _turn_encoder(encoder: str, retriever: str, bb, tok, skip: int, conversations: Optional[int], n: int):
+    """The dense turn encoder (None for BM25 alone). A 'train retriever' encoder measured on the conversations it
+    learnt from reports a fit, not recall: said in one line."""
     from memcli.console import err_console
+    from memcli.hippo.turns import make_encoder
     from memcli.training.retriever import trained_conversations
 
+    if retriever == "lexical":
+        return None
+    enc = make_encoder(encoder, bb, tok)
     trained = set(trained_conversations(encoder) or ())
     seen = sorted(trained & set(range(skip + 1, min(n, skip + (conversations or n)) + 1)))
     if seen:
         err_console.print(f"warning: --encoder {encoder} was trained on conversation(s) {', '.join(map(str, seen))} "
                           "evaluated here: their figures are not held out", highlight=False, soft_wrap=True)
+    return enc
 
 
 def _only_categories(samples: list[dict], spec: Optional[str]) -> list[dict]:

@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from memcli.config import Schema
 from memcli.errors import MemcliError
 
 META = "memcli_turn_encoder.json"
@@ -72,7 +73,7 @@ class RetrieverLogging:
 
 
 @dataclass
-class RetrieverRecipe:
+class RetrieverRecipe(Schema):
     command = "train retriever"
     dataset: RetrieverDataset = field(default_factory=RetrieverDataset)
     model: RetrieverModel = field(default_factory=RetrieverModel)
@@ -91,11 +92,6 @@ class RetrieverRecipe:
         if bad:
             raise MemcliError(f"{bad[0]}: {_value(self, bad[0])} is out of range (see --print-config for the defaults)")
         return self
-
-    def to_dict(self) -> dict:
-        from omegaconf import OmegaConf
-
-        return OmegaConf.to_container(OmegaConf.structured(self))  # type: ignore[return-value]
 
 
 def _value(cfg, dotted: str):
@@ -176,15 +172,9 @@ def fit(model, examples: list[Example], t: RetrieverTraining, log=None) -> list[
     return losses
 
 
-def held_out_recall(data: list[dict], encoder, max_questions: int | None) -> dict:
-    from memcli.eval.locomo import recall_only
-
-    return recall_only(data, encoder, max_questions=max_questions)
-
-
 def train_retriever(cfg: RetrieverRecipe, log=None) -> dict:
     """Train, measure held-out recall before and after, write the encoder directory; returns the summary."""
-    from memcli.eval.locomo import load_locomo
+    from memcli.eval.locomo import load_locomo, recall_only
     from memcli.hippo.turns import MiniLMEncoder
     from memcli.records import atomic_dir, sweep_stale_temps
 
@@ -204,13 +194,14 @@ def train_retriever(cfg: RetrieverRecipe, log=None) -> dict:
     if out.parent.is_dir():
         sweep_stale_temps(out.parent, recursive=False)
     enc = MiniLMEncoder(cfg.model.base)
-    before = held_out_recall(held, enc, d.max_eval_questions) if held else None
-    enc.model.max_seq_length, seq = cfg.model.max_seq_length, enc.model.max_seq_length
+    before = recall_only(held, enc, max_questions=d.max_eval_questions) if held else None
+    seq = enc.model.max_seq_length
+    enc.model.max_seq_length = cfg.model.max_seq_length
     t0 = time.perf_counter()
     losses = fit(enc.model, examples, t, log)
     seconds = time.perf_counter() - t0
     enc.model.max_seq_length, enc.name = seq, str(out)  # encoding at use keeps the base's limit
-    after = held_out_recall(held, enc, d.max_eval_questions) if held else None
+    after = recall_only(held, enc, max_questions=d.max_eval_questions) if held else None
     summary = {"trained_conversations": [i + 1 for i in trained], "held_out_conversations":
                [i + 1 for i in range(len(data)) if i not in trained], "examples": len(examples), "steps": len(losses),
                "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4), "train_seconds": round(seconds, 1),
