@@ -186,7 +186,8 @@ def train_retriever(cfg: RetrieverRecipe, log=None) -> dict:
         raise MemcliError(f"dataset.conversations: {d.path} has {len(data)} conversations, "
                           f"{d.skip} + {d.conversations} asked")
     trained = list(range(d.skip, d.skip + d.conversations))
-    held = [c for i, c in enumerate(data) if i not in trained]
+    held_ids = [i for i in range(len(data)) if i not in trained]
+    held = [data[i] for i in held_ids]
     examples = training_examples([data[i] for i in trained], t.negative_pool)
     if not examples:
         raise MemcliError(f"{d.path}: no question of conversations {trained[0] + 1}-{trained[-1] + 1} has evidence turns")
@@ -202,8 +203,8 @@ def train_retriever(cfg: RetrieverRecipe, log=None) -> dict:
     seconds = time.perf_counter() - t0
     enc.model.max_seq_length, enc.name = seq, str(out)  # encoding at use keeps the base's limit
     after = recall_only(held, enc, max_questions=d.max_eval_questions) if held else None
-    summary = {"trained_conversations": [i + 1 for i in trained], "held_out_conversations":
-               [i + 1 for i in range(len(data)) if i not in trained], "examples": len(examples), "steps": len(losses),
+    summary = {"trained_conversations": [i + 1 for i in trained], "held_out_conversations": [i + 1 for i in held_ids],
+               "examples": len(examples), "steps": len(losses),
                "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4), "train_seconds": round(seconds, 1),
                "recall_before": before, "recall_after": after}
     with atomic_dir(out) as tmp:
