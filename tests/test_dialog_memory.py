@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from memcli.errors import MemcliError
 from memcli.eval import locomo as LC
 from memcli.hippo import turns as T
 
@@ -124,6 +125,59 @@ def test_evidence_recall_on_a_two_session_conversation():
     assert r["recall@7"] == 1.0 and r["all@7"] == 1.0  # all 7 turns brought back
 
 
+def test_turn_priors_against_hand_computed_values():
+    s = torch.tensor([[1.0, 2.0, 3.0, -1.0, 5.0], [0.0, -1.0, -2.0, 4.0, 1.0]])
+    # the better of the turns before and after in the same session; a missing side counts 0
+    assert T.neighbor_scores(s, [1, 1, 1, 2, 2]).tolist() == [[2, 3, 2, 5, 0], [0, 0, 0, 1, 4]]
+    assert T.neighbor_scores(s, ["a"] * 5).tolist() == [[2, 3, 2, 5, 0], [0, 0, 4, 1, 4]]
+    speakers = ["Caroline", "Melanie Smith", "Caroline", None, "Melanie Smith"]
+    got = T.named_speaker_mask(["What did Caroline's mom say?", "Did melanie and Caroline meet?", "Where is Carol?",
+                                "What did MELANIE paint?"], speakers)
+    assert got.tolist() == [[1, 0, 1, 0, 0], [0] * 5, [0] * 5, [0, 1, 0, 0, 1]]  # whole first names, any case
+    assert T.named_speaker_mask(["Caroline?"], ["Caroline", "Caroline"]).tolist() == [[0, 0]]  # one speaker: nothing
+    # dates: the most precise one a question names, against each turn's date (LoCoMo writes "time on day month, year")
+    for text, want in [("4:04 pm on 20 January, 2023", (2023, 1, 20)), ("What happened on March 3rd, 2021?", (2021, 3, 3)),
+                       ("the 2023-01-20 meeting", (2023, 1, 20)), ("Which city in Sept. 2021?", (2021, 9)),
+                       ("What did John do in 2024?", (2024,)), ("marching band", None), ("May I ask?", None)]:
+        assert T.parse_date(text) == want, text
+    dates = ["4:04 pm on 20 January, 2023", "1:00 pm on 21 January, 2023", "8 May, 2022", None, "someday"]
+    got = T.named_date_mask(["What did Jon say on 20 January, 2023?", "in January 2023", "during 2022", "When?"], dates)
+    assert got.tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0] * 5]
+
+
+def test_turn_priors_add_to_the_fused_scores_and_change_the_ranking():
+    s1 = [("Alice", "Guess what, I finally did it last weekend!"), ("Bob", "Did what? Tell me."),
+          ("Alice", "I ran my first marathon, in Boston."), ("Bob", "Amazing, congratulations.")]
+    s2 = [("Alice", "Hiking, hiking, more hiking: the Alps are where I hike every summer."),
+          ("Bob", "I hike in Norway."), ("Alice", "My sister finally moved to Oslo."), ("Bob", "Nice, say hi to her.")]
+    dates = {1: "1:00 pm on 8 May, 2023", 2: "7:30 pm on 9 June, 2023"}
+    entries = [{"id": f"D{n}:{i + 1}", "session": n, "date": dates[n], "speaker": a, "text": t}
+               for n, turns in ((1, s1), (2, s2)) for i, (a, t) in enumerate(turns)]
+
+    def memory(neighbor, speaker, date):
+        m = T.TurnMemory(retriever="lexical", neighbor_weight=neighbor, speaker_weight=speaker, date_weight=date)
+        m.add(entries)
+        return m
+
+    def top(m, q, k):
+        return [entries[i]["id"] for i in m.search([q], k)[0][0].tolist()]
+
+    plain, every = memory(0, 0, 0), memory(0.7, 3, 2)
+    qs = ["Where does Bob go hiking?", "What did Alice finally do last weekend?", "Norway", "Who spoke on 9 June, 2023?"]
+    base = plain.scores(qs)
+    want = (base + 0.7 * T.neighbor_scores(base, [e["session"] for e in entries])
+            + 3 * T.named_speaker_mask(qs, [e["speaker"] for e in entries])
+            + 2 * T.named_date_mask(qs, [e["date"] for e in entries]))
+    assert torch.allclose(every.scores(qs), want)
+    assert set(top(memory(0, 0, 1), qs[3], 4)) == {f"D2:{i}" for i in range(1, 5)}  # session 2 is that day
+    # BM25 prefers Alice's thrice-said hiking; the question is about Bob's
+    assert top(plain, qs[0], 1) == ["D2:1"] and top(memory(0, 8, 0), qs[0], 1) == ["D2:2"]
+    # the marathon turn shares no word with the question; the turn before it does
+    assert "D1:3" not in top(plain, qs[1], 3) and "D1:3" in top(memory(0.5, 0, 0), qs[1], 3)
+    with pytest.raises(MemcliError, match="speaker_weight -1"):
+        T.TurnMemory(retriever="lexical", speaker_weight=-1)
+
+
 def test_likelihood_reranker_scores_are_the_question_log_likelihood():
     """log p(question | turn) from the re-ranker's batched, right-padded pass (vocabulary projection on the
     question's positions only) equals the sum read off the model's full logits, one turn at a time."""
@@ -164,7 +218,8 @@ def test_reranking_reorders_only_the_retrievers_candidates():
         assert idx[j].tolist() == top3[j][torch.argsort(-fused, stable=True)[:2]].tolist()
     r = LC.recall_only([_conversation()], None, retriever="lexical", ks=(1, 2),
                        reranker=T.LikelihoodReranker(bb, tok, candidates=7))
-    assert r["retriever"] == "lexical + lm re-ranking of the top 7" and r["questions_with_evidence"] == 3
+    assert r["retriever"] == "lexical + neighbours x0.5, named speaker x8, named date x8 + lm re-ranking of the top 7"
+    assert r["questions_with_evidence"] == 3
 
 
 def test_turn_memory_written_turn_by_turn_equals_written_at_once():
@@ -205,7 +260,7 @@ def test_oracle_reads_exactly_the_evidence_and_turns_read_their_top_k():
             assert row[f"{s}_f1"] == LC.score(row[s], q) and row[f"{s}_bleu1"] == LC.bleu_score(row[s], q)
     summ = res["summary"]
     assert summ["oracle"]["evidence_in_prompt"] == 1.0 and summ["none"]["evidence_in_prompt"] == 0.0
-    assert summ["turns"]["evidence_in_prompt"] == pytest.approx((1 + 1 + 0.5) / 3)  # = lexical recall@2 here
+    assert summ["turns"]["evidence_in_prompt"] == LC.recall_only(data, None, retriever="lexical", ks=(2,))["recall@2"]
     assert summ["none"]["count"] == {"multi-hop": 1, "temporal": 0, "open-domain": 0, "single-hop": 2,
                                      "adversarial": 1, "overall": 3}
     # "overall" is categories 1-4: the mean of the three scored rows, the adversarial row apart
@@ -272,11 +327,19 @@ def test_compare_locomo_recall_only_and_refusals(cli, tmp_path):
     p = tmp_path / "conv.json"
     p.write_text(json.dumps([_conversation()]))
     code, out, err = cli("compare", "locomo", "--data", p, "--backbone", "tiny", "--recall-only", "--retriever", "lexical",
-                         "--json")
+                         "--neighbor-weight", "0", "--speaker-weight", "0", "--date-weight", "0", "--json")
     assert code == 0, err
     r = json.loads(out)
     assert r["retriever"] == "lexical" and r["recall@1"] == pytest.approx(2.5 / 3) and r["recall@10"] == 1.0
+    code, out, err = cli("compare", "locomo", "--data", p, "--backbone", "tiny", "--recall-only", "--retriever", "lexical",
+                         "--speaker-weight", "2", "--date-weight", "0", "--json")
+    assert code == 0, err
+    assert json.loads(out)["retriever"] == "lexical + neighbours x0.5, named speaker x2"
     from conftest import assert_one_line_error
+
+    for flag in ("--neighbor-weight", "--speaker-weight", "--date-weight"):
+        code, _, err = cli("compare", "locomo", "--data", p, "--backbone", "tiny", flag, "-1")
+        assert_one_line_error(code, err, f"{flag} -1.0", ">= 0")
 
     code, _, err = cli("compare", "locomo", "--data", p, "--backbone", "tiny", "--setups", "hippo")
     assert_one_line_error(code, err, "--setups", "'hippo'", "--backbone has none")
@@ -288,7 +351,8 @@ def test_compare_locomo_recall_only_and_refusals(cli, tmp_path):
                          "lexical", "--rerank-with", "tiny", "--rerank-candidates", "7", "--sample", "2", "--json")
     assert code == 0, err
     r = json.loads(out)
-    assert r["retriever"] == "lexical + tiny re-ranking of the top 7" and r["recall@10"] == 1.0
+    assert r["retriever"] == "lexical + neighbours x0.5, named speaker x8, named date x8 + tiny re-ranking of the top 7"
+    assert r["recall@10"] == 1.0
     picked = LC.pick_questions(_conversation()["qa"], None, 2, 0)  # --sample 2 of the 4 questions (seed 0)
     assert r["questions_with_evidence"] == sum(bool(q["evidence"]) for q in picked) == 1
     code, _, err = cli("compare", "locomo", "--data", p, "--backbone", "tiny", "--rerank-candidates", "0")

@@ -22,7 +22,7 @@ def test_examples_pair_each_evidence_turn_with_the_question_and_bm25_hard_negati
     ex = R.training_examples([conv], pool=4)
     want = [(q["question"], pos[x]) for q in conv["qa"] for x in LC.evidence_ids(q) if x in pos]
     assert [e.question for e in ex] == [q for q, _ in want] and len(ex) > len(conv["qa"]) // 2
-    lexical = T.TurnMemory(retriever="lexical")
+    lexical = T.TurnMemory(retriever="lexical", **T.NO_PRIORS)  # BM25 alone
     lexical.add(entries)
     for e, (q, i) in zip(ex, want):
         assert e.positives == (T.context_text(entries, i), T.key_text(entries[i]))
@@ -30,6 +30,24 @@ def test_examples_pair_each_evidence_turn_with_the_question_and_bm25_hard_negati
         evidence = {pos[x] for x in LC.evidence_ids(item) if x in pos}
         ranked = [j for j in torch.argsort(-lexical.scores([q])[0], stable=True).tolist() if j not in evidence][:4]
         assert e.negatives == [T.context_text(entries, j) for j in ranked]  # best BM25 first, never the evidence
+
+
+def test_observations_are_more_queries_each_paired_with_the_turns_it_names():
+    conv = dict(LC.load_locomo(EXCERPT)[0])
+    conv["observation"] = {  # LoCoMo's form: per session, per speaker, [statement, evidence]
+        "session_1_observation": {"Caroline": [["Caroline went to an LGBTQ support group.", "D1:3"]],
+                                  "Melanie": [["Melanie paints.", ["D1:12", "D1:14"]], ["Melanie skis.", "D9:9"]]},
+        "session_2_observation": {"Caroline": [["Caroline researches adoption.", "D2:8; D2:10"]]}}
+    plain = R.training_examples([conv], pool=4)
+    more = R.training_examples([conv], pool=4, observations=True)
+    assert more[: len(plain)] == plain
+    extra = [(e.question, e.positives[1]) for e in more[len(plain):]]
+    entries = {e["id"]: e for e in LC.conversation_entries(conv)}
+    want = [("Caroline went to an LGBTQ support group.", "D1:3"), ("Melanie paints.", "D1:12"), ("Melanie paints.", "D1:14"),
+            ("Caroline researches adoption.", "D2:8"), ("Caroline researches adoption.", "D2:10")]  # D9:9 is not there
+    assert extra == [(q, T.key_text(entries[i])) for q, i in want]
+    assert all(len(e.negatives) == 4 for e in more[len(plain):])
+    assert R.observation_items({"qa": []}) == []
 
 
 @pytest.fixture(scope="module")

@@ -95,6 +95,9 @@ def locomo(
     rerank_with: Optional[str] = typer.Option(None, "--rerank-with", help="Re-order each question's best turns by "
                                               "this backbone's log p(question | turn) (tiny, smollm2-135m, a path)."),
     rerank_candidates: int = typer.Option(20, help="Turns re-ordered per question with --rerank-with."),
+    neighbor_weight: float = typer.Option(0.5, help="Turn prior: x the better score of a turn's neighbours (0: off)."),
+    speaker_weight: float = typer.Option(8.0, help="Turn prior: for the turns of the one speaker a question names."),
+    date_weight: float = typer.Option(8.0, help="Turn prior: for the turns on the date a question names (0: off)."),
     conversations: Optional[int] = typer.Option(None, help="Only N conversations (from --skip on)."),
     skip: int = typer.Option(0, help="Skip the first N conversations (e.g. --skip 5: the held-out half)."),
     max_questions: Optional[int] = typer.Option(None, help="Only the first N questions of each conversation."),
@@ -137,27 +140,31 @@ def locomo(
     if backbone is not None and model_path is not None:
         raise MemcliError("--backbone and --model-path: give one (a backbone alone, or a HIPPO run)")
     _at_least_one(**{"--top-k": top_k, "--batch": batch, "--sample": sample, "--rerank-candidates": rerank_candidates})
+    priors = _turn_priors(neighbor_weight=neighbor_weight, speaker_weight=speaker_weight, date_weight=date_weight)
     _check_selection(data, len(samples), skip, sample, max_questions, retriever)
     model, tok, bb, path, allowed = _locomo_model(backbone, model_path, out_dir)
     chosen = _locomo_setups(setups, allowed, backbone is not None)
     enc = _turn_encoder(encoder, retriever, bb, tok, skip, conversations, len(samples))
     reranker = _reranker(rerank_with, rerank_candidates, (bb, tok) if rerank_with == str(path) else None)
-    per_setup = sum(len(pick_questions(s["qa"], max_questions, sample, 0)) for s in samples[skip:][:conversations])
-    if recall_only:
-        with progress() as bar:
-            task = bar.add_task("retrieving", total=per_setup)
-            _show_recall(recall_fn(samples, enc, conversations, max_questions, retriever=retriever, first=skip,
-                                   reranker=reranker, sample=sample, progress_cb=lambda _, n: bar.advance(task, n)),
-                         as_json, markdown)
-        return
+    common = dict(retriever=retriever, first=skip, sample=sample, reranker=reranker, priors=priors)
+    total = sum(len(pick_questions(s["qa"], max_questions, sample, 0)) for s in samples[skip:][:conversations])
     with progress() as bar:
-        task = bar.add_task("answering", total=per_setup * len(chosen))
+        task = bar.add_task("retrieving" if recall_only else "answering", total=total * (1 if recall_only else len(chosen)))
+        if recall_only:
+            return _show_recall(recall_fn(samples, enc, conversations, max_questions, **common,
+                                          progress_cb=lambda _, n: bar.advance(task, n)), as_json, markdown)
         res = run_locomo(model, tok, samples, chosen, conversations, max_questions, max_new_tokens, context_window,
-                         batch=batch, top_k=top_k, encoder=enc, retriever=retriever, first=skip, sample=sample,
-                         reranker=reranker, progress_cb=lambda setup, n: bar.advance(task, n))
+                         batch=batch, top_k=top_k, encoder=enc, **common, progress_cb=lambda _, n: bar.advance(task, n))
     if answers is not None:
         write_jsonl(answers, res["answers"])
     _show_locomo(res, str(path), as_json, markdown)
+
+
+def _turn_priors(**weights: float) -> dict:
+    for key, w in weights.items():
+        if not w >= 0:
+            raise MemcliError(f"--{key.replace('_', '-')} {w}: expected a number >= 0 (0 turns the prior off)")
+    return weights
 
 
 def _turn_encoder(encoder: str, retriever: str, bb, tok, skip: int, conversations: Optional[int], n: int):

@@ -269,8 +269,9 @@ def _recall_summary(name: str, recall: dict, every: dict, ks) -> dict:
 
 def recall_only(data: list[dict], encoder, conversations: int | None = None, max_questions: int | None = None,
                 ks=RECALL_KS, retriever: str = "hybrid", first: int = 0, reranker=None, sample: int | None = None,
-                seed: int = 0, progress_cb=None) -> dict:
-    """The turn retriever's evidence recall@k over the conversations, without answering anything."""
+                seed: int = 0, progress_cb=None, priors: dict | None = None) -> dict:
+    """The turn retriever's evidence recall@k over the conversations, without answering anything. ``priors``:
+    ``TurnMemory``'s ``neighbor_weight`` / ``speaker_weight`` / ``date_weight`` (its defaults where absent)."""
     recall = {k: [] for k in ks}
     every = {k: [] for k in ks}
     t0 = time.perf_counter()
@@ -278,24 +279,27 @@ def recall_only(data: list[dict], encoder, conversations: int | None = None, max
         entries = conversation_entries(conv)
         position = {e["id"]: i for i, e in enumerate(entries)}
         qa = pick_questions(conv["qa"], max_questions, sample, seed)
-        mem = _turn_memory(encoder, retriever, reranker)
+        mem = _turn_memory(encoder, retriever, reranker, priors)
         mem.add(entries)
         ranked = mem.search([q["question"] for q in qa], max(ks))[0].tolist()
         _count_recall(ranked, [[position[x] for x in evidence_ids(q) if x in position] for q in qa], ks, recall, every)
         if progress_cb:
             progress_cb("recall", len(qa))
-    return {**_recall_summary(_retriever_name(encoder, retriever, reranker), recall, every, ks),
+    return {**_recall_summary(_retriever_name(encoder, retriever, reranker, priors), recall, every, ks),
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def _turn_memory(encoder, retriever: str, reranker=None):
+def _turn_memory(encoder, retriever: str, reranker=None, priors: dict | None = None):
     from memcli.hippo.turns import TurnMemory
 
-    return TurnMemory(encoder, retriever, reranker=reranker)
+    return TurnMemory(encoder, retriever, reranker=reranker, **(priors or {}))
 
 
-def _retriever_name(encoder, retriever: str, reranker=None) -> str:
-    name = _turn_memory(encoder, retriever).name
+def _retriever_name(encoder, retriever: str, reranker=None, priors: dict | None = None) -> str:
+    mem = _turn_memory(encoder, retriever, None, priors)
+    extra = [f"{label} x{w:g}" for label, w in (("neighbours", mem.neighbor_weight), ("named speaker", mem.speaker_weight),
+                                                ("named date", mem.date_weight)) if w]
+    name = mem.name + (f" + {', '.join(extra)}" if extra else "")
     return name if reranker is None else f"{name} + {reranker.name} re-ranking of the top {reranker.candidates}"
 
 
@@ -333,7 +337,7 @@ def run_locomo(model, tok, data: list[dict], setups=SETUPS, conversations: int |
                max_questions: int | None = None, max_new_tokens: int = 24, context_window: int | None = None,
                batch: int = 8, seed: int = 0, top_k: int = 5, encoder=None, recall_ks=RECALL_KS,
                progress_cb=None, retriever: str = "hybrid", first: int = 0, sample: int | None = None,
-               reranker=None) -> dict:
+               reranker=None, priors: dict | None = None) -> dict:
     """Answer each conversation's QA in every setup.
 
     Returns ``summary`` (per setup: F1 and BLEU-1 per category, ``overall`` = categories 1-4, adversarial apart;
@@ -341,7 +345,8 @@ def run_locomo(model, tok, data: list[dict], setups=SETUPS, conversations: int |
     and ``context_window``. ``retriever`` and ``encoder`` (``memcli.hippo.turns``) rank the turns for ``turns`` /
     ``hippo+turns``. ``first``: skip that many conversations; ``sample``: that many questions per conversation, drawn
     with ``seed`` (kept in file order), instead of the first ``max_questions``. ``reranker``
-    (``memcli.hippo.turns.LikelihoodReranker``) re-orders the retriever's best candidates."""
+    (``memcli.hippo.turns.LikelihoodReranker``) re-orders the retriever's best candidates; ``priors`` as in
+    ``recall_only``."""
     bad = [s for s in setups if s not in SETUPS]
     if bad:
         raise MemcliError(f"--setups: '{bad[0]}' is not a setup, expected some of {', '.join(SETUPS)}")
@@ -354,7 +359,7 @@ def run_locomo(model, tok, data: list[dict], setups=SETUPS, conversations: int |
     per = {s: {"latency": [], "tokens": [], "in_prompt": [], "write_s": []} for s in setups}
     recall = {k: [] for k in recall_ks}
     recall_all = {k: [] for k in recall_ks}
-    ret_name = _retriever_name(encoder, retriever, reranker) if retrieving else None
+    ret_name = _retriever_name(encoder, retriever, reranker, priors) if retrieving else None
     for conv in data[first:][:conversations]:
         entries = conversation_entries(conv)
         position = {e["id"]: i for i, e in enumerate(entries)}
@@ -367,7 +372,7 @@ def run_locomo(model, tok, data: list[dict], setups=SETUPS, conversations: int |
         ranked = None
         if retrieving:
             t0 = time.perf_counter()
-            mem = _turn_memory(encoder, retriever, reranker)
+            mem = _turn_memory(encoder, retriever, reranker, priors)
             mem.add(entries)
             t1 = time.perf_counter()
             idx, _ = mem.search([q["question"] for q in qa], max(top_k, *recall_ks))

@@ -43,6 +43,7 @@ class RetrieverDataset:
     path: Optional[str] = None  # LoCoMo-format JSON (required): conversations with qa and evidence
     skip: int = 0  # train on conversations skip .. skip + conversations - 1 (0-based) ...
     conversations: int = 5  # ... and hold out every other one
+    observations: bool = False  # also train on the conversations' `observation` statements as queries (LoCoMo has them)
     max_eval_questions: Optional[int] = None  # held-out questions per conversation for the recall figure (all)
 
 
@@ -106,27 +107,45 @@ class Example:
     negatives: list  # hard negatives (texts in context), best BM25 first
 
 
-def training_examples(data: list[dict], pool: int) -> list[Example]:
+def training_examples(data: list[dict], pool: int, observations: bool = False) -> list[Example]:
     """One example per (question, evidence turn) of the given conversations; questions without evidence
-    turns in the conversation are skipped."""
+    turns in the conversation are skipped. With ``observations``, also one per (observation, turn): LoCoMo's
+    per-session statements about each speaker ("Caroline attended an LGBTQ support group"), each naming the
+    turns it rests on, used as more queries."""
     from memcli.eval.locomo import conversation_entries, evidence_ids
-    from memcli.hippo.turns import TurnMemory, context_text, key_text
+    from memcli.hippo.turns import NO_PRIORS, TurnMemory, context_text, key_text
 
     out = []
     for conv in data:
         entries = conversation_entries(conv)
         pos = {e["id"]: i for i, e in enumerate(entries)}
-        qa = [q for q in conv["qa"] if any(x in pos for x in evidence_ids(q))]
-        if not qa:
+        queries = [(q["question"], evidence_ids(q)) for q in conv["qa"]]
+        if observations:
+            queries += [(text, evidence_ids({"evidence": ev if isinstance(ev, list) else [ev]}))
+                        for text, ev in observation_items(conv)]
+        queries = [(q, [pos[x] for x in ev if x in pos]) for q, ev in queries]
+        queries = [(q, ev) for q, ev in queries if ev]
+        if not queries:
             continue
-        lexical = TurnMemory(retriever="lexical")
+        lexical = TurnMemory(retriever="lexical", **NO_PRIORS)  # BM25 alone mines the negatives
         lexical.add(entries)
-        scores = lexical.scores([q["question"] for q in qa])
+        scores = lexical.scores([q for q, _ in queries])
         ctx = [context_text(entries, i) for i in range(len(entries))]
-        for j, q in enumerate(qa):
-            ev = [pos[x] for x in evidence_ids(q) if x in pos]
+        for j, (q, ev) in enumerate(queries):
             ranked = [i for i in torch.argsort(-scores[j], stable=True).tolist() if i not in ev][:pool]
-            out += [Example(q["question"], (ctx[i], key_text(entries[i])), [ctx[n] for n in ranked]) for i in ev]
+            out += [Example(q, (ctx[i], key_text(entries[i])), [ctx[n] for n in ranked]) for i in ev]
+    return out
+
+
+def observation_items(conv: dict) -> list[tuple[str, object]]:
+    """``(statement, evidence)`` pairs of a LoCoMo sample's ``observation`` field (absent: none), in session order."""
+    obs = conv.get("observation")
+    if not isinstance(obs, dict):
+        return []
+    out = []
+    for session in obs.values():
+        for items in (session.values() if isinstance(session, dict) else []):
+            out += [(x[0], x[1]) for x in items if isinstance(x, (list, tuple)) and len(x) == 2 and isinstance(x[0], str)]
     return out
 
 
@@ -188,7 +207,7 @@ def train_retriever(cfg: RetrieverRecipe, log=None) -> dict:
     trained = list(range(d.skip, d.skip + d.conversations))
     held_ids = [i for i in range(len(data)) if i not in trained]
     held = [data[i] for i in held_ids]
-    examples = training_examples([data[i] for i in trained], t.negative_pool)
+    examples = training_examples([data[i] for i in trained], t.negative_pool, d.observations)
     if not examples:
         raise MemcliError(f"{d.path}: no question of conversations {trained[0] + 1}-{trained[-1] + 1} has evidence turns")
     out = Path(cfg.logging.out_dir) / cfg.logging.run_name
