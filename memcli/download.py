@@ -118,7 +118,7 @@ def download(name: str, out: str | Path | None = None, force: bool = False, quie
         if not quiet:  # after the rename: the temporary directory is gone by now
             from memcli.console import err_console
 
-            err_console.print(f"{name}: saved to {target}")
+            err_console.print(f"{name}: saved to {target}", soft_wrap=True)  # a path is not broken across lines
     elif is_hub_id(name):
         _stage(target, lambda tmp: _from_hub(name, tmp))
     else:

@@ -107,7 +107,7 @@ def test_download_names_the_final_directory(cli, tmp_path, monkeypatch):
     code, _, err = cli("download", "smollm2-135m")
     final = tmp_path / "models" / "smollm2-135m"
     assert code == 0 and (final / "config.json").is_file()
-    assert f"smollm2-135m: saved to {final}" in " ".join(err.split()) and ".tmp" not in err
+    assert f"smollm2-135m: saved to {final}" in err and ".tmp" not in err
 
 
 # --------------------------------------------------------------------------- the real model (PyPI wheel)

@@ -555,7 +555,8 @@ def test_compare_locomo_cli_on_excerpt(cli, hippo_run, tmp_path):
     r = json.loads(out)
     setups = ["hippo", "none", "full", "oracle", "turns", "hippo+turns", "hippo+oracle"]
     assert list(r["f1"]) == setups and sum(r["count"][n] for n in LC.CATEGORIES.values()) == 12
-    assert r["evidence_in_prompt"]["oracle"] == 1.0 and r["retrieval"]["retriever"] == "hybrid/minilm"
+    assert r["evidence_in_prompt"]["oracle"] == 1.0 and r["retrieval"]["retriever"] == \
+        "hybrid/minilm + neighbours x0.5, named speaker x8, named date x8"
     rows = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and all(f"{s}_bleu1" in rows[0] for s in setups)
     md = (tmp_path / "t.md").read_text()
