@@ -12,14 +12,14 @@ the question it answers). A query scores every turn with
 - ``hybrid`` (default): both; each score is z-normalised over the turns per query and the parts summed
   with equal weights.
 
-Two priors on top of any retriever, from what a turn is rather than what it says: ``neighbor_weight`` x the
+Three priors on top of any retriever, from what a turn is rather than what it says: ``neighbor_weight`` x the
 better score of the turns just before and after it in its session (an answer is spread over a few turns, and a
-question matches one of them best), and ``speaker_weight`` for the turns of a speaker the question names when
-it names exactly one ("What did Caroline research?" is about what Caroline said; her name is in half the turns,
-so BM25 gives it little weight). A third, ``date_weight``, for the turns dated as a question says ("on 20
-January, 2023", "in July 2022", "in 2024": the most precise date it names, matched against each turn's ``date``;
-a turn's text never holds its own date). Chosen on LoCoMo, each fold on the other's conversations with the
-untrained encoder (README); 0 turns any of them off.
+question matches one of them best); ``speaker_weight`` for the turns of a speaker the question names when it
+names exactly one ("What did Caroline research?" is about what Caroline said; her name is in half the turns,
+so BM25 gives it little weight); ``date_weight`` for the turns dated as a question says ("on 20 January, 2023",
+"in July 2022", "in 2024": the most precise date it names, matched against each turn's ``date``; a turn's text
+never holds its own date). Found on LoCoMo conversations 1-5; the weights sit on a plateau on both halves
+(README). 0 turns any of them off.
 
 Ties keep the earlier turn. Nothing is trained. The design (two keys, equal-weight fusion) was chosen on
 LoCoMo conversations 1-5 and is reported on 6-10 apart (README). Keys depend only on a turn and the one
@@ -307,18 +307,19 @@ _MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct",
 _MONTH = (r"(jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|sep(?:t(?:ember)?)?|"
           r"oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)\b\.?")
 _DAY = r"(\d{1,2})(?:st|nd|rd|th)?"
-_DATE_FORMS = (  # most precise first; each -> (year, month, day) groups in its own order
-    ("day", re.compile(rf"\b{_DAY}\s+{_MONTH},?\s+(\d{{4}})\b", re.I), (3, 2, 1)),  # 20 January, 2023
-    ("day", re.compile(rf"\b{_MONTH}\s+{_DAY},?\s+(\d{{4}})\b", re.I), (3, 1, 2)),  # January 20, 2023
-    ("day", re.compile(r"\b(\d{4})-(\d{2})-(\d{2})\b"), (1, 2, 3)),  # 2023-01-20
-    ("month", re.compile(rf"\b{_MONTH},?\s+(\d{{4}})\b", re.I), (2, 1)),  # July 2022
-    ("year", re.compile(r"\b((?:19|20)\d{2})\b"), (1,)),  # 2024
+_DATE_FORMS = (  # most precise first; each: the pattern, then its (year, month, day) groups in that order
+    (re.compile(rf"\b{_DAY}\s+{_MONTH},?\s+(\d{{4}})\b", re.I), (3, 2, 1)),  # 20 January, 2023
+    (re.compile(rf"\b{_MONTH}\s+{_DAY},?\s+(\d{{4}})\b", re.I), (3, 1, 2)),  # January 20, 2023
+    (re.compile(r"\b(\d{4})-(\d{2})-(\d{2})\b"), (1, 2, 3)),  # 2023-01-20
+    (re.compile(rf"\b{_MONTH},?\s+(\d{{4}})\b", re.I), (2, 1)),  # July 2022
+    (re.compile(r"\b((?:19|20)\d{2})\b"), (1,)),  # 2024
 )
 
 
+@functools.lru_cache(maxsize=1 << 14)  # a turn's date is parsed again at every query otherwise
 def parse_date(text: str | None) -> tuple | None:
     """The first, most precise date in ``text`` as ``(year, month, day)``, ``(year, month)`` or ``(year,)``."""
-    for _, pattern, order in _DATE_FORMS:
+    for pattern, order in _DATE_FORMS:
         m = pattern.search(text or "")
         if m:
             parts = [m.group(i) for i in order]
