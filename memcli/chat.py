@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,9 +15,20 @@ from memcli.kinds import KINDS
 METHOD_TYPES = ("lora", "full")  # open a run of any kind whose backbone was trained so
 MODEL_TYPES = (*(k.chat_type for k in KINDS.values()), *METHOD_TYPES)
 HELP = "/exit (or exit, quit) · /reset clear the history · /memory entries read for the last answer · /help this text"
-HIPPO_HELP = ("/exit (or exit, quit) · /reset_hidden (or reset_hidden) clear the memory state · /state its norm and turn count · "
+HIPPO_HELP = ("/exit (or exit, quit) · /reset_hidden (or reset_hidden) clear the memory state and kept turns · /state its norm and turn count · "
               "/memory turns read for the last answer · "
               "/help this text")
+
+
+_MONTH_NAMES = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+                "November", "December")
+
+
+def said(when: datetime.datetime) -> str:
+    """A turn's date as LoCoMo writes it ("1:56 pm on 8 May, 2023"), English whatever the locale, so
+    ``memcli.hippo.turns.parse_date`` reads it back."""
+    hour = when.hour % 12 or 12
+    return f"{hour}:{when.minute:02d} {'am' if when.hour < 12 else 'pm'} on {when.day} {_MONTH_NAMES[when.month - 1]}, {when.year}"
 
 
 @dataclass
@@ -123,7 +136,9 @@ class HippoChatSession:
     are written into the state as two turns (the query never sees its own turn in memory). With ``recall``
     > 0 the turns are also kept as retrievable entries (``memcli.hippo.turns``) and the message's top
     ``recall`` turns are read before it; ``session_path`` saves the state and the turns after every
-    answer (one safetensors file, atomic) and reopens them.
+    answer (one safetensors file, atomic) and reopens them. Each kept turn records when it was said (in
+    LoCoMo's form, "1:56 pm on 8 May, 2023") and which opening of the session file it belongs to, so the turn
+    memory's date and neighbour priors work in chat as on a recorded conversation ("what did I say yesterday?").
     """
 
     model: object
@@ -133,8 +148,10 @@ class HippoChatSession:
     recall: int = 0
     session_path: Path | None = None
     encoder: str = "minilm"  # the turn memory's dense keys: minilm or a 'train retriever' directory
+    clock: Callable[[], datetime.datetime] = datetime.datetime.now  # when a turn is said (tests set it)
     state: torch.Tensor | None = None
     turns: int = 0
+    sitting: int = 0  # this opening of the session file: the turns' ``session`` (neighbours stay within one)
     memory: object = None
     last_read: list = field(default_factory=list)
 
@@ -156,6 +173,8 @@ class HippoChatSession:
         from memcli.hippo.data import prompt_ids
         from memcli.hippo.turns import excerpt_prompt
 
+        if self.memory is not None:
+            self.memory.today = self.clock().date()
         self.last_read = self.memory.read(text, self.recall) if self.recall and len(self.memory) else []
         ids = excerpt_prompt(self.tok, self.last_read, text) if self.last_read else prompt_ids(self.tok, text)
         ids = torch.tensor([ids])
@@ -178,7 +197,8 @@ class HippoChatSession:
         self.state = self.model.write_turns(self.state, ids, torch.ones_like(ids), None, words, torch.ones_like(words))
         self.turns += 1
         if self.memory is not None:
-            self.memory.add([{"id": f"T{self.turns}", "speaker": role, "text": text, "session": 0}])
+            self.memory.add([{"id": f"T{self.turns}", "speaker": role, "text": text, "session": self.sitting,
+                              "date": said(self.clock())}])
 
     def reset_hidden(self) -> None:
         self.state = self.model.init_state(1)
@@ -212,6 +232,8 @@ class HippoChatSession:
         self.memory.load_from(tensors, meta, str(path))
         self.state = tensors["state"].to(self.state.dtype)
         self.turns = int(meta.get("turns_written", len(self.memory)))
+        self.sitting = 1 + max((t.get("session", 0) for t in self.memory.turns if isinstance(t.get("session"), int)),
+                               default=-1)
 
     def state_info(self) -> dict:
         return {"turns": self.turns, "state_norm": round(float(self.state.norm()), 6),
@@ -225,14 +247,15 @@ class HippoChatSession:
     def command(self, text: str):
         if text in ("/reset_hidden", "reset_hidden", "/reset"):
             self.reset()
-            return "memory state cleared" + (" with the turns kept for recall" if self.memory is not None else "")
+            return "memory state cleared" + (", and the turns kept for recall" if self.memory is not None else "")
         if text == "/state":
             info = self.state_info()
             return f"state: {info['turns']} turns, norm {info['state_norm']:.4f}, shape {info['state_shape']}"
         if text == "/memory":
             if self.last_read:
-                return ("turns read for the last answer", ["turn", "score", "text"],
-                        [(t["id"], t["score"], f"{t['speaker']}: {t['text']}") for t in self.last_read])
+                return ("turns read for the last answer", ["turn", "said", "score", "text"],
+                        [(t["id"], t.get("date", ""), t["score"], f"{t['speaker']}: {t['text']}")
+                         for t in self.last_read])
             kept = f"; {len(self.memory)} turns kept" if self.memory is not None else ""
             why = "--recall 0: the state alone carries the history" if not self.recall else "nothing stored yet"
             return f"none: no turn was read for the last answer ({why}{kept})"

@@ -1,8 +1,10 @@
 """Dialog turn memory (memcli.hippo.turns) and the LoCoMo harness around it: evidence recall, the oracle,
 BLEU-1 / F1 under LoCoMo's category rules, BM25 against its formula, and chat sessions saved and reopened."""
 
+import datetime
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -138,8 +140,17 @@ def test_turn_priors_against_hand_computed_values():
     # dates: the most precise one a question names, against each turn's date (LoCoMo writes "time on day month, year")
     for text, want in [("4:04 pm on 20 January, 2023", (2023, 1, 20)), ("What happened on March 3rd, 2021?", (2021, 3, 3)),
                        ("the 2023-01-20 meeting", (2023, 1, 20)), ("Which city in Sept. 2021?", (2021, 9)),
-                       ("What did John do in 2024?", (2024,)), ("marching band", None), ("May I ask?", None)]:
+                       ("What did John do in 2024?", (2024,)), ("marching band", None), ("May I ask?", None),
+                       ("What did I say on 30 November?", (None, 11, 30)), ("on May 7th about 2024", (None, 5, 7)),
+                       ("I ran 5 marathons in 2 decades", None), ("What did I say yesterday?", None)]:
         assert T.parse_date(text) == want, text
+    # "today" / "yesterday" only against a clock's day (a chat's); a named day still comes first
+    day = datetime.date(2026, 3, 1)
+    assert T.parse_date("What did I say yesterday?", day) == (2026, 2, 28)
+    assert T.parse_date("Anything today?", day) == (2026, 3, 1)
+    assert T.parse_date("yesterday or on 8 May, 2022?", day) == (2022, 5, 8)
+    assert T.named_date_mask(["on 20 January", "yesterday"], ["20 January, 2023", "20 January, 2024", "21 January, 2024"],
+                             datetime.date(2024, 1, 22)).tolist() == [[1, 1, 0], [0, 0, 1]]
     dates = ["4:04 pm on 20 January, 2023", "1:00 pm on 21 January, 2023", "8 May, 2022", None, "someday"]
     got = T.named_date_mask(["What did Jon say on 20 January, 2023?", "in January 2023", "during 2022", "When?"], dates)
     assert got.tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0] * 5]
@@ -176,6 +187,42 @@ def test_turn_priors_add_to_the_fused_scores_and_change_the_ranking():
     assert "D1:3" not in top(plain, qs[1], 3) and "D1:3" in top(memory(0.5, 0, 0), qs[1], 3)
     with pytest.raises(MemcliError, match="speaker_weight -1"):
         T.TurnMemory(retriever="lexical", speaker_weight=-1)
+
+
+def test_dense_share_weighs_the_hybrids_halves():
+    enc = T.make_encoder("minilm")
+    entries = LC.conversation_entries(_conversation())
+    qs = ["Which marathon is Alice training for?", "What did Bob cook?"]
+
+    def memory(share=None, retriever="hybrid"):
+        m = T.TurnMemory(enc, retriever, dense_share=share, **T.NO_PRIORS)
+        m.add(entries)
+        return m
+
+    m = memory()
+    assert m.dense_share == 0.5  # the untrained MiniLM asks for equal weights
+    v = enc.encode(qs)
+    dense = T._z(v @ m.keys[:, 0].T) + T._z(v @ m.keys[:, 1].T)
+    lexical = sum(T._z(ix.scores(qs)) for ix in m._lexical_indexes())
+    for share in (0.5, 0.8, 0.0, 1.0):
+        assert torch.allclose(memory(share).scores(qs), 2 * share * dense + 2 * (1 - share) * lexical, atol=1e-5)
+    assert torch.equal(memory(1.0).search(qs, 4)[0], memory(None, "dense").search(qs, 4)[0])
+    assert torch.equal(memory(0.0).search(qs, 4)[0], memory(None, "lexical").search(qs, 4)[0])
+    with pytest.raises(MemcliError, match="dense_share 1.2: expected a number from 0 to 1"):
+        T.TurnMemory(enc, dense_share=1.2)
+
+
+def test_a_trained_encoders_directory_records_its_dense_share(tmp_path):
+    assert T.dense_share_of("minilm") == 0.5 and T.dense_share_of(str(tmp_path)) == 0.5  # no record: equal
+    meta = tmp_path / "memcli_turn_encoder.json"
+    meta.write_text(json.dumps({"dense_share": 0.8}))
+    assert T.dense_share_of(str(tmp_path)) == 0.8
+    for bad, why in (('{"dense_share": 2}', "dense_share 2, expected a number from 0 to 1"),
+                     ('{"dense_share": "high"}', "dense_share 'high'"), ("[1]", "not a JSON object"),
+                     ("{", "not a JSON object")):
+        meta.write_text(bad)
+        with pytest.raises(MemcliError, match=re.escape(f"{meta}: {why}")):
+            T.dense_share_of(str(tmp_path))
 
 
 def test_likelihood_reranker_scores_are_the_question_log_likelihood():
@@ -306,6 +353,28 @@ def test_chat_session_memory_survives_save_and_reopen(tmp_path):
     assert c.turns == 0 and len(c.memory) == 0 and float(c.state.norm()) == 0.0
 
 
+def test_chat_turns_carry_when_they_were_said_and_which_sitting(tmp_path):
+    f = tmp_path / "me.session"
+    now = [datetime.datetime(2026, 2, 27, 21, 5)]
+    a = _hippo_chat(tmp_path, recall=2, session_path=f, clock=lambda: now[0])
+    for text in ["My dog is called Pepper.", "I live in Denver."]:
+        a.reply(text)
+    now[0] = datetime.datetime(2026, 2, 28, 9, 30)  # the next morning, the file reopened
+    b = _hippo_chat(tmp_path, recall=2, session_path=f, clock=lambda: now[0])
+    b.reply("I play the violin.")
+    turns = b.memory.turns
+    assert turns[0]["date"] == "9:05 pm on 27 February, 2026" and turns[-1]["date"] == "9:30 am on 28 February, 2026"
+    assert T.parse_date(turns[0]["date"]) == (2026, 2, 27)
+    assert {t["session"] for t in turns[:a.turns]} == {0} and {t["session"] for t in turns[a.turns:]} == {1}
+    now[0] = datetime.datetime(2026, 2, 28, 10, 0)
+    b.reply("What did I say yesterday?")  # the day before the clock's: only the first sitting's turns are read
+    assert b.last_read and {t["session"] for t in b.last_read} == {0}
+    b.reply("What did I tell you on 28 February?")
+    assert b.last_read and {t["session"] for t in b.last_read} == {1}
+    title, cols, rows = b.command("/memory")
+    assert cols[1] == "said" and all(r[1].endswith("28 February, 2026") for r in rows)
+
+
 def test_chat_session_file_errors(tmp_path):
     from memcli.errors import MemcliError
 
@@ -340,6 +409,8 @@ def test_compare_locomo_recall_only_and_refusals(cli, tmp_path):
     for flag in ("--neighbor-weight", "--speaker-weight", "--date-weight"):
         code, _, err = cli("compare", "locomo", "--data", p, "--backbone", "tiny", flag, "-1")
         assert_one_line_error(code, err, f"{flag} -1.0", ">= 0")
+    code, _, err = cli("compare", "locomo", "--data", p, "--backbone", "tiny", "--dense-share", "1.5")
+    assert_one_line_error(code, err, "--dense-share 1.5", "from 0 to 1")
 
     code, _, err = cli("compare", "locomo", "--data", p, "--backbone", "tiny", "--setups", "hippo")
     assert_one_line_error(code, err, "--setups", "'hippo'", "--backbone has none")

@@ -102,6 +102,10 @@ def test_train_retriever_cli_writes_an_encoder_that_compare_and_chat_read(cli, t
     assert r["steps"] == 1 and r["recall_before"]["questions_with_evidence"] == r["recall_after"]["questions_with_evidence"] > 0
     meta = json.loads((enc_dir / R.META).read_text())
     assert meta["config"]["training"]["epochs"] == 1 and len(meta["losses"]) == 1
+    # the share of the hybrid score it asks for is recorded, and its held-out recall was measured with it
+    assert meta["dense_share"] == 0.8 and T.dense_share_of(str(enc_dir)) == 0.8
+    assert r["recall_after"]["retriever"].startswith(f"hybrid/{enc_dir} at dense share 0.8 + ")
+    assert r["recall_before"]["retriever"].startswith("hybrid/minilm + ")
     assert R.trained_conversations(enc_dir) == [1]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left beside it
     # compare reads it, and says so when the conversations measured are those it was trained on
@@ -121,8 +125,20 @@ def test_train_retriever_cli_writes_an_encoder_that_compare_and_chat_read(cli, t
     s = _hippo_chat(tmp_path, recall=2, session_path=f, encoder=str(enc_dir))
     s.reply("My dog is called Pepper.")
     assert s.memory.name == f"hybrid/{enc_dir}"
-    with pytest.raises(MemcliError, match=f"keyed for retriever 'hybrid/{enc_dir}'"):
+    with pytest.raises(MemcliError, match=f"keyed for retriever 'hybrid/{enc_dir}' \\(hybrid/sha256:[0-9a-f]{{16}}\\), "
+                                          "this session uses 'hybrid/minilm' \\(hybrid/minilm\\)"):
         _hippo_chat(tmp_path, recall=2, session_path=f)
+    # the same encoder spelled another way, or moved, reads the session; the same path retrained does not
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(enc_dir, moved)
+    for spelled in (f"{enc_dir}/.", str(moved)):
+        again = _hippo_chat(tmp_path, recall=2, session_path=f, encoder=spelled)
+        assert again.memory.turns == s.memory.turns and torch.equal(again.memory.keys, s.memory.keys)
+    (moved / "model.safetensors").write_bytes((moved / "model.safetensors").read_bytes()[:-1] + b" ")
+    with pytest.raises(MemcliError, match="keyed for retriever"):
+        _hippo_chat(tmp_path, recall=2, session_path=f, encoder=str(moved))
     with pytest.raises(MemcliError, match="needs --recall N or --session FILE"):
         _hippo_chat(tmp_path, encoder=str(enc_dir))
 
@@ -134,6 +150,8 @@ def test_train_retriever_refusals(cli, tmp_path):
     assert_one_line_error(code, err, "dataset.conversations", "has 1 conversations")
     code, _, err = cli("train", "retriever", f"dataset.path={EXCERPT}", "training.hard_negatives=9")
     assert_one_line_error(code, err, "training.negative_pool", "out of range")
+    code, _, err = cli("train", "retriever", f"dataset.path={EXCERPT}", "model.dense_share=1.5")
+    assert_one_line_error(code, err, "model.dense_share: 1.5", "out of range")
     code, _, err = cli("train", "retriever", "training.epoch=2")
     assert_one_line_error(code, err, "unknown key 'training.epoch'", "train retriever")
     code, _, err = cli("train", "retriever", f"dataset.path={tmp_path / 'none.json'}")

@@ -98,6 +98,8 @@ def locomo(
     neighbor_weight: float = typer.Option(0.5, help="Turn prior: x the better score of a turn's neighbours (0: off)."),
     speaker_weight: float = typer.Option(8.0, help="Turn prior: for the turns of the one speaker a question names."),
     date_weight: float = typer.Option(8.0, help="Turn prior: for the turns on the date a question names (0: off)."),
+    dense_share: Optional[float] = typer.Option(None, help="Hybrid: the dense half's share of the score (default: the "
+                                                "encoder's: 0.5, or what 'train retriever' recorded, 0.8)."),
     conversations: Optional[int] = typer.Option(None, help="Only N conversations (from --skip on)."),
     skip: int = typer.Option(0, help="Skip the first N conversations (e.g. --skip 5: the held-out half)."),
     max_questions: Optional[int] = typer.Option(None, help="Only the first N questions of each conversation."),
@@ -137,10 +139,9 @@ def locomo(
     from memcli.records import write_jsonl
 
     samples = _only_categories(load_locomo(data), categories)
-    if backbone is not None and model_path is not None:
-        raise MemcliError("--backbone and --model-path: give one (a backbone alone, or a HIPPO run)")
     _at_least_one(**{"--top-k": top_k, "--batch": batch, "--sample": sample, "--rerank-candidates": rerank_candidates})
-    priors = _turn_priors(neighbor_weight=neighbor_weight, speaker_weight=speaker_weight, date_weight=date_weight)
+    priors = _turn_priors(neighbor_weight=neighbor_weight, speaker_weight=speaker_weight, date_weight=date_weight,
+                          dense_share=dense_share)
     _check_selection(data, len(samples), skip, sample, max_questions, retriever)
     model, tok, bb, path, allowed = _locomo_model(backbone, model_path, out_dir)
     chosen = _locomo_setups(setups, allowed, backbone is not None)
@@ -160,11 +161,16 @@ def locomo(
     _show_locomo(res, str(path), as_json, markdown)
 
 
-def _turn_priors(**weights: float) -> dict:
+def _turn_priors(dense_share: Optional[float], **weights: float) -> dict:
+    """``TurnMemory``'s weights as given (the dense share only when given: else the encoder's own)."""
     for key, w in weights.items():
         if not w >= 0:
             raise MemcliError(f"--{key.replace('_', '-')} {w}: expected a number >= 0 (0 turns the prior off)")
-    return weights
+    if dense_share is None:
+        return weights
+    if not 0 <= dense_share <= 1:
+        raise MemcliError(f"--dense-share {dense_share}: expected a number from 0 to 1")
+    return {**weights, "dense_share": dense_share}
 
 
 def _turn_encoder(encoder: str, retriever: str, bb, tok, skip: int, conversations: Optional[int], n: int):
@@ -233,6 +239,8 @@ def _locomo_model(backbone: Optional[str], model_path: Optional[Path], out_dir: 
     """(model, tokenizer, backbone, name, setups it allows): a backbone alone, or a HIPPO run with its state."""
     from memcli.eval.locomo import SETUPS, PlainModel
 
+    if backbone is not None and model_path is not None:
+        raise MemcliError("--backbone and --model-path: give one (a backbone alone, or a HIPPO run)")
     if backbone is not None:
         from memcli.backbone import load_backbone
 

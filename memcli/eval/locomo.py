@@ -271,7 +271,8 @@ def recall_only(data: list[dict], encoder, conversations: int | None = None, max
                 ks=RECALL_KS, retriever: str = "hybrid", first: int = 0, reranker=None, sample: int | None = None,
                 seed: int = 0, progress_cb=None, priors: dict | None = None) -> dict:
     """The turn retriever's evidence recall@k over the conversations, without answering anything. ``priors``:
-    ``TurnMemory``'s ``neighbor_weight`` / ``speaker_weight`` / ``date_weight`` (its defaults where absent)."""
+    ``TurnMemory``'s ``neighbor_weight`` / ``speaker_weight`` / ``date_weight`` / ``dense_share`` (its defaults
+    where absent)."""
     recall = {k: [] for k in ks}
     every = {k: [] for k in ks}
     t0 = time.perf_counter()
@@ -299,7 +300,8 @@ def _retriever_name(encoder, retriever: str, reranker=None, priors: dict | None 
     mem = _turn_memory(encoder, retriever, None, priors)
     extra = [f"{label} x{w:g}" for label, w in (("neighbours", mem.neighbor_weight), ("named speaker", mem.speaker_weight),
                                                 ("named date", mem.date_weight)) if w]
-    name = mem.name + (f" + {', '.join(extra)}" if extra else "")
+    share = f" at dense share {mem.dense_share:g}" if mem.retriever == "hybrid" and mem.dense_share != 0.5 else ""
+    name = mem.name + share + (f" + {', '.join(extra)}" if extra else "")
     return name if reranker is None else f"{name} + {reranker.name} re-ranking of the top {reranker.candidates}"
 
 

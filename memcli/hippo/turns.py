@@ -10,15 +10,16 @@ the question it answers). A query scores every turn with
 - ``lexical``: BM25 (bm25s's tokenisation and scores, Porter-stemmed, English stop words dropped), indexed
   as turns arrive;
 - ``hybrid`` (default): both; each score is z-normalised over the turns per query and the parts summed
-  with equal weights.
+  with equal weights, or with ``dense_share`` of the weight on the dense half (a ``memcli train retriever``
+  encoder records the share it asks for, 0.8: trained, the dense half is the stronger one).
 
 Three priors on top of any retriever, from what a turn is rather than what it says: ``neighbor_weight`` x the
 better score of the turns just before and after it in its session (an answer is spread over a few turns, and a
 question matches one of them best); ``speaker_weight`` for the turns of a speaker the question names when it
 names exactly one ("What did Caroline research?" is about what Caroline said; her name is in half the turns,
 so BM25 gives it little weight); ``date_weight`` for the turns dated as a question says ("on 20 January, 2023",
-"in July 2022", "in 2024": the most precise date it names, matched against each turn's ``date``; a turn's text
-never holds its own date). Found on LoCoMo conversations 1-5; the weights sit on a plateau on both halves
+"on 30 November", "in July 2022", "in 2024", and in a chat "yesterday": the most precise date it names, matched
+against each turn's ``date``; a turn's text never holds its own date). Found on LoCoMo conversations 1-5; the weights sit on a plateau on both halves
 (README). 0 turns any of them off.
 
 Ties keep the earlier turn. Nothing is trained. The design (two keys, equal-weight fusion) was chosen on
@@ -31,7 +32,9 @@ so a chat session reopens with the turns it had.
 
 from __future__ import annotations
 
+import datetime
 import functools
+import hashlib
 import json
 import math
 import re
@@ -112,6 +115,21 @@ def context_prompt(tok, context: str | None, question: str) -> list[int]:
     return list(ids)
 
 
+def dense_share_of(spec: str) -> float:
+    """The hybrid score's dense share an encoder asks for: 0.5 (equal weights) unless ``spec`` is a directory whose
+    ``memcli_turn_encoder.json`` (``memcli train retriever``) records another ``dense_share``."""
+    p = Path(spec) / "memcli_turn_encoder.json"
+    if spec == "minilm" or not p.is_file():
+        return 0.5
+    try:
+        share = json.loads(p.read_text(encoding="utf-8")).get("dense_share", 0.5)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise MemcliError(f"{p}: not a JSON object") from None
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+        raise MemcliError(f"{p}: dense_share {share!r}, expected a number from 0 to 1")
+    return float(share)
+
+
 class MiniLMEncoder:
     """A sentence-transformers model: ``minilm`` (the offline all-MiniLM-L6-v2) or a local directory (one
     ``memcli train retriever`` wrote, say); its name is the spec, so a session file records which keyed it."""
@@ -121,6 +139,7 @@ class MiniLMEncoder:
 
         self.name = spec
         self.model = sentence_embedder(spec)
+        self.dense_share = dense_share_of(spec)
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> torch.Tensor:
@@ -129,11 +148,25 @@ class MiniLMEncoder:
         return torch.as_tensor(self.model.encode(texts, batch_size=64, normalize_embeddings=True,
                                                  convert_to_numpy=True, show_progress_bar=False)).float()
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """What a session file records of the encoder: ``minilm``, or a directory's files hashed (its path may be
+        spelled another way or moved; another encoder trained into the same path is told apart)."""
+        if self.name == "minilm":
+            return "minilm"
+        digest = hashlib.sha256()
+        for f in sorted(p for p in Path(self.name).rglob("*") if p.is_file() and p.name != "memcli_turn_encoder.json"):
+            digest.update(f.relative_to(self.name).as_posix().encode() + b"\0")
+            with f.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+        return "sha256:" + digest.hexdigest()[:16]
+
 
 class BackboneEncoder:
     """Mean of the backbone's states after decoder layer ``layer`` over the text's tokens, L2-normalised."""
 
-    name = "backbone"
+    name = fingerprint = "backbone"
 
     def __init__(self, backbone, tok, layer: int | None = None, batch: int = 32):
         from memcli.backbone import decoder_layers
@@ -307,37 +340,52 @@ _MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct",
 _MONTH = (r"(jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|sep(?:t(?:ember)?)?|"
           r"oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)\b\.?")
 _DAY = r"(\d{1,2})(?:st|nd|rd|th)?"
-_DATE_FORMS = (  # most precise first; each: the pattern, then its (year, month, day) groups in that order
+_DATE_FORMS = (  # most precise first; each: the pattern, then its (year, month, day) groups (0: no year named)
     (re.compile(rf"\b{_DAY}\s+{_MONTH},?\s+(\d{{4}})\b", re.I), (3, 2, 1)),  # 20 January, 2023
     (re.compile(rf"\b{_MONTH}\s+{_DAY},?\s+(\d{{4}})\b", re.I), (3, 1, 2)),  # January 20, 2023
     (re.compile(r"\b(\d{4})-(\d{2})-(\d{2})\b"), (1, 2, 3)),  # 2023-01-20
+    (re.compile(rf"\b{_DAY}\s+{_MONTH}", re.I), (0, 2, 1)),  # 30 November: that day of any year
+    (re.compile(rf"\b{_MONTH}\s+{_DAY}\b", re.I), (0, 1, 2)),  # November 30th
+    (re.compile(r"\b(today|yesterday)\b", re.I), None),  # relative to the day the memory is asked on
     (re.compile(rf"\b{_MONTH},?\s+(\d{{4}})\b", re.I), (2, 1)),  # July 2022
     (re.compile(r"\b((?:19|20)\d{2})\b"), (1,)),  # 2024
 )
 
 
 @functools.lru_cache(maxsize=1 << 14)  # a turn's date is parsed again at every query otherwise
-def parse_date(text: str | None) -> tuple | None:
-    """The first, most precise date in ``text`` as ``(year, month, day)``, ``(year, month)`` or ``(year,)``."""
+def parse_date(text: str | None, today: datetime.date | None = None) -> tuple | None:
+    """The first, most precise date in ``text`` as ``(year, month, day)``, ``(year, month)`` or ``(year,)``;
+    a day named without a year ("on 30 November") has year None, which any year matches. "today" and
+    "yesterday" are read only when ``today`` is given (a chat's clock; a recorded conversation has none)."""
     for pattern, order in _DATE_FORMS:
         m = pattern.search(text or "")
+        if m and order is None:
+            if today is None:
+                continue
+            day = today - datetime.timedelta(days=int(m.group(1).lower() == "yesterday"))
+            return day.year, day.month, day.day
         if m:
-            parts = [m.group(i) for i in order]
+            parts = [m.group(i) if i else None for i in order]
             if len(parts) > 1 and not parts[1].isdigit():
                 parts[1] = _MONTHS.index(parts[1][:3].lower()) + 1
-            return tuple(int(x) for x in parts)
+            return tuple(None if x is None else int(x) for x in parts)
     return None
 
 
-def named_date_mask(queries: list[str], dates: list) -> torch.Tensor:
+def _same_day(want: tuple, day: tuple | None) -> bool:
+    """A turn's date ``day`` falls on the query's ``want`` (as precise as ``want``; a None part matches any)."""
+    return day is not None and len(day) >= len(want) and all(w is None or w == d for w, d in zip(want, day))
+
+
+def named_date_mask(queries: list[str], dates: list, today: datetime.date | None = None) -> torch.Tensor:
     """``[Q, n]`` 1 on the turns whose date falls on the date a query names (same day, month or year, as
     precise as the query is); 0 elsewhere and for queries that name none."""
     out = torch.zeros(len(queries), len(dates))
     days = [parse_date(d) if isinstance(d, str) else None for d in dates]
     for j, q in enumerate(queries):
-        want = parse_date(q)
+        want = parse_date(q, today)
         if want is not None:
-            out[j] = torch.tensor([float(d is not None and d[:len(want)] == want) for d in days])
+            out[j] = torch.tensor([float(_same_day(want, d)) for d in days])
     return out
 
 
@@ -351,9 +399,11 @@ class TurnMemory:
     turns: list = field(default_factory=list)
     keys: torch.Tensor | None = None  # [n, 2, d]: alone, in context
     reranker: LikelihoodReranker | None = None  # re-orders each query's best candidates
+    dense_share: float | None = None  # hybrid: the dense half's share of the weight (None: the encoder's; 0.5 equal)
     neighbor_weight: float = 0.5  # x the better fused score of the turns beside it in its session
     speaker_weight: float = 8.0  # added to the turns of the one speaker a question names
     date_weight: float = 8.0  # added to the turns on the date (day, month or year) a question names
+    today: datetime.date | None = None  # what "today" / "yesterday" in a question mean (a chat sets it)
     _lexical: list = field(default_factory=list, repr=False)  # BM25 of the turns alone, in context
 
     def __post_init__(self):
@@ -364,6 +414,10 @@ class TurnMemory:
         for key in ("neighbor_weight", "speaker_weight", "date_weight"):
             if not getattr(self, key) >= 0:
                 raise MemcliError(f"turn memory {key} {getattr(self, key)}: expected a number >= 0")
+        if self.dense_share is None:
+            self.dense_share = getattr(self.encoder, "dense_share", 0.5)
+        if not 0 <= self.dense_share <= 1:
+            raise MemcliError(f"turn memory dense_share {self.dense_share}: expected a number from 0 to 1")
 
     @property
     def name(self) -> str:
@@ -386,21 +440,22 @@ class TurnMemory:
         self.keys = new if self.keys is None else torch.cat([self.keys, new])
 
     def scores(self, queries: list[str]) -> torch.Tensor:
-        """``[Q, n]`` fused scores, with the neighbour and speaker priors."""
-        parts = []
+        """``[Q, n]`` fused scores, with the priors."""
+        fused = 0
+        share = {"hybrid": self.dense_share, "dense": 0.5, "lexical": 0.5}[self.retriever]
         if self.retriever != "lexical":
             q = self.encoder.encode(queries)
-            parts += [q @ self.keys[:, 0].T, q @ self.keys[:, 1].T]
+            fused = 2 * share * (_z(q @ self.keys[:, 0].T) + _z(q @ self.keys[:, 1].T))
         if self.retriever != "dense":
             words = _tokens(queries)
-            parts += [index.scores_of_tokens(words) for index in self._lexical_indexes()]
-        fused = sum(_z(p) for p in parts)
+            fused = fused + 2 * (1 - share) * sum(_z(index.scores_of_tokens(words)) for index in self._lexical_indexes())
         if self.neighbor_weight:
             fused = fused + self.neighbor_weight * neighbor_scores(fused, [t.get("session") for t in self.turns])
         if self.speaker_weight:
             fused = fused + self.speaker_weight * named_speaker_mask(queries, [t.get("speaker") for t in self.turns])
         if self.date_weight:
-            fused = fused + self.date_weight * named_date_mask(queries, [t.get("date") for t in self.turns])
+            dates = [t.get("date") for t in self.turns]
+            fused = fused + self.date_weight * named_date_mask(queries, dates, self.today)
         return fused
 
     def _lexical_indexes(self) -> list[BM25Index]:
@@ -444,13 +499,22 @@ class TurnMemory:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {} if self.keys is None else {"turn_keys": self.keys}
 
+    @property
+    def keyed_by(self) -> str:
+        """The retriever and the encoder's fingerprint: a session's keys are only read back by the same pair."""
+        return self.retriever if self.retriever == "lexical" else f"{self.retriever}/{self.encoder.fingerprint}"
+
     def metadata(self) -> dict[str, str]:
-        return {"turns": json.dumps(self.turns, ensure_ascii=False), "turn_retriever": self.name}
+        return {"turns": json.dumps(self.turns, ensure_ascii=False), "turn_retriever": self.name,
+                "turn_keys_by": self.keyed_by}
 
     def load_from(self, tensors: dict, meta: dict, where: str) -> None:
-        if meta.get("turn_retriever") != self.name:
-            raise MemcliError(f"{where}: its turns were keyed for retriever '{meta.get('turn_retriever')}', this session "
-                              f"uses '{self.name}'")
+        # files written before turn_keys_by was recorded name the encoder as it was given
+        same = meta["turn_keys_by"] == self.keyed_by if "turn_keys_by" in meta else meta.get("turn_retriever") == self.name
+        if not same:
+            raise MemcliError(f"{where}: its turns were keyed for retriever '{meta.get('turn_retriever')}' "
+                              f"({meta.get('turn_keys_by', 'no fingerprint')}), this session uses '{self.name}' "
+                              f"({self.keyed_by})")
         try:
             turns = json.loads(meta.get("turns", "[]"))
         except json.JSONDecodeError as e:

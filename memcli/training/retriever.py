@@ -13,8 +13,11 @@ another question's positive is masked out of that question's negatives.
 Only conversations ``dataset.skip`` to ``skip + conversations`` are trained on; the others are the held-out
 set, whose evidence recall@k is measured before and after (the figure to report), and the output directory's
 ``memcli_turn_encoder.json`` names the trained conversations so ``compare locomo`` can warn when it is asked
-to evaluate on them. The directory is a sentence-transformers model: ``--encoder DIR`` in ``compare locomo``
-and ``chat --recall`` read it. It is written whole or not at all.
+to evaluate on them, and ``dense_share``, the weight of the dense half in the hybrid score the encoder is used
+with (0.8: trained, it is the stronger half; equal weights, 0.5, suit the untrained MiniLM; both chosen by
+recall on LoCoMo, each half's share measured with the encoder trained on the other half, README). The
+directory is a sentence-transformers model: ``--encoder DIR`` in ``compare locomo`` and ``chat --recall`` read
+it. It is written whole or not at all.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class RetrieverDataset:
 class RetrieverModel:
     base: str = "minilm"  # the encoder to start from: minilm or a local sentence-transformers directory
     max_seq_length: int = 128  # tokens per text while training (a turn after its predecessor fits; at use, the base's limit)
+    dense_share: float = 0.8  # the hybrid score's dense share the trained encoder asks for (recorded; 0.5 untrained)
 
 
 @dataclass
@@ -88,7 +92,8 @@ class RetrieverRecipe(Schema):
                   "training.batch_size": t.batch_size >= 1, "training.hard_negatives": t.hard_negatives >= 0,
                   "training.negative_pool": t.negative_pool >= max(1, t.hard_negatives),
                   "training.scale": t.scale > 0, "training.warmup_ratio": 0 <= t.warmup_ratio < 1,
-                  "model.max_seq_length": self.model.max_seq_length >= 8}
+                  "model.max_seq_length": self.model.max_seq_length >= 8,
+                  "model.dense_share": 0 <= self.model.dense_share <= 1}
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise MemcliError(f"{bad[0]}: {_value(self, bad[0])} is out of range (see --print-config for the defaults)")
@@ -221,9 +226,10 @@ def train_retriever(cfg: RetrieverRecipe, log=None) -> dict:
     losses = fit(enc.model, examples, t, log)
     seconds = time.perf_counter() - t0
     enc.model.max_seq_length, enc.name = seq, str(out)  # encoding at use keeps the base's limit
+    enc.dense_share = cfg.model.dense_share
     after = recall_only(held, enc, max_questions=d.max_eval_questions) if held else None
     summary = {"trained_conversations": [i + 1 for i in trained], "held_out_conversations": [i + 1 for i in held_ids],
-               "examples": len(examples), "steps": len(losses),
+               "dense_share": cfg.model.dense_share, "examples": len(examples), "steps": len(losses),
                "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4), "train_seconds": round(seconds, 1),
                "recall_before": before, "recall_after": after}
     with atomic_dir(out) as tmp:
