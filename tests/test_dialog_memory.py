@@ -156,6 +156,29 @@ def test_turn_priors_against_hand_computed_values():
     assert got.tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0] * 5]
 
 
+def test_relative_times_are_anchored_to_the_day_a_turn_was_said():
+    said = "1:56 pm on 8 May, 2023"  # a Monday
+    cases = [("I adopted him last Friday!", "I adopted him last Friday (5 May, 2023)!"),
+             ("Yesterday was great", "Yesterday (7 May, 2023) was great"),
+             ("last Monday and last sunday", "last Monday (1 May, 2023) and last sunday (7 May, 2023)"),
+             ("two weeks ago, 3 days ago", "two weeks ago (24 April, 2023), 3 days ago (5 May, 2023)"),
+             ("a few days ago", "a few days ago (a few days before 8 May, 2023)"),
+             ("last week; last weekend", "last week (the week before 8 May, 2023); last weekend (the weekend before "
+                                         "8 May, 2023)"),
+             ("next month, last month, last year, two years ago",
+              "next month (June 2023), last month (April 2023), last year (2022), two years ago (2021)"),
+             ("an hour ago, this lastly", "an hour ago, this lastly")]
+    for text, want in cases:
+        assert T.anchor_relative_dates(text, said) == want
+    assert T.anchor_relative_dates("last month", "2:00 pm on 9 January, 2023") == "last month (December 2022)"
+    for date in (None, "May 2023", "someday", "30 February, 2023"):  # no day to count from: unchanged
+        assert T.anchor_relative_dates("yesterday", date) == "yesterday"
+    # the prompt shows the anchored text; the key (what retrieval matches) stays as said
+    turn = {"speaker": "Jon", "text": "I went yesterday.", "date": said}
+    assert T.entry_text(turn) == f"[{said}] Jon: I went yesterday (7 May, 2023)."
+    assert T.key_text(turn) == "Jon: I went yesterday."
+
+
 def test_turn_priors_add_to_the_fused_scores_and_change_the_ranking():
     s1 = [("Alice", "Guess what, I finally did it last weekend!"), ("Bob", "Did what? Tell me."),
           ("Alice", "I ran my first marathon, in Boston."), ("Bob", "Amazing, congratulations.")]
@@ -440,7 +463,8 @@ def test_compare_locomo_recall_only_and_refusals(cli, tmp_path):
 
 
 def test_backbone_setups_use_the_chat_templates_own_form():
-    """Context in the system message (after the template's default one), the question as the user's message."""
+    """Context in the system message (after the template's default one), the question as the user's message,
+    asked for a short answer."""
     import copy
 
     from memcli.backbone import load_backbone
@@ -448,8 +472,8 @@ def test_backbone_setups_use_the_chat_templates_own_form():
     _, tok = load_backbone("tiny")
     assert T.default_system_prompt(tok) == ""  # the tiny template writes no system message of its own
     assert tok.decode(T.context_prompt(tok, "Conversation excerpts:\nA: hi", "Q?")) == (
-        "<|im_start|>system\nConversation excerpts:\nA: hi<|im_end|>\n<|im_start|>user\nQ?<|im_end|>\n"
-        "<|im_start|>assistant\n")
+        "<|im_start|>system\nConversation excerpts:\nA: hi<|im_end|>\n<|im_start|>user\nQ?\n"
+        "Give only the answer, as short as possible.<|im_end|>\n<|im_start|>assistant\n")
     smol = copy.deepcopy(tok)  # SmolLM2's template: a default system message when none is given
     smol.chat_template = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
                           "{{ '<|im_start|>system\nBe brief<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role']"
@@ -457,14 +481,21 @@ def test_backbone_setups_use_the_chat_templates_own_form():
                           "{{ '<|im_start|>assistant\n' }}{% endif %}")
     assert T.default_system_prompt(smol) == "Be brief"
     head = "<|im_start|>system\nBe brief"
-    tail = "<|im_end|>\n<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n"
+    tail = f"<|im_end|>\n<|im_start|>user\nQ?\n{T.SHORT_ANSWER}<|im_end|>\n<|im_start|>assistant\n"
     assert smol.decode(T.context_prompt(smol, "ctx", "Q?")) == head + ".\n\nctx" + tail
     assert smol.decode(T.context_prompt(smol, None, "Q?")) == head + tail
+    assert smol.decode(T.context_prompt(smol, None, "Q?", "")) == head + tail.replace(f"\n{T.SHORT_ANSWER}", "")
     # the oracle setup writes its excerpts that way; the HIPPO setups keep their trained one-user-message form
     e = [{"speaker": "A", "text": "hi", "date": "1 May 2023"}]
     assert smol.decode(T.excerpt_prompt(smol, e, "Q?", native=True)) == (
         head + ".\n\nConversation excerpts:\n[1 May 2023] A: hi" + tail)
     assert "Be brief" not in smol.decode(T.excerpt_prompt(smol, e, "Q?"))
+    # compare locomo: the backbone's setups ask the question, then for a short answer; the HIPPO setups wrap it
+    # in LoCoMo's QA prompt, as their run was trained
+    none, _ = LC._setup_prompts("none", tok, ["Q?"], e, ["A: hi"], [[0]], None, 5, 100)
+    assert tok.decode(none[0]).endswith(f"user\nQ?\n{T.SHORT_ANSWER}<|im_end|>\n<|im_start|>assistant\n")
+    hippo, _ = LC._setup_prompts("hippo+oracle", tok, ["Q?"], e, ["A: hi"], [[0]], None, 5, 100)
+    assert LC.QA_PROMPT.format("Q?") in tok.decode(hippo[0]) and T.SHORT_ANSWER not in tok.decode(hippo[0])
 
 
 def _answers_file(path, f1s: dict, order=(0, 1, 2)):

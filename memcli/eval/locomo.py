@@ -203,12 +203,14 @@ def evidence_ids(item: dict) -> list[str]:
 
 
 def question_text(item: dict, rng: random.Random) -> str:
+    """The question as a setup asks it: an adversarial one with its two options (the HIPPO setups then put it
+    in ``QA_PROMPT``, the others ask for a short answer after it: ``_setup_prompts``)."""
     q = item["question"]
     if item["category"] == 5:  # LoCoMo offers the adversarial answer beside "not mentioned", in random order
         opts = [NOT_MENTIONED, str(item.get("adversarial_answer", item.get("answer", "")))]
         rng.shuffle(opts)
         q = f"{q} Select the correct answer: (a) {opts[0]} (b) {opts[1]}."
-    return QA_PROMPT.format(q)
+    return q
 
 
 # ---- running a model
@@ -438,9 +440,11 @@ def _setup_prompts(setup: str, tok, questions: list[str], entries: list[dict], t
     from memcli.hippo.data import prompt_ids
     from memcli.hippo.turns import context_prompt, excerpt_prompt, key_text
 
-    # the setups without a state use the backbone's own chat form (context_prompt); the HIPPO setups keep the
-    # format their run was trained with
+    # the setups without a state use the backbone's own chat form (context_prompt: the question, then
+    # SHORT_ANSWER); the HIPPO setups keep the format their run was trained with, LoCoMo's QA prompt around it
     native = not setup.startswith("hippo")
+    if not native:
+        questions = [QA_PROMPT.format(q) for q in questions]
     if setup in ("none", "hippo"):  # hippo: the state carries the conversation, the prompt is the question
         return [context_prompt(tok, None, q) if native else prompt_ids(tok, q) for q in questions], [[] for _ in questions]
     if setup == "full":
