@@ -20,15 +20,12 @@ HIPPO_HELP = ("/exit (or exit, quit) · /reset_hidden (or reset_hidden) clear th
               "/help this text")
 
 
-_MONTH_NAMES = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-                "November", "December")
-
-
 def said(when: datetime.datetime) -> str:
     """A turn's date as LoCoMo writes it ("1:56 pm on 8 May, 2023"), English whatever the locale, so
     ``memcli.hippo.turns.parse_date`` reads it back."""
-    hour = when.hour % 12 or 12
-    return f"{hour}:{when.minute:02d} {'am' if when.hour < 12 else 'pm'} on {when.day} {_MONTH_NAMES[when.month - 1]}, {when.year}"
+    from memcli.hippo.turns import day_text
+
+    return f"{when.hour % 12 or 12}:{when.minute:02d} {'am' if when.hour < 12 else 'pm'} on {day_text(when.date())}"
 
 
 @dataclass

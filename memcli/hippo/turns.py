@@ -343,7 +343,9 @@ def named_speaker_mask(queries: list[str], speakers: list) -> torch.Tensor:
     return out
 
 
-_MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+_FULL_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+                "November", "December")
+_MONTHS = tuple(m[:3].lower() for m in _FULL_MONTHS)
 _MONTH = (r"(jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|sep(?:t(?:ember)?)?|"
           r"oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)\b\.?")
 _DAY = r"(\d{1,2})(?:st|nd|rd|th)?"
@@ -379,8 +381,6 @@ def parse_date(text: str | None, today: datetime.date | None = None) -> tuple | 
     return None
 
 
-_FULL_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-                "November", "December")
 _WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 _COUNTS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "a few": None, "few": None,
            "a couple of": 2, "couple of": 2}
@@ -390,6 +390,7 @@ _RELATIVE = re.compile(r"\b(yesterday|last night|last (?:week(?:end)?|month|year
 
 
 def day_text(day: datetime.date) -> str:
+    """A day as LoCoMo writes it: "8 May, 2023"."""
     return f"{day.day} {_FULL_MONTHS[day.month - 1]}, {day.year}"
 
 
