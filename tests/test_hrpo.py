@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import assert_one_line_error
+from memcli.errors import MemcliError
 from memcli.hrpo.grpo import group_advantages, grpo_loss
 from memcli.hrpo.config import HrpoConfig
 from memcli.hrpo.residual import ThinkingResidual
@@ -237,6 +238,42 @@ def test_a_plain_grpo_run_decodes_plain_and_says_so_on_disk(tiny, tmp_path):
     for flag in (False, True):
         (run / "checkpoint.json").write_text(json.dumps(dict(info, hybrid=flag)))
         assert load_hrpo(run)[0].cfg.hybrid is flag
+
+
+def test_greedy_decoding_weights_the_thinking_vector_at_the_rollouts_temperature(tiny, tmp_path):
+    """A run's thinking vectors were made from its rollouts' distribution (training.temperature): decoding
+    greedily, or at another temperature, weights them the same way, not by a temperature-1 distribution. The
+    temperature round-trips through the run directory; a run saved before it was recorded reads config.yaml."""
+    from memcli.hrpo.io import load_hrpo, save_hrpo
+    from memcli.hrpo.model import HrpoModel
+
+    bb, tok = tiny
+    ids, mask = _prompts(tok, ["Think: 1 2 3", "More"])
+    W = bb.get_input_embeddings().weight
+    with torch.no_grad():
+        first = bb(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits[:, -1]
+    want = {t: ThinkingResidual.probs_vector(torch.softmax(first / t, -1), W) for t in (0.5, 1.0)}
+    assert (want[0.5] - want[1.0]).norm() > 0.1 * want[1.0].norm()  # the two temperatures differ visibly
+    model = HrpoModel(bb, HrpoConfig(hidden_size=bb.config.hidden_size, thinking_temperature=0.5))
+    with torch.no_grad():
+        model.residual.thinking_residual_Lambda.fill_(1.5)
+    for temperature in (0.0, 0.9):
+        ro = model.generate(tok, ids, mask, 3, temperature=temperature, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(ro.thinking[:, 0], want[0.5], atol=1e-5, rtol=1e-4)
+    # without a recorded temperature, the decoding temperature weights it (1 when greedy): the rule before
+    ro = hybrid_generate(bb, model.residual, tok, ids, mask, 3, temperature=1.0, greedy=True)
+    torch.testing.assert_close(ro.thinking[:, 0], want[1.0], atol=1e-5, rtol=1e-4)
+    save_hrpo(model, tok, tmp_path / "run", "full")
+    assert load_hrpo(tmp_path / "run")[0].cfg.thinking_temperature == 0.5
+    cfg_file = tmp_path / "run" / "thinking_residual" / "hrpo_config.json"
+    d = json.loads(cfg_file.read_text())
+    del d["thinking_temperature"]
+    cfg_file.write_text(json.dumps(d))
+    assert load_hrpo(tmp_path / "run")[0].cfg.thinking_temperature is None  # no config.yaml: the old rule
+    (tmp_path / "run" / "config.yaml").write_text("training:\n  temperature: 0.7\n")
+    assert load_hrpo(tmp_path / "run")[0].cfg.thinking_temperature == 0.7
+    with pytest.raises(MemcliError, match="thinking_temperature 0.0, expected a number > 0"):
+        HrpoConfig(hidden_size=8, thinking_temperature=0.0)
 
 
 def test_lambda_initialisation_range():

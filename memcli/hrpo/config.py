@@ -23,6 +23,9 @@ class HrpoConfig(ModelConfig):
     backbone: str = "tiny"
     tokenizer_fingerprint: str = ""
     hybrid: bool = True  # how the run was trained, so how it decodes (False: plain GRPO, token inputs only)
+    # the temperature of the distribution whose weighted embedding is the thinking vector (probs source): the
+    # rollouts' (training.temperature), also when decoding greedily or at another temperature; None: the decoding one
+    thinking_temperature: float | None = None
 
     def __post_init__(self):
         self.check("hrpo config")
@@ -33,3 +36,5 @@ class HrpoConfig(ModelConfig):
         if not 0.0 < self.thinking_r_min <= self.thinking_r_max < 1.0:
             raise MemcliError(f"keys 'model.thinking_r_min/r_max' got {self.thinking_r_min}/{self.thinking_r_max}, "
                               "expected 0 < r_min <= r_max < 1")
+        if self.thinking_temperature is not None and not self.thinking_temperature > 0:
+            raise MemcliError(f"{where}: thinking_temperature {self.thinking_temperature}, expected a number > 0")

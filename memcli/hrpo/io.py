@@ -33,6 +33,8 @@ def load_hrpo(path: str | Path, device: str = "cpu"):
         raise MemcliError(f"{d}: no {PART}/hrpo_config.json (expected the output of 'memcli train hrpo')")
     raw = read_json_object(rd / "hrpo_config.json", "hrpo config")
     raw.setdefault("hybrid", bool(info.get("hybrid", True)))  # runs saved before the flag moved into hrpo_config
+    if "thinking_temperature" not in raw:  # runs saved before it was recorded: their rollouts' temperature
+        raw["thinking_temperature"] = (rundir.read_config(d).get("training") or {}).get("temperature")
     cfg = HrpoConfig.from_dict(raw, f"{rd}/hrpo_config.json")
     bb, tok, method = rundir.load_backbone_of(d, info, cfg.backbone)
     if bb.config.hidden_size != cfg.hidden_size:

@@ -47,4 +47,4 @@ class HrpoModel(nn.Module):
         greedy = temperature <= 0
         return hybrid_generate(self.backbone, self.residual, tok, input_ids, attention_mask, max_new_tokens,
                                temperature=1.0 if greedy else temperature, greedy=greedy, hybrid=hybrid,
-                               streamer=streamer, generator=generator)
+                               streamer=streamer, generator=generator, thinking_temperature=self.cfg.thinking_temperature)

@@ -78,8 +78,10 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def hybrid_generate(model, residual, tok, input_ids, attention_mask, max_new_tokens: int, temperature: float = 1.0,
                     greedy: bool = False, hybrid: bool = True, use_cache: bool = True, generator=None,
-                    streamer=None) -> Rollout:
-    """Sample ``max_new_tokens`` (or until EOS in every row) with the hybrid input rule."""
+                    streamer=None, thinking_temperature: float | None = None) -> Rollout:
+    """Sample ``max_new_tokens`` (or until EOS in every row) with the hybrid input rule. The thinking vector is
+    weighted by the distribution at ``thinking_temperature`` (None: ``temperature``): a run decodes greedily
+    with the thinking vectors it was trained on, not those of a temperature-1 distribution."""
     from transformers import DynamicCache
 
     emb = model.get_input_embeddings()
@@ -111,6 +113,7 @@ def hybrid_generate(model, residual, tok, input_ids, attention_mask, max_new_tok
         hidden = out.hidden_states[-1][:, -1] if want_hidden else None
         p = F.softmax(logits / max(temperature, 1e-6), dim=-1)
         tokn = p.argmax(-1) if greedy else torch.multinomial(p, 1, generator=generator).squeeze(1)
+        p_think = p if thinking_temperature in (None, temperature) else F.softmax(logits / thinking_temperature, -1)
         live = ~done
         tokn = torch.where(live, tokn, torch.full_like(tokn, pad))
         e = emb(tokn)
@@ -118,7 +121,7 @@ def hybrid_generate(model, residual, tok, input_ids, attention_mask, max_new_tok
         reasoning = live & (state < m)
         x = e
         if mix_on:
-            h = hidden if want_hidden else residual.probs_vector(p, W)
+            h = hidden if want_hidden else residual.probs_vector(p_think, W)
             hv = residual.project(h) if want_hidden else h
             mixed, a = residual.mix(e, hv)
             x = torch.where(reasoning[:, None], mixed, e)

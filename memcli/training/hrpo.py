@@ -50,7 +50,7 @@ def build(cfg, spec: str, method: str):
     tok.padding_side = "left"
     hcfg = HrpoConfig(**model_fields(HrpoConfig, m, hidden_size=bb.config.hidden_size, instruction=cfg.dataset.instruction,
                                      backbone=spec, tokenizer_fingerprint=tokenizer_fingerprint(tok),
-                                     hybrid=cfg.training.hybrid))
+                                     hybrid=cfg.training.hybrid, thinking_temperature=cfg.training.temperature))
     torch.manual_seed(cfg.training.seed)
     ref = None
     for p in bb.parameters():
