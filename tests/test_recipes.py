@@ -107,11 +107,15 @@ def test_example_yaml_is_the_recipes_default(recipe):
     assert to_dict(load_config(recipe, f)) == to_dict(load_config(recipe))
 
 
-def test_pretrained_example_is_the_resolved_pretrained_recipe():
+@pytest.mark.parametrize("name, recipe, overrides", [
+    ("train_memory_smollm2", "memory", ["model.backbone=smollm2-135m"]),
+    ("train_hrpo_smollm2", "hrpo", ["model.backbone=smollm2-135m", "training.gradient_checkpointing=false",
+                                    "logging.tensorboard=false"])])
+def test_pretrained_examples_are_the_resolved_pretrained_recipes(name, recipe, overrides):
     from memcli.config import to_dict
 
-    f = EXAMPLES / "train_memory_smollm2.yaml"
-    assert to_dict(load_config("memory", f)) == to_dict(load_config("memory", overrides=["model.backbone=smollm2-135m"]))
+    f = EXAMPLES / f"{name}.yaml"
+    assert to_dict(load_config(recipe, f)) == to_dict(load_config(recipe, overrides=overrides))
 
 
 def test_print_config_shows_only_the_recipes_keys(cli):
