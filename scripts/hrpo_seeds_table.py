@@ -44,6 +44,8 @@ def row(run: Path, data: str | None) -> dict:
 
 
 def mean_se(xs: list) -> str:
+    if not xs:
+        return "-"
     se = statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
     return f"{statistics.mean(xs):.3f} ± {se:.3f}"
 
