@@ -13,21 +13,17 @@ import statistics
 from pathlib import Path
 
 from memcli.rundir import read_config
-
-
-def fifth(values: list, last: bool) -> float:
-    k = max(1, math.ceil(len(values) / 5))
-    part = values[-k:] if last else values[:k]
-    return sum(part) / len(part)
+from memcli.training.hrpo import fifth_mean
 
 
 def row(run: Path, data: str | None) -> dict:
     info = json.loads((run / "checkpoint.json").read_text())
     hist = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    out = {"run": run.name, "seed": read_config(run)["training"]["seed"], "hybrid": bool(info.get("hybrid", True)),
+    cfg = read_config(run)
+    rewards = [h["reward_mean"] for h in hist]
+    out = {"run": run.name, "seed": cfg["training"]["seed"], "hybrid": bool(info.get("hybrid", True)),
            "steps": len(hist), "accuracy_recorded": info["eval"]["accuracy"],
-           "reward_first_fifth": fifth([h["reward_mean"] for h in hist], False),
-           "reward_last_fifth": fifth([h["reward_mean"] for h in hist], True)}
+           "reward_first_fifth": fifth_mean(rewards, last=False), "reward_last_fifth": fifth_mean(rewards, last=True)}
     if "hidden_share" in hist[0]:
         out.update(hidden_share_first=hist[0]["hidden_share"], hidden_share_last=hist[-1]["hidden_share"],
                    gate_a_first=hist[0]["gate_a"], gate_a_last=hist[-1]["gate_a"])
@@ -37,7 +33,6 @@ def row(run: Path, data: str | None) -> dict:
         from memcli.hrpo.io import load_hrpo
 
         model, tok, _ = load_hrpo(run)
-        cfg = read_config(run)
         out["accuracy"] = evaluate(model, tok, load_problems(data), cfg["training"]["max_completion_length"],
                                    cfg["dataset"]["max_prompt_length"])["accuracy"]
     return out

@@ -113,7 +113,6 @@ def hybrid_generate(model, residual, tok, input_ids, attention_mask, max_new_tok
         hidden = out.hidden_states[-1][:, -1] if want_hidden else None
         p = F.softmax(logits / max(temperature, 1e-6), dim=-1)
         tokn = p.argmax(-1) if greedy else torch.multinomial(p, 1, generator=generator).squeeze(1)
-        p_think = p if thinking_temperature in (None, temperature) else F.softmax(logits / thinking_temperature, -1)
         live = ~done
         tokn = torch.where(live, tokn, torch.full_like(tokn, pad))
         e = emb(tokn)
@@ -121,7 +120,11 @@ def hybrid_generate(model, residual, tok, input_ids, attention_mask, max_new_tok
         reasoning = live & (state < m)
         x = e
         if mix_on:
-            h = hidden if want_hidden else residual.probs_vector(p_think, W)
+            if want_hidden:
+                h = hidden
+            else:  # the thinking distribution: the rollouts' temperature, whatever this decoding samples at
+                same = thinking_temperature in (None, temperature)
+                h = residual.probs_vector(p if same else F.softmax(logits / thinking_temperature, -1), W)
             hv = residual.project(h) if want_hidden else h
             mixed, a = residual.mix(e, hv)
             x = torch.where(reasoning[:, None], mixed, e)

@@ -177,10 +177,16 @@ class HrpoRecipe(Recipe):
     def result(self, res: dict) -> dict:
         hist = res["history"]
         if hist:
-            k = max(1, math.ceil(len(hist) / 5))
-            res["reward_first"] = sum(h["reward_mean"] for h in hist[:k]) / k
-            res["reward_last"] = sum(h["reward_mean"] for h in hist[-k:]) / k
+            rewards = [h["reward_mean"] for h in hist]
+            res["reward_first"], res["reward_last"] = fifth_mean(rewards, last=False), fifth_mean(rewards, last=True)
         return res
+
+
+def fifth_mean(values: list, last: bool) -> float:
+    """The mean over the first (or last) fifth of a run's steps, at least one step."""
+    k = max(1, math.ceil(len(values) / 5))
+    part = values[-k:] if last else values[:k]
+    return sum(part) / len(part)
 
 
 def train_hrpo(cfg, reward_fn=None) -> dict:
