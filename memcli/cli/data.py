@@ -239,8 +239,39 @@ def download(
     emit({"name": name, "path": str(path)}, as_json, lambda r: kv_table("download", r))
 
 
+def doctor(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """What memcli runs with here: the first thing to paste into a bug report.
+
+    Versions of torch, transformers, peft, accelerate, deepspeed, triton, faiss, sentence-transformers (and
+    tokenizers, safetensors, huggingface-hub, kernels), whether CUDA is there, where memcli.kernels comes from
+    and what 'import kernels' gives a Python started in this directory, whether the installed versions are the
+    lock's (in a checkout: constraints-cpu.txt), and whether the cached backbones are whole.
+
+    [bold]Examples[/bold]
+
+      memcli doctor
+      memcli doctor --json > doctor.json
+    """
+    from memcli.doctor import report
+
+    r = report()
+
+    def render(r):
+        from rich.console import Group
+
+        flat = {k: v for k, v in r.items() if not isinstance(v, (dict, list)) and k != "memcli"}
+        cached = r["cached backbones"]
+        return Group(kv_table(f"memcli {r['memcli']}", flat),
+                     table("packages", ["package", "version"], list(r["packages"].items())),
+                     *([table("cached backbones", ["name", "status", "path"],
+                              [(m["name"], m["status"], m["path"]) for m in cached])] if isinstance(cached, list) else []))
+
+    emit(r, as_json, render)
+
+
 def register(app: typer.Typer) -> None:
     app.command("download")(download)
+    app.command("doctor")(doctor)
     app.add_typer(gen, name="gen-data")
     app.command("convert-omcq")(convert_omcq)
     app.command("build-cache")(build_cache)
