@@ -116,9 +116,16 @@ def test_the_environment_is_the_lock():
 def test_a_built_wheel_imports_memcli_kernels_and_passes_a_kernel_test(tmp_path):
     """``pip wheel .`` installed on its own (no checkout on sys.path): memcli.kernels comes from the wheel, and a kernel
     test of the suite passes against it."""
+    import shutil
+
+    src = tmp_path / "checkout"  # setuptools builds in the source tree: a copy keeps build/ out of the checkout
+    local = {".git", ".venv", "out", "data", "build", "runs", "memcli.egg-info"}  # the checkout's own, not the package's
+    shutil.copytree(ROOT, src, ignore=lambda d, names: [n for n in names if n == "__pycache__" or
+                                                        (Path(d) == ROOT and n in local)])
     wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
-                    str(ROOT)], check=True, capture_output=True, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                        str(wheels), str(src)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (whl,) = wheels.glob("memcli-*.whl")
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target", str(site),
