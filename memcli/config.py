@@ -78,6 +78,11 @@ class Read(str, Enum):
     prefix = "prefix"  # the entries' token ids placed before the input, where a pretrained model already reads
 
 
+class ProjectionNorm(str, Enum):
+    unit = "unit"  # the thinking vector is the projection's L2-normalised direction
+    embedding = "embedding"  # that direction times the embedding rows' mean norm (the token embedding's scale)
+
+
 class Query(str, Enum):
     token = "token"  # each position's own hidden state at the memory layer
     mean = "mean"  # the causal running mean of the memory layer's states (standardised)
@@ -461,6 +466,8 @@ class HrpoModelSection(TrainableBackboneFields):
     thinking_source: ThinkingSource = ThinkingSource.probs  # probs (p @ W_embed / ||p||) | projection (learnable)
     thinking_r_min: float = 0.99  # the initial embedding share a lies in [r_min, r_max]
     thinking_r_max: float = 0.999  # (see thinking_r_min)
+    projection_init_std: float = 0.001  # thinking_source=projection: normal init std of thinking_projection (the design's)
+    projection_norm: ProjectionNorm = ProjectionNorm.unit  # projection: unit (L2-normalised, the design's) | embedding (x the rows' mean norm)
 
 
 @dataclass

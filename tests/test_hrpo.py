@@ -578,3 +578,86 @@ def test_problem_reader_never_crashes(tmp_path_factory, data):
         assert all(extract_answer(r["answer"]) is not None for r in rows)
     except MemcliError as e:
         assert "\n" not in str(e) and str(p) in str(e)
+
+
+# --------------------------------------------------------------------------- the learnable thinking projection
+
+
+def test_projection_is_initialised_normalised_and_grouped_as_documented(tiny, tmp_path):
+    """thinking_source=projection: Linear(D, D, bias=False), normal init with std projection_init_std (0.001, the
+    design's), the output L2-normalised (unit) or scaled to the embedding rows' mean norm (embedding); its own
+    optimizer group at training.projection_lr. A config saved before these keys keeps 0.02 / sqrt(D) and embedding."""
+    from memcli.config import load_config
+    from memcli.training.hrpo import HrpoRecipe
+
+    bb, _ = tiny
+    D = bb.config.hidden_size
+    torch.manual_seed(0)
+    res = ThinkingResidual(HrpoConfig(hidden_size=D, thinking_source="projection", projection_init_std=0.001,
+                                      projection_norm="unit"), 3.0)
+    w = res.thinking_projection.weight
+    assert res.thinking_projection.bias is None and tuple(w.shape) == (D, D)
+    assert abs(float(w.std()) - 0.001) < 5e-5 and abs(float(w.mean())) < 2e-5  # 65,536 draws
+    h = torch.randn(5, D)
+    ref = h @ w.detach().T
+    ref = ref / ref.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(res.project(h), ref)
+    res.cfg.projection_norm = "embedding"
+    torch.testing.assert_close(res.project(h), 3.0 * ref)
+    legacy = ThinkingResidual(HrpoConfig(hidden_size=D, thinking_source="projection"), 1.0)
+    assert legacy.cfg.projection_norm == "embedding"
+    assert abs(float(legacy.thinking_projection.weight.std()) - 0.02 / math.sqrt(D)) < 0.05 * 0.02 / math.sqrt(D)
+    # the optimizer group of the recipe, at the documented rate
+    cfg = load_config("hrpo", overrides=[f"dataset.train_path={GSM / 'train.jsonl'}", "model.thinking_source=projection",
+                                         f"logging.out_dir={tmp_path}"])
+    assert cfg.model.projection_init_std == 0.001 and cfg.model.projection_norm.value == "unit"
+    assert cfg.training.projection_lr == 1e-4
+    recipe = HrpoRecipe(cfg)
+    recipe.build_model()
+    group = next(g for g in recipe.param_groups if g["name"] == "projection")
+    assert group["lr"] == 1e-4 and group["params"] == [recipe.model.residual.thinking_projection.weight]
+    assert recipe.model.residual.cfg.projection_norm == "unit"
+
+
+def test_a_two_step_projection_run_moves_the_projection_and_logs_the_mix(tmp_path, cli):
+    from memcli.config import backbone_spec, load_config
+    from memcli.hrpo.io import load_hrpo
+    from memcli.training.hrpo import build
+
+    args = [f"dataset.train_path={GSM / 'train.jsonl'}", f"dataset.eval_path={GSM / 'test.jsonl'}",
+            f"logging.out_dir={tmp_path}", "logging.run_name=proj", "model.thinking_source=projection",
+            "training.max_steps=2", "training.group_size=2", "training.batch_size=2",
+            "training.max_completion_length=8", "training.eval_num_samples=2", "training.final_eval_num_samples=2",
+            "training.projection_lr=0.05", "logging.log_interval=1", "logging.tensorboard=false"]
+    code, _, err = cli("train", "hrpo", *args)
+    assert code == 0, err
+    cfg = load_config("hrpo", overrides=args)
+    start, _, _ = build(cfg, backbone_spec(cfg), cfg.model.finetuning_method.value)  # the same seed: the same init
+    model, _, _ = load_hrpo(tmp_path / "proj")
+    before = start.residual.thinking_projection.weight
+    after = model.residual.thinking_projection.weight
+    assert not torch.allclose(before, after) and torch.isfinite(after).all()
+    rows = [json.loads(x) for x in (tmp_path / "proj" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "hidden_share" in r and "gate_a" in r]
+    assert len(logged) >= 2 and all(0 < r["hidden_share"] < 1 and 0 < r["gate_a"] < 1 for r in logged)
+
+
+def test_greedy_decoding_of_a_projection_run_uses_the_projection(tiny):
+    """Same backbone, same gates and Lambda: greedy hybrid decoding with the projection source gives other tokens than
+    with the probs source (the thinking vector it mixes in is the projection's), and reproduces itself."""
+    from memcli.hrpo.model import HrpoModel
+
+    bb, tok = tiny
+    ids, mask = _prompts(tok, ["Think: 1 2 3", "More words here"])
+    out = {}
+    for source in ("probs", "projection"):
+        m = HrpoModel(bb, HrpoConfig(hidden_size=bb.config.hidden_size, thinking_source=source,
+                                     projection_norm="embedding"))
+        shared = _residual(bb, "probs")
+        m.residual.load_state_dict({**m.residual.state_dict(), **shared.state_dict()})  # gates, Lambda, norm alike
+        if source == "projection":
+            torch.manual_seed(3)
+            torch.nn.init.normal_(m.residual.thinking_projection.weight, std=0.05)
+        out[source] = [m.generate(tok, ids, mask, 12).completion_ids for _ in range(2)]
+    assert torch.equal(out["projection"][0], out["projection"][1])
+    assert not torch.equal(out["projection"][0], out["probs"][0])

@@ -18,6 +18,12 @@ class HrpoConfig(ModelConfig):
     thinking_source: str = ThinkingSource.probs.value  # probs | projection
     thinking_r_min: float = 0.99
     thinking_r_max: float = 0.999
+    # thinking_source=projection: the normal initialisation's std of thinking_projection's weight, and how its output
+    # is normalised: "unit" (the design's: an L2-normalised direction) or "embedding" (that direction times the
+    # embedding rows' mean norm: the scale of the token embedding it is mixed with). A run saved before these were
+    # recorded used 0.02 / sqrt(hidden) and "embedding".
+    projection_init_std: float | None = None
+    projection_norm: str = "embedding"
     marker: str = "####"
     instruction: str = "Think step by step, then give the final answer after '####'."  # appended to every problem
     backbone: str = "tiny"
@@ -36,5 +42,9 @@ class HrpoConfig(ModelConfig):
         if not 0.0 < self.thinking_r_min <= self.thinking_r_max < 1.0:
             raise MemcliError(f"keys 'model.thinking_r_min/r_max' got {self.thinking_r_min}/{self.thinking_r_max}, "
                               "expected 0 < r_min <= r_max < 1")
+        if self.projection_norm not in ("unit", "embedding"):
+            raise MemcliError(f"{where}: projection_norm '{self.projection_norm}', expected unit or embedding")
+        if self.projection_init_std is not None and not self.projection_init_std > 0:
+            raise MemcliError(f"{where}: projection_init_std {self.projection_init_std}, expected a number > 0")
         if self.thinking_temperature is not None and not self.thinking_temperature > 0:
             raise MemcliError(f"{where}: thinking_temperature {self.thinking_temperature}, expected a number > 0")

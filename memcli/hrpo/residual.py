@@ -5,7 +5,8 @@
 ``Lambda`` starts so that ``a`` lies in ``[r_min, r_max]`` (0.99 / 0.999): the model begins almost
 token-only and learns how much latent signal to let through. ``h`` is the probability-weighted
 embedding ``(p @ W_embed) / ||p||_2`` or, with ``source="projection"``, a learnable
-``thinking_projection`` of the last hidden state rescaled to the embedding rows' mean norm.
+``thinking_projection`` of the last hidden state (``Linear(D, D, bias=False)``, normal init with a small std),
+L2-normalised (``projection_norm=unit``, the design's) or rescaled to the embedding rows' mean norm (``embedding``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ class ThinkingResidual(nn.Module):
         self.thinking_projection = None
         if cfg.thinking_source == "projection":
             self.thinking_projection = nn.Linear(D, D, bias=False)
-            nn.init.normal_(self.thinking_projection.weight, std=0.02 / math.sqrt(D))  # small: starts near no-op
+            std = cfg.projection_init_std if cfg.projection_init_std is not None else 0.02 / math.sqrt(D)
+            nn.init.normal_(self.thinking_projection.weight, std=std)
         self.register_buffer("embed_row_norm", torch.tensor(float(embed_row_norm)), persistent=True)
         self.force_a: float | None = None  # tests: a = 1 gives plain token inputs
 
@@ -62,5 +64,8 @@ class ThinkingResidual(nn.Module):
         return (p.float() @ weight.float()) / p.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The thinking vector of the last hidden states ``[..., D]``: projected, then normalised (only its direction
+        is learned; a small init std does not make it small)."""
         h = self.thinking_projection(hidden.float())
-        return h / h.norm(dim=-1, keepdim=True).clamp_min(1e-12) * self.embed_row_norm
+        h = h / h.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return h * self.embed_row_norm if self.cfg.projection_norm == "embedding" else h
