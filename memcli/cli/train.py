@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -20,7 +21,7 @@ def _run(recipe: str, config: Optional[Path], overrides: List[str], print_config
 
     cfg = load_config(recipe, config, overrides or [])
     if print_config:
-        console.print(to_yaml(cfg), markup=False, end="")
+        sys.stdout.write(to_yaml(cfg))  # YAML a file can hold: never wrapped at the terminal width
         return
     from memcli.kinds import recipe_class
     from memcli.training.loop import train as run_recipe
@@ -158,7 +159,7 @@ def train_retriever(overrides: Optional[List[str]] = _OVR, config: Optional[Path
 
     cfg = load_config(RetrieverRecipe, config, overrides or [])
     if print_config:
-        console.print(to_yaml(cfg), markup=False, end="")
+        sys.stdout.write(to_yaml(cfg))  # YAML a file can hold: never wrapped at the terminal width
         return
 
     def log(step: int, steps: int, loss: float):
