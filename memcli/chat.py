@@ -153,7 +153,8 @@ class HippoChatSession:
     last_read: list = field(default_factory=list)
 
     def __post_init__(self):
-        from memcli.hippo.turns import TurnMemory, make_encoder
+        from memcli.hippo.turns import TurnMemory
+        from memcli.retrieval.encoders import make_encoder
 
         if self.recall < 0:
             raise MemcliError(f"--recall {self.recall}: expected 0 (state only) or more turns")

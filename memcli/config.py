@@ -78,6 +78,16 @@ class Read(str, Enum):
     prefix = "prefix"  # the entries' token ids placed before the input, where a pretrained model already reads
 
 
+class Placement(str, Enum):
+    """Where read=prefix writes the retrieved entries into a chat-template prompt (memcli/retrieval/placement.py);
+    a cloze prompt (no template) is always read with the entries before it."""
+
+    prefix = "prefix"  # before the whole prompt, template included (the only read before release 4)
+    system = "system"  # in the system message, after the template's default one
+    user_before = "user_before"  # in the last user message, before the question
+    user_after = "user_after"  # in the last user message, after the question
+
+
 class ProjectionNorm(str, Enum):
     unit = "unit"  # the thinking vector is the projection's L2-normalised direction
     embedding = "embedding"  # that direction times the embedding rows' mean norm (the token embedding's scale)
@@ -242,8 +252,14 @@ class FusionModel(RouterModel):
 class MemoryModel(FusionModel, LoraFields):
     read: Optional[Read] = None  # additive (fused at the layer) | prefix (entry tokens before the input); None: per backbone
     prefix_entries: int = 1  # read=prefix: retrieved entries placed before the input
+    placement: Placement = Placement.user_after  # read=prefix: where a chat prompt gets its entries (prefix | system | user_before | user_after)
     abstain_below: Optional[float] = None  # read=prefix, cosine retrieval: read no entry when the best one's cosine is below this
-    lexical_weight: float = 0.0  # read=prefix: re-rank the candidates by z(score) + this * z(IDF of the prompt's words in the entry)
+    # (a question no entry is about shares only common words with its nearest entry, never a name)
+    anchor_df: Optional[int] = None  # read=prefix: read an entry only if it shares a word with the question that at most this many entries hold; 0: always read
+    # the router's scores z-fused with the text scorers' over the question (memcli/retrieval/fusion.py)
+    lexical_weight: Optional[float] = None  # read=prefix: BM25's weight in the fusion (the router's is 1); 0: left out
+    dense_weight: Optional[float] = None  # read=prefix: the sentence encoder's weight in the fusion; 0: left out
+    encoder: str = "minilm"  # the sentence encoder of dense_weight: minilm, mpnet (memcli download mpnet) or a directory
 
 
 @dataclass
@@ -298,13 +314,18 @@ class MemoryTraining(FusionTraining):
     freeze_ratio: float = 0.0  # share of bank rows EMA never touches
 
 
-_EXPLICIT_TINY = {"model": {"memory_layers": [1], "query": "token", "entry_key": "embeddings", "read": "additive"},
+_EXPLICIT_TINY = {"model": {"memory_layers": [1], "query": "token", "entry_key": "embeddings", "read": "additive",
+                            "lexical_weight": 0.0, "dense_weight": 0.0, "anchor_df": 0},
                   "dataset": {"answer_format": "letter", "paraphrases": False},
                   "training": {"batch_size": 32, "learning_rate": 3e-3, "backbone_lr": 1e-3,
                                "final_eval_other_format": True}}
 # measured on SmolLM2-135M (README "Explicit memory on a pretrained model"): retrieval from the mean of the
 # layer-8 states, keys from the entries' own layer-8 states, the entry's tokens read as a prefix
-_EXPLICIT_PRETRAINED = {"model": {"memory_layers": [8], "query": "mean", "entry_key": "hidden", "read": "prefix"},
+# release 4, measured on the recipe's run (README "The read where the model reads"): the router fused with BM25 and
+# all-MiniLM-L6-v2 at equal weights, and an entry read only when it shares a word with the question that at most 10
+# entries hold (a question no entry is about reads nothing)
+_EXPLICIT_PRETRAINED = {"model": {"memory_layers": [8], "query": "mean", "entry_key": "hidden", "read": "prefix",
+                                  "lexical_weight": 1.0, "dense_weight": 1.0, "anchor_df": 10},
                         "dataset": {"answer_format": "cloze", "paraphrases": True},
                         "training": {"batch_size": 64, "learning_rate": 1e-3, "backbone_lr": 1e-4,
                                      "final_eval_other_format": False}}
@@ -384,9 +405,14 @@ class MemoryRecipe(Schema):
                                                 and m.entry_key == EntryKey.hidden and -1 <= m.abstain_below <= 1):
             raise MemcliError(f"key 'model.abstain_below' got {m.abstain_below}: it is a cosine in [-1, 1] and needs the "
                               "cosine retrieval of model.read=prefix, query=mean, entry_key=hidden")
-        if m.lexical_weight and not (m.read == Read.prefix and m.lexical_weight > 0):
-            raise MemcliError(f"key 'model.lexical_weight' got {m.lexical_weight}: expected a weight >= 0 with "
-                              "model.read=prefix (the prompt's words re-rank the entries placed before it)")
+        if m.anchor_df and not (m.read == Read.prefix and m.anchor_df >= 1):
+            raise MemcliError(f"key 'model.anchor_df' got {m.anchor_df}: expected 0 (off) or a count of entries >= 1 "
+                              "with model.read=prefix")
+        for key in ("lexical_weight", "dense_weight"):
+            w = getattr(m, key)
+            if w and not (m.read == Read.prefix and w > 0):
+                raise MemcliError(f"key 'model.{key}' got {w}: expected a weight >= 0 with model.read=prefix (the "
+                                  "question's text is scored against the entries written into the prompt)")
         if self.training.ema_update_freq and m.read == Read.prefix:
             raise MemcliError("training.ema_update_freq needs model.read=additive (EMA moves entries toward the hidden "
                               "states that read them)")

@@ -296,6 +296,49 @@ def validate_gsm8k(row: Any, where: str) -> None:
     _check_field(row, "answer", str, where, nonempty=True)
 
 
+def edit_format(row: dict) -> str | None:
+    """``zsre`` (EasyEdit's ZsRE fields), ``counterfact`` (ROME's CounterFact), or None."""
+    if "requested_rewrite" in row:
+        return "counterfact"
+    if "src" in row or "alt" in row:
+        return "zsre"
+    return None
+
+
+def validate_edit(row: Any, where: str) -> None:
+    """A knowledge edit in the field's standard forms: ZsRE (``subject``, ``src`` the question, ``alt`` the new answer,
+    optional ``rephrase``, ``loc`` an unrelated question and ``loc_ans`` its answer) or CounterFact
+    (``requested_rewrite`` with ``prompt`` holding ``{}`` for the subject, ``subject``, ``target_new.str``; optional
+    ``paraphrase_prompts`` and ``neighborhood_prompts``)."""
+    row = _require_object(row, where)
+    fmt = edit_format(row)
+    if fmt == "zsre":
+        _check_field(row, "src", str, where, nonempty=True)
+        if not row["src"].strip():
+            raise MemcliError(f"{where}: field 'src' (the question) is empty")
+        _check_field(row, "alt", str, where, nonempty=True)
+        for k in ("subject", "rephrase", "loc", "loc_ans"):
+            if k in row and not isinstance(row[k], str):
+                raise MemcliError(f"{where}: field '{k}' is {type(row[k]).__name__}, expected a string")
+        if bool(row.get("loc")) != bool(row.get("loc_ans")):
+            raise MemcliError(f"{where}: 'loc' and 'loc_ans' go together (an unrelated question and its answer)")
+    elif fmt == "counterfact":
+        rw = _require_object(row["requested_rewrite"], f"{where}: requested_rewrite")
+        prompt = _check_field(rw, "prompt", str, f"{where}: requested_rewrite", nonempty=True)
+        _check_field(rw, "subject", str, f"{where}: requested_rewrite", nonempty=True)
+        if "{}" not in prompt:
+            raise MemcliError(f"{where}: requested_rewrite.prompt has no '{{}}' for the subject")
+        new = _require_object(_check_field(rw, "target_new", dict, f"{where}: requested_rewrite"),
+                              f"{where}: requested_rewrite.target_new")
+        _check_field(new, "str", str, f"{where}: requested_rewrite.target_new", nonempty=True)
+        for k in ("paraphrase_prompts", "neighborhood_prompts"):
+            if k in row and not (isinstance(row[k], list) and all(isinstance(x, str) and x for x in row[k])):
+                raise MemcliError(f"{where}: field '{k}' expected a list of non-empty strings")
+    else:
+        raise MemcliError(f"{where}: unknown edit record (expected ZsRE's fields src, alt, rephrase, loc, loc_ans or "
+                          "CounterFact's requested_rewrite)")
+
+
 @dataclass(frozen=True)
 class Format:
     name: str
@@ -311,6 +354,7 @@ LABELED = Format("labeled", validate_labeled, "router labels JSONL (train_labele
 DIALOG = Format("dialog", validate_dialog, "HIPPO dialogs JSONL")
 GSM8K = Format("gsm8k", validate_gsm8k, "GSM8K-format JSONL")
 TEXT = Format("text", validate_text, "pretraining text JSONL ({\"text\": ...} per line)")
+EDITS = Format("edits", validate_edit, "knowledge edits (ZsRE or CounterFact records, JSONL or a JSON list)")
 
 
 # --------------------------------------------------------------------------- readers

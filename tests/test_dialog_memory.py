@@ -12,6 +12,9 @@ import torch
 from memcli.errors import MemcliError
 from memcli.eval import locomo as LC
 from memcli.hippo import turns as T
+from memcli.retrieval.encoders import dense_share_of, make_encoder
+from memcli.retrieval.fusion import zscore
+from memcli.retrieval.lexical import BM25Index, words
 
 
 def _conversation():
@@ -60,7 +63,7 @@ def test_evidence_references_as_locomo_writes_them(ev, want):
 def test_bm25_matches_its_formula():
     """Lucene BM25 (k1 1.2, b 0.75) on words that neither stemming nor stop words change."""
     docs = ["cat dog", "dog dog bird", "fish"]
-    index = T.BM25Index()
+    index = BM25Index()
     index.add(docs)
     got = index.scores(["dog bird", "zebra"])
     N, k1, b = 3, 1.2, 0.75
@@ -88,12 +91,12 @@ def test_growing_bm25_index_scores_as_bm25s_does():
             "", "Painting lakes and sunsets relaxes me; I painted two lakes.", "ok"]
     queries = ["When did Caroline go to the support group?", "What does Melanie paint? paint lakes",
                "zebra", "the"]
-    index = T.BM25Index()
+    index = BM25Index()
     for d in docs:
         index.add([d])
     ref = bm25s.BM25(k1=1.2, b=0.75)
-    ref.index(T._tokens(docs), show_progress=False)
-    for j, q in enumerate(T._tokens(queries)):
+    ref.index(words(docs), show_progress=False)
+    for j, q in enumerate(words(queries)):
         q = [w for w in q if w in ref.vocab_dict]
         want = ref.get_scores(q) if q else [0.0] * len(docs)
         assert index.scores(queries)[j].tolist() == pytest.approx(list(want), rel=1e-5, abs=1e-6), queries[j]
@@ -104,8 +107,12 @@ def test_turn_memory_indexes_only_new_turns(monkeypatch):
     """A search after each new turn tokenises each turn once, and gives what a memory written at once gives."""
     conv = LC.conversation_entries(_conversation())
     seen = []
-    real = T._tokens
-    monkeypatch.setattr(T, "_tokens", lambda texts: seen.extend(texts) or real(texts))
+    real = words
+    from memcli.retrieval import lexical
+
+    counted = lambda texts: seen.extend(texts) or real(texts)  # noqa: E731
+    monkeypatch.setattr(lexical, "words", counted)  # the index's documents
+    monkeypatch.setattr(T, "words", counted)  # the queries
     grown = T.TurnMemory(retriever="lexical")
     for t in conv:
         grown.add([t])
@@ -213,7 +220,7 @@ def test_turn_priors_add_to_the_fused_scores_and_change_the_ranking():
 
 
 def test_dense_share_weighs_the_hybrids_halves():
-    enc = T.make_encoder("minilm")
+    enc = make_encoder("minilm")
     entries = LC.conversation_entries(_conversation())
     qs = ["Which marathon is Alice training for?", "What did Bob cook?"]
 
@@ -225,8 +232,8 @@ def test_dense_share_weighs_the_hybrids_halves():
     m = memory()
     assert m.dense_share == 0.5  # the untrained MiniLM asks for equal weights
     v = enc.encode(qs)
-    dense = T._z(v @ m.keys[:, 0].T) + T._z(v @ m.keys[:, 1].T)
-    lexical = sum(T._z(ix.scores(qs)) for ix in m._lexical_indexes())
+    dense = zscore(v @ m.keys[:, 0].T) + zscore(v @ m.keys[:, 1].T)
+    lexical = sum(zscore(ix.scores(qs)) for ix in m._lexical_indexes())
     for share in (0.5, 0.8, 0.0, 1.0):
         assert torch.allclose(memory(share).scores(qs), 2 * share * dense + 2 * (1 - share) * lexical, atol=1e-5)
     assert torch.equal(memory(1.0).search(qs, 4)[0], memory(None, "dense").search(qs, 4)[0])
@@ -236,16 +243,16 @@ def test_dense_share_weighs_the_hybrids_halves():
 
 
 def test_a_trained_encoders_directory_records_its_dense_share(tmp_path):
-    assert T.dense_share_of("minilm") == 0.5 and T.dense_share_of(str(tmp_path)) == 0.5  # no record: equal
+    assert dense_share_of("minilm") == 0.5 and dense_share_of(str(tmp_path)) == 0.5  # no record: equal
     meta = tmp_path / "memcli_turn_encoder.json"
     meta.write_text(json.dumps({"dense_share": 0.8}))
-    assert T.dense_share_of(str(tmp_path)) == 0.8
+    assert dense_share_of(str(tmp_path)) == 0.8
     for bad, why in (('{"dense_share": 2}', "dense_share 2, expected a number from 0 to 1"),
                      ('{"dense_share": "high"}', "dense_share 'high'"), ("[1]", "not a JSON object"),
                      ("{", "not a JSON object")):
         meta.write_text(bad)
         with pytest.raises(MemcliError, match=re.escape(f"{meta}: {why}")):
-            T.dense_share_of(str(tmp_path))
+            dense_share_of(str(tmp_path))
 
 
 def test_likelihood_reranker_scores_are_the_question_log_likelihood():
@@ -284,7 +291,7 @@ def test_reranking_reorders_only_the_retrievers_candidates():
         assert set(idx[j].tolist()) <= set(top3[j].tolist())  # nothing outside the first 3 comes back
         lm = ranked.reranker.scores([T.key_text(entries[i]) for i in top3[j].tolist()], q)
         first = plain.scores([q])[0][top3[j]]
-        fused = T._z(lm[None])[0] + T._z(first[None])[0]
+        fused = zscore(lm[None])[0] + zscore(first[None])[0]
         assert idx[j].tolist() == top3[j][torch.argsort(-fused, stable=True)[:2]].tolist()
     r = LC.recall_only([_conversation()], None, retriever="lexical", ks=(1, 2),
                        reranker=T.LikelihoodReranker(bb, tok, candidates=7))
@@ -293,7 +300,7 @@ def test_reranking_reorders_only_the_retrievers_candidates():
 
 
 def test_turn_memory_written_turn_by_turn_equals_written_at_once():
-    enc = T.make_encoder("minilm")
+    enc = make_encoder("minilm")
     entries = LC.conversation_entries(_conversation())
     whole = T.TurnMemory(enc)
     whole.add(entries)
@@ -468,9 +475,10 @@ def test_backbone_setups_use_the_chat_templates_own_form():
     import copy
 
     from memcli.backbone import load_backbone
+    from memcli.retrieval.placement import layout
 
     _, tok = load_backbone("tiny")
-    assert T.default_system_prompt(tok) == ""  # the tiny template writes no system message of its own
+    assert layout(tok).default_system == ""  # the tiny template writes no system message of its own
     assert tok.decode(T.context_prompt(tok, "Conversation excerpts:\nA: hi", "Q?")) == (
         "<|im_start|>system\nConversation excerpts:\nA: hi<|im_end|>\n<|im_start|>user\nQ?\n"
         "Give only the answer, as short as possible.<|im_end|>\n<|im_start|>assistant\n")
@@ -479,7 +487,7 @@ def test_backbone_setups_use_the_chat_templates_own_form():
                           "{{ '<|im_start|>system\nBe brief<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role']"
                           " + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
                           "{{ '<|im_start|>assistant\n' }}{% endif %}")
-    assert T.default_system_prompt(smol) == "Be brief"
+    assert layout(smol).default_system == "Be brief"
     head = "<|im_start|>system\nBe brief"
     tail = f"<|im_end|>\n<|im_start|>user\nQ?\n{T.SHORT_ANSWER}<|im_end|>\n<|im_start|>assistant\n"
     assert smol.decode(T.context_prompt(smol, "ctx", "Q?")) == head + ".\n\nctx" + tail

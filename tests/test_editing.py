@@ -106,7 +106,12 @@ def test_edited_answers_match_a_slow_reference_and_the_run_is_untouched(run, def
     assert code == 0, err
     res = json.loads(out)
     assert _digest(d) == before  # edits live in the loaded bank only
-    assert [r["measure"] for r in res["rows"][:5]] == ["efficacy", "paraphrase", "question", "neighbours", "outside bank"]
+    assert [r["measure"] for r in res["rows"][:7]] == ["efficacy", "paraphrase", "question", "other question", "neighbours",
+                                                       "outside bank", "unrelated"]
+    assert res["modes"] == ["memory", "rag minilm", "rag bm25", "rag hybrid", "in prompt", "off"]
+    unrelated = res["rows"][6]
+    assert unrelated["n"] > 0 and {f"gen: {m}" for m in ("memory", "rag minilm", "rag bm25", "rag hybrid")} <= {
+        k for k, v in unrelated.items() if v is not None}
     eff4 = next(r for r in res["rows"] if r["T"] == 4 and r["measure"] == "efficacy")
     assert eff4["n"] == 4
     answers = [json.loads(x) for x in (tmp_path / "answers.jsonl").read_text().splitlines()]
@@ -131,7 +136,7 @@ def test_edited_answers_match_a_slow_reference_and_the_run_is_untouched(run, def
 
 def test_edit_counts_beyond_the_bank_are_refused(run, default_data, cli):
     code, _, err = cli("compare", "editing", "-m", run, "--data", default_data, "--edits", "1,100000")
-    assert_one_line_error(code, err, "--edits", "expected counts from 1 to")
+    assert_one_line_error(code, err, "--edits", "expected counts from 0 (no edit) to")
     code, _, err = cli("compare", "editing", "-m", run, "--edits", "1,x")
     assert_one_line_error(code, err, "--edits '1,x'")
     code, _, err = cli("compare", "editing", "-m", run, "--data", default_data, "--edits", "1", "--abstain-below", "2")
@@ -177,3 +182,93 @@ def test_chat_on_a_cloze_run_answers_a_question_alone_in_the_chat_template(run):
     plain = r.tok("Tonem plays the", return_tensors="pt")
     out = r.model.generate(**plain, max_new_tokens=6, do_sample=False, pad_token_id=r.tok.pad_token_id)
     assert session.history[1]["content"] == r.tok.decode(out[0, plain["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+ZSRE = [  # invented subjects: nothing in the tiny bank is about them
+    {"subject": "Quorvex", "src": "Where was Quorvex born?", "alt": "Tarsk", "rephrase": "What is the birthplace of Quorvex?",
+     "loc": "Where was Belnor born?", "loc_ans": "Oslo"},
+    {"subject": "Mirelda", "src": "What does Mirelda play?", "alt": "lute", "rephrase": "Which instrument does Mirelda play?",
+     "loc": "What does Tovan play?", "loc_ans": "drums"},
+    {"subject": "Ostrav", "src": "Who does Ostrav work for?", "alt": "Ilse", "rephrase": "Who employs Ostrav?",
+     "loc": "Who does Kellan work for?", "loc_ans": "Brannoch"},
+    {"subject": "Vennik", "src": "Which country is Vennik in?", "alt": "Vel", "rephrase": "In which country is Vennik?",
+     "loc": "Which country is Drosk in?", "loc_ans": "Norland"},
+]
+
+
+def test_an_edits_file_round_trips_with_metrics_computed_by_hand(run, tmp_path, cli):
+    """Four ZsRE edits added with the memory add path: Rel / Gen / Loc from the answers written, and Rel's token
+    accuracy against a slow reference (the same entries added with `memcli memory add`, a full forward per edit)."""
+    from memcli.eval.edit_file import build
+    from memcli.eval.editing import answer_match, normalise
+    from memcli.explicit.items import prompt_ids
+    from memcli.runs import load_run
+
+    f = tmp_path / "edits.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in ZSRE))
+    d = tmp_path / "run"
+    shutil.copytree(run, d)
+    before = _digest(d)
+    code, out, err = cli("compare", "editing", "-m", d, "--edits-file", f, "--setups", "memory,rag bm25,in prompt,off",
+                         "--answers", tmp_path / "answers.jsonl", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert _digest(d) == before and res["entries_added"] == 4 and res["scorings"] == ["token", "gen"]
+    rel, gen, loc = res["rows"]
+    assert [r["measure"] for r in res["rows"]] == ["reliability", "generalisation", "locality"]
+    assert rel["n"] == gen["n"] == loc["n"] == 4
+    answers = [json.loads(x) for x in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    for row, label in ((rel, "reliability"), (gen, "generalisation")):
+        for mode in ("memory", "rag bm25", "in prompt", "off"):
+            mine = [a for a in answers if a["measure"] == label and a["mode"] == mode]
+            assert len(mine) == 4
+            assert row[f"gen: {mode}"] == pytest.approx(sum(answer_match(a["generated"], a["answer"]) for a in mine) / 4)
+    for mode in ("memory", "rag bm25"):
+        mine = [a for a in answers if a["measure"] == "locality" and a["mode"] == mode]
+        assert loc[f"gen: {mode}"] == pytest.approx(sum(normalise(a["before"]) == normalise(a["after"]) for a in mine) / 4)
+    assert loc["gen: in prompt"] is None and loc["gen: off"] is None
+    # the slow reference: the entries added to the run on disk, each question's retrieved entry placed by hand
+    (tmp_path / "facts.jsonl").write_text("".join(json.dumps({"text": f"{r['src']} {r['alt']} ."}) + "\n" for r in ZSRE))
+    assert cli("memory", "add", "-m", d, "--from", tmp_path / "facts.jsonl")[0] == 0
+    ref = load_run(d)
+    mem, tok = ref.model, ref.tok
+    accs = []
+    for r in ZSRE:
+        e = build(tok, "x", r)
+        p = torch.tensor([prompt_ids(tok, r["src"])])
+        with torch.no_grad():
+            rows = mem.chosen_rows(mem.retrieve(mem.prompt_features(p, None), p, torch.ones_like(p)))
+            full = torch.tensor([p[0].tolist() + e.rel.answer])
+            ids, att = mem.prefixed(full, torch.ones_like(full), rows)
+            logits = mem.backbone(input_ids=ids, attention_mask=att).logits[0]
+        n = len(e.rel.answer)
+        pred = logits[-n - 1: -1].argmax(-1).tolist()
+        accs.append(sum(a == b for a, b in zip(pred, e.rel.answer)) / n)
+    assert rel["token: memory"] == pytest.approx(sum(accs) / 4)
+
+
+def test_a_counterfact_file_is_scored_too(run, tmp_path, cli):
+    rec = {"case_id": 0, "requested_rewrite": {"prompt": "{} was born in", "subject": "Quorvex",
+                                               "target_new": {"str": "Tarsk"}, "target_true": {"str": "Oslo"}},
+           "paraphrase_prompts": ["Quorvex is originally from"], "neighborhood_prompts": ["Belnor was born in"]}
+    f = tmp_path / "cf.jsonl"
+    f.write_text(json.dumps(rec) + "\n")
+    code, out, err = cli("compare", "editing", "-m", run, "--edits-file", f, "--setups", "memory,off", "--json")
+    assert code == 0, err
+    rows = json.loads(out)["rows"]
+    assert [(r["measure"], r["n"]) for r in rows] == [("reliability", 1), ("generalisation", 1), ("locality", 1)]
+
+
+@pytest.mark.parametrize("line,needle", [
+    ({"src": "Where was Quorvex born?", "rephrase": "x"}, "missing field 'alt'"),
+    ({"src": "", "alt": "Tarsk"}, "field 'src' is empty"),
+    ({"src": "  ", "alt": "Tarsk"}, "field 'src' (the question) is empty"),
+    ({"question": "Where?", "answer": "Tarsk"}, "unknown edit record"),
+    ({"src": "Where?", "alt": "Tarsk", "loc": "Who?"}, "'loc' and 'loc_ans' go together"),
+    ({"requested_rewrite": {"prompt": "born in", "subject": "Q", "target_new": {"str": "T"}}}, "no '{}' for the subject"),
+])
+def test_a_bad_edits_file_is_refused_in_one_line_with_its_line(run, tmp_path, cli, line, needle):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(json.dumps(ZSRE[0]) + "\n" + json.dumps(line) + "\n")
+    code, _, err = cli("compare", "editing", "-m", run, "--edits-file", f)
+    assert_one_line_error(code, err, "bad.jsonl:2", needle)

@@ -11,6 +11,7 @@ from conftest import FIXTURES, assert_one_line_error
 from memcli.eval import locomo as LC
 from memcli.training import retriever as R
 from memcli.hippo import turns as T
+from memcli.retrieval.encoders import SentenceEncoder, dense_share_of
 
 EXCERPT = FIXTURES / "locomo" / "excerpt.json"
 
@@ -52,7 +53,7 @@ def test_observations_are_more_queries_each_paired_with_the_turns_it_names():
 
 @pytest.fixture(scope="module")
 def minilm():
-    return T.MiniLMEncoder("minilm").model
+    return SentenceEncoder("minilm").model
 
 
 def test_batch_loss_is_the_in_batch_softmax_with_a_shared_positive_masked(minilm):
@@ -80,7 +81,7 @@ def test_fine_tuning_pulls_questions_to_their_evidence_turns():
     """Learning check: on the excerpt's own questions, the fine-tuned dense keys rank the evidence first far more
     often than the untrained ones, and the loss falls."""
     conv = LC.load_locomo(EXCERPT)[0]
-    enc = T.MiniLMEncoder("minilm")
+    enc = SentenceEncoder("minilm")
     before = _dense_recall_at_1(enc, conv)
     t = R.RetrieverTraining(epochs=6, learning_rate=1e-4, batch_size=8, hard_negatives=2, seed=0)
     losses = R.fit(enc.model, R.training_examples([conv], t.negative_pool), t)
@@ -103,7 +104,7 @@ def test_train_retriever_cli_writes_an_encoder_that_compare_and_chat_read(cli, t
     meta = json.loads((enc_dir / R.META).read_text())
     assert meta["config"]["training"]["epochs"] == 1 and len(meta["losses"]) == 1
     # the share of the hybrid score it asks for is recorded, and its held-out recall was measured with it
-    assert meta["dense_share"] == 0.8 and T.dense_share_of(str(enc_dir)) == 0.8
+    assert meta["dense_share"] == 0.8 and dense_share_of(str(enc_dir)) == 0.8
     assert r["recall_after"]["retriever"].startswith(f"hybrid/{enc_dir} at dense share 0.8 + ")
     assert r["recall_before"]["retriever"].startswith("hybrid/minilm + ")
     assert R.trained_conversations(enc_dir) == [1]

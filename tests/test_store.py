@@ -305,7 +305,7 @@ def test_a_small_index_keeps_most_of_exact_search_and_finds_written_rows(run, tm
     res = json.loads(out)
     assert res["bank grown"] == "1024 -> 1089 entries" and res["index"].startswith("re-fitted to 1089 cells")
     assert load_run(d).model.gates["1"].row_cell.shape == (1089,)
-    new = "Basim was born in the ancient harbour city of Valparaiso ."
+    new = "Basim was born in Valparaiso ."
     fix = _facts(tmp_path, [{"text": new, "uuid": fact_uuid(FACTS[0]["text"])}], "fix.jsonl")
     code, out, err = cli("memory", "replace", "-m", d, "--from", fix, "--json")
     assert code == 0 and json.loads(out)["index"].startswith("1 rows written since the fit"), err
@@ -349,44 +349,57 @@ def test_an_index_serves_the_additive_read_too(default_data, tmp_path, cli):
     assert not torch.allclose(logits(), exact, atol=1e-5)  # 16 of 1,024 cells: some tokens read other entries
 
 
-def test_lexical_rerank_orders_candidates_by_fused_z_scores():
-    """model.lexical_weight: each candidate's lexical score is the IDF sum of the distinct prompt tokens it holds
-    (padding and repeats not counted), fused with the retriever's score as z(score) + w * z(lex); hand-computed."""
-    import math
-
-    from memcli.explicit.model import lexical_rerank, token_idf
-
-    pad = 0
-    bank = torch.tensor([[5, 6, 7, 0], [5, 8, 8, 0], [9, 6, 0, 0], [5, 6, 9, 0], [3, 3, 3, 3]])
-    valid = torch.tensor([True, True, True, True, False])  # row 4 is padding: its tokens count for no df
-    idf = token_idf(bank, valid, pad)
-    n = 4
-    df = {5: 3, 6: 3, 7: 1, 8: 1, 9: 2, 3: 0}
-    for t, d in df.items():
-        assert math.isclose(float(idf[t]), math.log((n + 1) / (d + 0.5)), rel_tol=1e-6)
-    rec = {"cells": torch.tensor([[0, 1, 2]]), "scores": torch.tensor([[0.9, 0.8, 0.7]]),
-           "weights": torch.tensor([[0.5, 0.3, 0.2]])}
-    prompt = torch.tensor([[0, 8, 8, 9, 1]])  # left padding, a repeated 8, and 1 (in no entry)
-    mask = torch.tensor([[0, 1, 1, 1, 1]])
-    out = lexical_rerank(rec, bank, valid, prompt, mask, pad, weight=1.0)
-    lex = [0.0, math.log(5 / 1.5), math.log(5 / 2.5)]  # row 0 holds none; row 1: 8 once; row 2: 9
-
-    def z(v):
-        m = sum(v) / len(v)
-        sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
-        return [(x - m) / (sd + 1e-6) for x in v]
-
-    fused = [a + b for a, b in zip(z([0.9, 0.8, 0.7]), z(lex))]
-    order = sorted(range(3), key=lambda i: -fused[i])
-    assert out["cells"][0].tolist() == order == [1, 0, 2]  # the rare shared word lifts row 1 to the top
-    assert out["scores"][0].tolist() == pytest.approx([[0.9, 0.8, 0.7][i] for i in order])  # the retriever's scores
-    assert out["lexical"][0].tolist() == pytest.approx([lex[i] for i in order])
-    same = lexical_rerank(rec, bank, valid, prompt, mask, pad, weight=0.0)
-    assert same["cells"].tolist() == [[0, 1, 2]]
-
-
 def test_lexical_weight_needs_the_prefix_read(cli, tmp_path, default_data):
     code, _, err = cli("train", "memory", f"dataset.data_dir={default_data}", f"logging.out_dir={tmp_path}",
                        "model.lexical_weight=1.0")  # tiny's default: additive read
     assert_one_line_error(code, err, "model.lexical_weight", "read=prefix")
     assert not (tmp_path / "memory").exists()
+
+
+LONG_ONE = ("Zed Alpha was born in Lisbon and later moved to Porto where he taught physics and astronomy for twenty "
+            "years at the old university beside the river .")
+LONG_TWO = "Basim was born in Cairo . He plays the violin ."
+
+
+def test_a_fact_longer_than_an_entry_is_split_by_sentence_or_refused_never_cut(run, tmp_path, cli):
+    """Nothing lost on the way in: two sentences become two entries (the second naming its subject); one sentence
+    longer than an entry is refused in one line with its token count and the limit, the run untouched."""
+    from memcli.runs import load_run
+
+    d = _copy(run, tmp_path)
+    r = load_run(d)
+    L = r.bank.knowledge_length
+    assert len(r.tok(LONG_TWO, add_special_tokens=False)["input_ids"]) > L
+    snap = _digest(d)
+    long_one = _facts(tmp_path, [FACTS[0], {"text": LONG_ONE, "subject": "Zed Alpha", "object": "Lisbon"}], "one.jsonl")
+    code, _, err = cli("memory", "add", "-m", d, "--from", long_one)
+    n = len(r.tok(LONG_ONE, add_special_tokens=False)["input_ids"])
+    assert_one_line_error(code, err, "one.jsonl:2", f"the fact is {n} tokens, an entry holds {L}")
+    assert _digest(d) == snap
+    code, _, err = cli("inspect-memory", "-m", d, "--edit", f"3={LONG_ONE}")
+    assert_one_line_error(code, err, "--edit of row 3", f"the fact is {n} tokens")
+    assert _digest(d) == snap
+
+    two = _facts(tmp_path, [{"text": LONG_TWO, "subject": "Basim", "object": "violin", "uuid": "basim"}], "two.jsonl")
+    code, out, err = cli("memory", "add", "-m", d, "--from", two, "--json")
+    assert code == 0 and json.loads(out)["added"] == 2, err
+    r = load_run(d)
+    rows = [r.bank.row_of_uuid()[u] for u in ("basim", "basim#2")]
+    assert r.bank.decode(r.tok, rows) == ["Basim was born in Cairo .", "Basim: He plays the violin ."]
+    assert [r.bank.entries[i]["object"] for i in rows] == [None, "violin"]  # the object stays with its sentence
+
+    code, _, err = cli("build-cache", "--knowledge", long_one, "--out", tmp_path / "cache", "--knowledge-length", str(L))
+    assert_one_line_error(code, err, "one.jsonl: item 1", f"the fact is {n} tokens, an entry holds {L}")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_generated_data_leaves_out_facts_longer_than_an_entry(tmp_path, cli):
+    code, out, err = cli("gen-data", "default", "--out", tmp_path / "d", "-n", "64", "-l", "7", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    gone = res["gen-data"]["filtered_longer_than_an_entry"]
+    assert 0 < gone < 64 and res["gen-data"]["facts"] == 64 - gone
+    from memcli.data.bank import load_bank
+
+    bank = load_bank(tmp_path / "d" / "cache")
+    assert bank.meta["num_real"] == 64 - gone

@@ -106,7 +106,8 @@ def bench_turns(turns: int = 50, new_tokens: int = 16, marks=(1, 10, 50), repeat
     _state_turns(model, tok, texts[:5], kw)  # warm-up
     runs = {"hippo": [_state_turns(model, tok, texts, kw) for _ in range(repeats)]}
     if recall:
-        from memcli.hippo.turns import TurnMemory, make_encoder
+        from memcli.hippo.turns import TurnMemory
+        from memcli.retrieval.encoders import make_encoder
 
         encoder = make_encoder("minilm")
         runs["recall"] = [_state_turns(model, tok, texts, kw, TurnMemory(encoder), recall) for _ in range(repeats)]

@@ -177,7 +177,7 @@ def _turn_encoder(encoder: str, retriever: str, bb, tok, skip: int, conversation
     """The dense turn encoder (None for BM25 alone). A 'train retriever' encoder measured on the conversations it
     learnt from reports a fit, not recall: said in one line."""
     from memcli.console import err_console
-    from memcli.hippo.turns import make_encoder
+    from memcli.retrieval.encoders import make_encoder
     from memcli.training.retriever import trained_conversations
 
     if retriever == "lexical":
@@ -402,28 +402,45 @@ def editing(
     model_path: Optional[Path] = typer.Option(None, "--model-path", "-m", help="Explicit-memory run (default: the newest under out/)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Data directory whose held-out facts are edited first (default: the run's)."),
     edits: str = typer.Option("1,10,100,1000", "--edits", help="Numbers of edits T after which everything is scored."),
-    num_samples: int = typer.Option(200, "--num-samples", help="Facts scored per row (a seeded sample when more qualify)."),
+    edits_file: Optional[Path] = typer.Option(None, "--edits-file", help="Score your own edits instead: a JSONL of ZsRE "
+                                              "(subject, src, alt, rephrase, loc, loc_ans) or CounterFact "
+                                              "(requested_rewrite, paraphrase_prompts, neighborhood_prompts) records, "
+                                              "added with the code of 'memory add'; reliability / generalisation / "
+                                              "locality as WISE reports them."),
+    num_samples: int = typer.Option(200, "--num-samples", help="Facts (or edits) scored per row (a seeded sample when more qualify)."),
+    setups: str = typer.Option(",".join(("memory", "rag minilm", "rag bm25", "rag hybrid", "in prompt", "off")),
+                               "--setups", help="What is scored, comma-separated: memory, rag minilm (all-MiniLM-L6-v2 "
+                               "top entry, FAISS where installed), rag bm25, rag hybrid (both z-fused), in prompt "
+                               "(the fact written where memory writes it: the ceiling), off."),
     trex: str = typer.Option("builtin", "--trex", help="LPAQA-layout T-REx directory: templates, questions, outside facts."),
     seed: int = typer.Option(0, "--seed", help="Edit order, options and samples."),
     answers: Optional[Path] = typer.Option(None, "--answers", help="Write every scored answer here (JSON lines)."),
+    placement: Optional[str] = typer.Option(None, "--placement", help="Measure with this model.placement instead of the run's: prefix, system, user_before, user_after."),
     abstain_below: Optional[float] = typer.Option(None, "--abstain-below", help="Measure with this model.abstain_below instead of the run's."),
+    anchor_df: Optional[int] = typer.Option(None, "--anchor-df", help="Measure with this model.anchor_df instead of the run's."),
     lexical_weight: Optional[float] = typer.Option(None, "--lexical-weight", help="Measure with this model.lexical_weight instead of the run's."),
+    dense_weight: Optional[float] = typer.Option(None, "--dense-weight", help="Measure with this model.dense_weight instead of the run's."),
+    encoder: Optional[str] = typer.Option(None, "--encoder", help="Measure with this model.encoder (minilm, mpnet, a directory) instead of the run's."),
     out_dir: Path = typer.Option(Path("out"), help="Where to look for the newest run."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write the table as Markdown here."),
 ):
     """The knowledge-editing table: T edits written into the bank, then efficacy, generalisation, locality.
 
-    Efficacy asks an edited fact in its entry's own words; generalisation with a held-out LPAQA paraphrase and
-    as a natural question (chat template); locality counts unchanged answers of unedited facts of the same
-    relations, and facts outside the bank with memory on vs off. Two scorings: five options ranked by
-    log-likelihood, and the greedy answer matched exactly (normalised). Beside memory: the (edited) sentence
-    written in the prompt, memory off (the ceiling: column ctx), and memory off. The run directory is not changed.
+    Efficacy asks an edited fact in its entry's own words; generalisation asks it with a held-out LPAQA
+    paraphrase and as a natural question in the chat template, in the trained wording and in held-out ones;
+    locality counts unchanged answers of unedited facts of the edited relations, right answers to facts
+    outside the bank, and unchanged answers to natural questions that no entry is about. Two scorings: five
+    options ranked by log-likelihood, and the greedy answer (a cloze must continue with the object, a
+    question's first line must state it). Beside memory: plain RAG setups over the same bank and read, the
+    fact written in the prompt where memory writes it (memory off: the ceiling), and memory off; the ceiling
+    at every placement is shown once. The run directory is not changed.
 
     [bold]Examples[/bold]
 
-      memcli compare editing -m out/real
-      memcli compare editing -m out/real --edits 1,10,100 --num-samples 50 --markdown editing.md
+      memcli compare editing -m out/real --edits 1,10,100 --num-samples 100 --markdown editing.md
+      memcli compare editing -m out/real --edits-file my_edits.jsonl --num-samples 100
+      memcli compare editing -m out/real --setups memory,in\ prompt,off --placement system
     """
     from memcli.eval.editing import MODES, SCORINGS, SHORT, compare_editing
     from memcli.kinds import EXPLICIT
@@ -436,19 +453,31 @@ def editing(
         raise MemcliError(f"--edits '{edits}': expected comma-separated counts, e.g. 1,10,100,1000") from None
     if num_samples < 1:
         raise MemcliError(f"--num-samples got {num_samples}, expected a positive integer")
+    modes = tuple(m.strip() for m in setups.split(",") if m.strip())
     path = model_path or newest_run(out_dir, EXPLICIT)
-    if data is None:
-        data = Path(read_info(path)[1].get("data_dir") or "data/default")
-    res = compare_editing(Path(path), data, counts, num_samples, trex, seed, abstain_below, lexical_weight)
+    settings = dict(placement=placement, abstain_below=abstain_below, anchor_df=anchor_df, lexical_weight=lexical_weight,
+                    dense_weight=dense_weight, encoder=encoder)
+    if edits_file is not None:
+        from memcli.eval.edit_file import compare_edit_file
+
+        res = compare_edit_file(Path(path), edits_file, num_samples, seed, modes, **settings)
+    else:
+        if data is None:
+            data = Path(read_info(path)[1].get("data_dir") or "data/default")
+        res = compare_editing(Path(path), data, counts, num_samples, trex, seed, modes, **settings)
     records = res.pop("answers")
     if answers is not None:
         atomic_write_text(answers, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         res["answers"] = str(answers)
-    keys = ["T", "measure", "n", *[f"{s}: {m}" for s in SCORINGS for m in MODES]]
-    cols = ["T", "measure", "n", *[f"{s} {SHORT[m]}" for s in SCORINGS for m in MODES]]
-    rows = [["-" if r[k] is None else round(r[k], 3) if isinstance(r[k], float) else r[k] for k in keys] for r in res["rows"]]
+    shown = [m for m in MODES if m in res["modes"]]
+    scorings = res.get("scorings", SCORINGS)
+    keys = ["T", "measure", "n", *[f"{s}: {m}" for s in scorings for m in shown], "memory read"]
+    cols = ["T", "measure", "n", *[f"{s} {SHORT[m]}" for s in scorings for m in shown], "read"]
+    rows = [["-" if r.get(k) is None else round(r[k], 3) if isinstance(r[k], float) else r[k] for k in keys]
+            for r in res["rows"]]
     write_markdown(markdown, cols, rows)
-    emit(res, as_json, lambda _: table(f"compare editing · {path} · {res['facts']} editable facts", cols, rows))
+    title = f"compare editing · {path} · " + (f"{res['edits_file']}" if edits_file else f"{res['facts']} editable facts")
+    emit(res, as_json, lambda _: table(title, cols, rows))
 
 
 @compare.command("pretrain")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -70,6 +70,33 @@ def gen_dialog(
 
     _show("gen-data dialog", run(out, num_train, num_val, seed, turns, min_distance, facts_per_dialog, name_pool,
                                      min_turns, assistant_turns), as_json)
+
+
+@gen.command("edits")
+def gen_edits(
+    out: Path = typer.Option(Path("data/edits.jsonl"), "--out", "-o", help="JSONL file to write."),
+    fmt: str = typer.Option("zsre", "--format", help="zsre (EasyEdit's fields) or counterfact (ROME's)."),
+    num: int = typer.Option(200, "--num", "-n", help="Edits to write."),
+    trex: str = typer.Option("builtin", "--trex", help="LPAQA-layout T-REx directory, or 'builtin' (the shipped slice)."),
+    exclude: Optional[List[Path]] = typer.Option(None, "--exclude", help="Data directory (or knowledge base JSON) whose "
+                                                 "subjects no edit may touch: the run's bank (repeatable)."),
+    seed: int = typer.Option(0, help="Random seed."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Knowledge edits in the field's standard records, for [cyan]compare editing --edits-file[/cyan].
+
+    Each edit moves a fact that no excluded bank holds to another object of its relation. ZsRE records ask the
+    relation's natural question, one held-out wording of it, and an unrelated question with its answer; CounterFact
+    records carry a cloze prompt, held-out paraphrases and neighbourhood prompts.
+
+    [bold]Examples[/bold]
+
+      memcli gen-data edits --out edits.jsonl --exclude data/smollm2-135m -n 200
+      memcli gen-data edits --format counterfact --trex ../shared/data/trex --out cf.jsonl
+    """
+    from memcli.data.edits import make_edits
+
+    _show("gen-data edits", make_edits(out, fmt, num, seed, trex, list(exclude or [])), as_json)
 
 
 @gen.command("default")

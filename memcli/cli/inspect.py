@@ -69,7 +69,8 @@ def _evaluate(run, ck: Path, eval_data: Path, eval_samples: Optional[int], as_js
 
 def _edit(run, ck: Path, spec: List[str], as_json: bool) -> None:
     from memcli.errors import MemcliError
-    from memcli.explicit.io import edit_entry, save_bank_edit
+    from memcli.explicit.io import save_bank_edit
+    from memcli.explicit.store import edit_entry
 
     bank = run.bank
     if len(spec) == 1 and "=" in spec[0]:
@@ -92,7 +93,9 @@ def _query(run, ck: Path, query: str, top: int, as_json: bool) -> None:
     from memcli.explicit import inspect as I
 
     res = I.query_view(run.model, run.bank, run.tok, query, top)
-    emit(res, as_json, lambda r: table(f"retrieval for {query!r} ({ck})",
+    read = res[0].get("read", "n/a") if res else "n/a"
+    note = "" if read == "n/a" else f" · read: {'none (abstains)' if read is None else f'row {read}'}"
+    emit(res, as_json, lambda r: table(f"retrieval for {query!r} ({ck}){note}",
                                        ["layer", "pos", "token", "row", "weight", "entry"],
                                        [(x["layer"], x["position"], repr(x["token"]), e["row"], e["weight"], e["text"])
                                         for x in r for e in x["entries"]]))

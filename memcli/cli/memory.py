@@ -70,13 +70,13 @@ def add(facts: Path = _FROM, model_path: Optional[Path] = _RUN, out_dir: Path = 
       memcli memory add -m out/real --from my_facts.jsonl
       memcli memory add -m out/real --from data/other/sentence_trex_data.json
     """
-    from memcli.data.facts import read_facts
+    from memcli.data.facts import read_facts_where
     from memcli.explicit import store
 
-    entries = read_facts(facts)  # every line checked before the run is opened
+    entries, where = read_facts_where(facts)  # every line checked before the run is opened
     run = _open(model_path, out_dir)
     mem, bank, change = store.add(run.model, run.bank, run.tok, entries, step=int(run.info.get("step", 0)),
-                                  cache=store.feature_cache(run.path) if cache else None)
+                                  cache=store.feature_cache(run.path) if cache else None, where=where)
     _done(run, mem, bank, change, as_json)
 
 
@@ -90,13 +90,13 @@ def replace(facts: Path = _FROM, model_path: Optional[Path] = _RUN, out_dir: Pat
 
       memcli memory replace -m out/real --from corrections.jsonl
     """
-    from memcli.data.facts import read_facts
+    from memcli.data.facts import read_facts_where
     from memcli.explicit import store
 
-    entries = read_facts(facts)
+    entries, where = read_facts_where(facts)
     run = _open(model_path, out_dir)
     change = store.replace_entries(run.model, run.bank, run.tok, entries, step=int(run.info.get("step", 0)),
-                                   cache=store.feature_cache(run.path) if cache else None)
+                                   cache=store.feature_cache(run.path) if cache else None, where=where)
     _done(run, run.model, run.bank, change, as_json)
 
 

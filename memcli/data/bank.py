@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,13 +99,19 @@ class Bank:
         write_json(d / META_FILE, self.meta)
 
 
-def tokenize_entries(tok, sentences: list[str], length: int, pad_id: int) -> tuple[torch.Tensor, int]:
-    """Token ids ``[n, length]`` padded with ``pad_id``; returns also how many sentences were truncated."""
+def tokenize_entries(tok, sentences: list[str], length: int, pad_id: int,
+                     where: list[str] | None = None) -> tuple[torch.Tensor, int]:
+    """Token ids ``[n, length]`` padded with ``pad_id``, and how many sentences were cut to fit. With ``where`` (what
+    names each sentence to a user: a file and line, a row) a sentence longer than an entry is refused instead, in one
+    line naming it, its token count and the limit: an entry that was cut no longer says what the fact says."""
     enc = tok(sentences, add_special_tokens=False)["input_ids"]
     out = torch.full((len(sentences), length), pad_id, dtype=torch.int32)
     truncated = 0
     for i, ids in enumerate(enc):
         if len(ids) > length:
+            if where is not None:
+                raise MemcliError(f"{where[i]}: the fact is {len(ids)} tokens, an entry holds {length} (knowledge_length): "
+                                  f"'{sentences[i][:60]}...'; write it as shorter facts (one sentence each)")
             truncated += 1
             ids = ids[:length]
         if ids:
@@ -112,11 +119,43 @@ def tokenize_entries(tok, sentences: list[str], length: int, pad_id: int) -> tup
     return out, truncated
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
+
+
+def fit_entries(tok, entries: list[dict], length: int, where: list[str]) -> tuple[list[dict], list[str]]:
+    """Entries whose sentences fit ``length`` tokens: a longer text is split at its sentence ends into one entry per
+    sentence, each keeping what it is about (a sentence that does not name the entry's subject starts with it:
+    "Zed Alpha: He moved to Porto ."), the first keeping the uuid and the others ``<uuid>#2``, ``#3``, ...; the object
+    stays with the sentence that states it. A sentence that alone exceeds an entry is refused (``tokenize_entries``)."""
+    out, out_where = [], []
+    for e, w in zip(entries, where):
+        text = e["sentence"]
+        if len(tok(text, add_special_tokens=False)["input_ids"]) <= length:
+            out.append(e)
+            out_where.append(w)
+            continue
+        parts = [p for p in _SENTENCE_END.split(text.strip()) if p]
+        if len(parts) < 2:
+            tokenize_entries(tok, [text], length, 0, [w])  # one sentence too long: refused with its numbers
+        subject = e.get("subject")
+        for k, part in enumerate(parts):
+            if subject and subject not in part:
+                part = f"{subject}: {part}"
+            out.append(dict(e, sentence=part, uuid=e["uuid"] if k == 0 else f"{e['uuid']}#{k + 1}",
+                            object=e.get("object") if e.get("object") and e["object"] in part else None))
+            out_where.append(f"{w} (sentence {k + 1} of {len(parts)})")
+    tokenize_entries(tok, [e["sentence"] for e in out], length, 0, out_where)  # every part fits, or one line says not
+    return out, out_where
+
+
 def build_bank(knowledge: list[dict], tok, tokenizer_spec: str, knowledge_length: int = 16,
-               knowledge_num: int | None = None) -> tuple[Bank, dict]:
+               knowledge_num: int | None = None, source: str = "knowledge base") -> tuple[Bank, dict]:
     if knowledge_length < 1:
         raise MemcliError(f"--knowledge-length got {knowledge_length}, expected a positive integer")
-    n_items = len(knowledge)
+    facts = [{"uuid": it["target"][0]["uuid"], "sentence": it["target"][0]["sentence"],
+              **{k: it["target"][0].get(k) for k in ("subject", "predicate", "object")}} for it in knowledge]
+    facts, _ = fit_entries(tok, facts, knowledge_length, [f"{source}: item {i}" for i in range(len(facts))])
+    n_items, n_given = len(facts), len(knowledge)
     if knowledge_num is None:  # smallest perfect square that holds every entry
         side = math.isqrt(n_items)
         knowledge_num = (side + (side * side < n_items)) ** 2
@@ -126,23 +165,19 @@ def build_bank(knowledge: list[dict], tok, tokenizer_spec: str, knowledge_length
             f"--knowledge-num got {knowledge_num}, expected a perfect square (product keys need sqrt(N) x sqrt(N) cells;"
             f" nearest are {lo} and {(math.isqrt(knowledge_num) + 1) ** 2})"
         )
-    kept = knowledge[:knowledge_num]
+    kept = facts[:knowledge_num]
     dropped = n_items - len(kept)
     padded = knowledge_num - len(kept)
-    entries = []
-    for i, item in enumerate(kept):
-        e = item["target"][0]
-        entries.append({"row": i, "uuid": e["uuid"], "sentence": e["sentence"], "subject": e.get("subject"),
-                        "predicate": e.get("predicate"), "object": e.get("object")})
+    entries = [dict(e, row=i) for i, e in enumerate(kept)]
     seen: set[str] = set()
     for i, e in enumerate(entries):
         if e["uuid"] in seen:
-            raise MemcliError(f"knowledge item {i}: duplicate uuid '{e['uuid']}', expected unique uuids")
+            raise MemcliError(f"{source}: item {i}: duplicate uuid '{e['uuid']}', expected unique uuids")
         seen.add(e["uuid"])
     for i in range(len(kept), knowledge_num):
         entries.append({"row": i, "uuid": None, "sentence": "", "subject": None, "predicate": None, "object": None})
     pad_id = tok.pad_token_id
-    ids, truncated = tokenize_entries(tok, [e["sentence"] for e in entries[: len(kept)]], knowledge_length, pad_id)
+    ids, _ = tokenize_entries(tok, [e["sentence"] for e in entries[: len(kept)]], knowledge_length, pad_id)
     token_ids = torch.full((knowledge_num, knowledge_length), pad_id, dtype=torch.int32)
     token_ids[: len(kept)] = ids
     meta = {
@@ -157,12 +192,12 @@ def build_bank(knowledge: list[dict], tok, tokenizer_spec: str, knowledge_length
         "num_real": len(kept),
         "num_padded": padded,
         "num_dropped": dropped,
-        "num_truncated": truncated,
+        "num_split": n_items - n_given,
         "ordered_by_keys": False,
         "index_id": index_id([e["uuid"] for e in entries]),
     }
     return Bank(token_ids, entries, meta), {"entries": n_items, "padded": padded, "dropped": dropped,
-                                            "truncated": truncated}
+                                            "split": n_items - n_given}
 
 
 def load_bank(path: str | Path) -> Bank:

@@ -21,6 +21,11 @@ def fact_uuid(text: str) -> str:
 
 def read_facts(path: str | Path) -> list[dict]:
     """Entries from a facts JSONL or a knowledge base JSON; duplicate uuids are refused with both lines named."""
+    return read_facts_where(path)[0]
+
+
+def read_facts_where(path: str | Path) -> tuple[list[dict], list[str]]:
+    """``read_facts`` and where each entry came from (``FILE:LINE`` or ``FILE: item N``), for messages about one."""
     p = Path(path)
     if p.suffix == ".json":
         rows = records.read_json_list(p, records.KNOWLEDGE)
@@ -40,7 +45,7 @@ def read_facts(path: str | Path) -> list[dict]:
             raise MemcliError(f"{w}: duplicate uuid '{e['uuid']}' (first at {first[e['uuid']]}), expected one entry "
                               "per fact")
         first[e["uuid"]] = w
-    return out
+    return out, where
 
 
 def as_knowledge(entries: list[dict]) -> list[dict]:

@@ -28,10 +28,12 @@ KEYS_FILE = "keys.safetensors"
 
 
 def gen_knowledge(out: str | Path, num_facts: int = 1024, seed: int = 0, heldout_fraction: float = 0.2,
-                  trex: str | Path | None = None, relations: list[str] | None = None) -> dict:
+                  trex: str | Path | None = None, relations: list[str] | None = None, fits=None) -> dict:
     """Write the knowledge base, all questions and the train / held-out question split into ``out``.
 
     ``trex``: an LPAQA-layout T-REx directory, or ``builtin`` (the slice shipped with memcli); None: synthetic.
+    ``fits``: sentence -> whether it fits a bank entry (the pipeline knows the tokenizer and length); a fact that
+    does not is left out with its questions (counted), after the split, so every other fact keeps its side.
     """
     filtered = {}
     if trex is not None:
@@ -39,6 +41,8 @@ def gen_knowledge(out: str | Path, num_facts: int = 1024, seed: int = 0, heldout
     else:
         facts, pools = synthetic_facts(num_facts, seed)
     kb = build_knowledge(facts, pools, seed, heldout_fraction)
+    if fits is not None:
+        filtered["longer_than_an_entry"] = _drop_unfit(kb, fits)
     with atomic_dir(Path(out) / ".gen-knowledge") as tmp:
         write_json(tmp / KB_FILE, kb["knowledge"], indent=None)
         write_json(tmp / OMCQ_FILE, kb["omcq"], indent=None)
@@ -48,6 +52,14 @@ def gen_knowledge(out: str | Path, num_facts: int = 1024, seed: int = 0, heldout
     return {"facts": len(kb["knowledge"]), "questions": len(kb["omcq"]), "train_questions": len(kb["omcq_train"]),
             "heldout_questions": len(kb["omcq_val"]), "skipped_no_distractors": kb["skipped"],
             **{f"filtered_{k}": v for k, v in filtered.items()}, "source": "trex" if trex else "synthetic"}
+
+
+def _drop_unfit(kb: dict, fits) -> int:
+    """Leave out of ``kb`` the facts whose sentence does not fit an entry, and their questions; returns how many."""
+    gone = {it["target"][0]["uuid"] for it in kb["knowledge"] if not fits(it["target"][0]["sentence"])}
+    for k in ("knowledge", "omcq", "omcq_train", "omcq_val"):
+        kb[k] = [it for it in kb[k] if it["target"][0]["uuid"] not in gone]
+    return len(gone)
 
 
 def _move_up(staged: Path) -> None:
@@ -95,7 +107,7 @@ def build_cache(knowledge_path: str | Path, out: str | Path, tokenizer: str = "t
     kb = as_knowledge(read_facts(knowledge_path)) if Path(knowledge_path).suffix != ".json" else \
         records.read_json_list(knowledge_path, records.KNOWLEDGE)
     tok = load_tokenizer(tokenizer)
-    bank, rep = build_bank(kb, tok, tokenizer, knowledge_length, knowledge_num)
+    bank, rep = build_bank(kb, tok, tokenizer, knowledge_length, knowledge_num, source=str(knowledge_path))
     bank.save(out)
     return {"knowledge_num": bank.knowledge_num, "knowledge_length": bank.knowledge_length, **rep}
 
@@ -254,7 +266,11 @@ def _default_data(d: Path, seed: int, num_facts: int, source: str | Path, backbo
     trex = None if str(source) == "synthetic" else source
     L = knowledge_length or (16 if trex is None else 32)
     out = {}
-    out["gen-data"] = gen_knowledge(d, num_facts=num_facts, seed=seed, trex=trex)
+    from memcli.backbone import load_tokenizer
+
+    tok = load_tokenizer(backbone)
+    out["gen-data"] = gen_knowledge(d, num_facts=num_facts, seed=seed, trex=trex,
+                                    fits=lambda s: len(tok(s, add_special_tokens=False)["input_ids"]) <= L)
     out["texts"] = write_texts(d)
     out["convert-omcq train"] = convert_omcq(d / OMCQ_TRAIN, d / "sft_train.jsonl")
     out["convert-omcq val"] = convert_omcq(d / OMCQ_VAL, d / "sft_val.jsonl")

@@ -27,6 +27,7 @@ facts (``omcq_val.json`` of ``--data``) first, then the others, each shuffled wi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
@@ -46,16 +47,25 @@ from memcli.eval.explicit import _retrieved_rows, option_logprobs
 from memcli.explicit import store
 from memcli.explicit.io import separator_ids
 from memcli.explicit.items import answer_ids, cloze_ids, prompt_ids
+from memcli.retrieval.placement import place
 
-FORMS = ("own words", "held-out template", "question")
-MODES = ("memory", "in prompt", "off")
-SHORT = {"memory": "mem", "in prompt": "ctx", "off": "off"}
+FORMS = ("own words", "held-out template", "question", "held-out question")
+QUESTION_FORMS = ("question", "held-out question")  # asked in the chat template, scored by answer_match
+# what a user would use instead, over the same bank and the same read: a plain RAG that always reads its top entry
+RAG = {"rag minilm": dict(router=0.0, dense=1.0, lexical=0.0), "rag bm25": dict(router=0.0, dense=0.0, lexical=1.0),
+       "rag hybrid": dict(router=0.0, dense=1.0, lexical=1.0)}
+RETRIEVING = ("memory", *RAG)  # modes that read the bank: scored again after every edit
+MODES = (*RETRIEVING, "in prompt", "off")
+SHORT = {"memory": "mem", "rag minilm": "minilm", "rag bm25": "bm25", "rag hybrid": "hybrid", "in prompt": "ctx",
+         "off": "off"}
 MEASURES = {  # row label -> what it is (README and --help say the same)
     "efficacy": "edited fact, its entry's own words",
     "paraphrase": "edited fact, a held-out LPAQA template (generalisation)",
     "question": "edited fact, a natural question in the chat template (generalisation)",
+    "other question": "edited fact, a natural question in other words than the trained one (generalisation)",
     "neighbours": "unedited facts of edited relations: answer unchanged (locality)",
     "outside bank": "facts not in the bank: right answers (locality; memory on vs off)",
+    "unrelated": "natural questions about facts no entry holds: answer unchanged from before the edits (locality)",
 }
 SCORINGS = ("rank", "gen")
 N_OPTIONS = 5
@@ -166,10 +176,12 @@ def outside_facts(bank, forms: dict[str, Forms], trex: str | Path, n: int, seed:
 def case(tok, bank, forms: dict[str, Forms], f: Fact, form: str, target: int, index: int = 0) -> Case | None:
     """``f`` asked in ``form`` with option ``target`` counted right (0: the fact, ``f.new``: its edit)."""
     fm = forms[f.predicate]
-    if form == "question":
-        if not fm.question:
+    if form in QUESTION_FORMS:
+        q = fm.question if form == "question" else (fm.heldout_questions[index % len(fm.heldout_questions)]
+                                                      if fm.heldout_questions else None)
+        if not q:
             return None
-        prompt = prompt_ids(tok, fm.question.replace("[X]", f.subject))
+        prompt = prompt_ids(tok, q.replace("[X]", f.subject))
         answers = [answer_ids(tok, o) for o in f.options]
     else:
         if form == "own words":
@@ -186,49 +198,64 @@ def case(tok, bank, forms: dict[str, Forms], f: Fact, form: str, target: int, in
 
 # --------------------------------------------------------------------------- scoring
 
-@torch.no_grad()
-def predict(mem, tok, cases: list[Case], mode: str, chunk: int = 32, desc: str = "") -> list[tuple[int, str]]:
-    """(ranked option, greedy text) per case; ``mode``: memory on, fact ``in prompt`` (memory off), or ``off``."""
+@contextlib.contextmanager
+def setup(mem, mode: str, placement: str | None = None):
+    """The model as ``mode`` reads: memory as the run retrieves (or at ``placement``), a plain RAG over the same bank
+    (no router, no abstention), or memory off (``in prompt`` writes the fact itself, ``off`` nothing)."""
     if mode not in MODES:
         raise MemcliError(f"mode '{mode}': expected one of {', '.join(MODES)}")
-    was = mem.memory_enabled
-    mem.memory_enabled = mode == "memory"
+    was, where = mem.memory_enabled, mem.cfg.placement
+    mem.memory_enabled = mode in RETRIEVING
+    mem.cfg.placement = placement or where
+    try:
+        if mode in RAG:
+            with mem.retrieval_setting(**RAG[mode], anchor_df=None, abstain_below=None):
+                yield mem
+        else:
+            yield mem
+    finally:
+        mem.memory_enabled, mem.cfg.placement = was, where
+
+
+@torch.no_grad()
+def predict(mem, tok, cases: list[Case], mode: str, chunk: int = 32, desc: str = "",
+            placement: str | None = None) -> list[tuple[int, str, bool]]:
+    """(ranked option, greedy text, whether an entry was read) per case, as ``mode`` reads (``setup``). The fact
+    ``in prompt`` is written where memory writes an entry (the run's placement, or ``placement``)."""
     sep = separator_ids(tok)
     pad = mem.cfg.pad_id
     dev = mem.bank.device
-    out: list[tuple[int, str]] = []
-    try:
-        with progress() as bar:
-            task = bar.add_task(desc or mode, total=len(cases))
-            for s in range(0, len(cases), chunk):
-                part = cases[s: s + chunk]
-                prompts = [c.context + sep + c.prompt if mode == "in prompt" else c.prompt for c in part]
-                rows = _retrieved_rows(mem, prompts) if (mode == "memory" and mem.cfg.read == "prefix") else None
-                lps = option_logprobs(mem, prompts, [c.answers for c in part], rows)
-                ids, att = left_pad(prompts, pad)
-                new = max(budget(c) for c in part)
-                gen = mem.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), rows=rows, max_new_tokens=new,
-                                   do_sample=False, pad_token_id=pad)[:, ids.shape[1]:]
-                # each case's answer is cut at its own budget, so it does not depend on what it was batched with
-                texts = tok.batch_decode([g[: budget(c)] for g, c in zip(gen, part)],
-                                         skip_special_tokens=True)
-                out += [(int(lp.argmax()), t) for lp, t in zip(lps, texts)]
-                bar.advance(task, len(part))
-    finally:
-        mem.memory_enabled = was
+    out: list[tuple[int, str, bool]] = []
+    with setup(mem, mode, placement), progress() as bar:
+        task = bar.add_task(desc or mode, total=len(cases))
+        for s in range(0, len(cases), chunk):
+            part = cases[s: s + chunk]
+            prompts = [place(tok, c.prompt, [c.context], mem.cfg.placement, sep)
+                       if mode == "in prompt" else c.prompt for c in part]
+            rows = _retrieved_rows(mem, prompts) if (mode in RETRIEVING and mem.cfg.read == "prefix") else None
+            lps = option_logprobs(mem, prompts, [c.answers for c in part], rows)
+            ids, att = left_pad(prompts, pad)
+            new = max(budget(c) for c in part)
+            gen = mem.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), rows=rows, max_new_tokens=new,
+                               do_sample=False, pad_token_id=pad)[:, ids.shape[1]:]
+            # each case's answer is cut at its own budget, so it does not depend on what it was batched with
+            texts = tok.batch_decode([g[: budget(c)] for g, c in zip(gen, part)], skip_special_tokens=True)
+            read = [bool((r >= 0).any()) for r in rows] if rows is not None else [mode == "in prompt"] * len(part)
+            out += [(int(lp.argmax()), t, r) for lp, t, r in zip(lps, texts, read)]
+            bar.advance(task, len(part))
     return out
 
 
 def budget(c: Case) -> int:
     """Tokens generated for ``c``: its longest option and one more (a cloze), room for a sentence (a question)."""
-    return max(len(a) for a in c.answers) + (QUESTION_ROOM if c.form == "question" else 1)
+    return max(len(a) for a in c.answers) + (QUESTION_ROOM if c.form in QUESTION_FORMS else 1)
 
 
 def right(c: Case, pred: tuple[int, str]) -> tuple[bool, bool]:
     """(ranked right, generated right) of a prediction for ``c``: a cloze's continuation must start with the object
     (``exact_match``), a question's answer must state it (``answer_match``)."""
     gold = c.fact.options[c.target]
-    return pred[0] == c.target, (answer_match if c.form == "question" else exact_match)(pred[1], gold)
+    return pred[0] == c.target, (answer_match if c.form in QUESTION_FORMS else exact_match)(pred[1], gold)
 
 
 def share(flags: list[bool]) -> float | None:
@@ -243,13 +270,15 @@ def _key(mode: str, c: Case) -> tuple:
 
 @dataclass
 class Editing:
-    """One ``compare editing`` run: the loaded model, and the predictions that do not change with edits."""
+    """One ``compare editing`` run: the loaded model, the modes scored, and the predictions that do not change with
+    edits (memory off, the fact in the prompt, and every retrieving mode's answers before any edit)."""
     mem: object
     tok: object
-    cache: dict = field(default_factory=dict)  # _key -> prediction (modes without memory, and memory before edits)
+    modes: tuple = MODES
+    cache: dict = field(default_factory=dict)  # _key -> prediction
     answers: list = field(default_factory=list)  # one record per case and mode, for --answers
 
-    def predictions(self, cases: list[Case], mode: str, label: str, T: int, cached: bool) -> list[tuple[int, str]]:
+    def predictions(self, cases: list[Case], mode: str, label: str, T: int, cached: bool) -> list[tuple]:
         if not cached:
             preds = predict(self.mem, self.tok, cases, mode, desc=f"T={T} {label} ({mode})")
         else:
@@ -261,31 +290,56 @@ class Editing:
             self.answers.append({"T": T, "measure": label, "mode": mode, "subject": c.fact.subject,
                                  "relation": c.fact.predicate, "prompt": self.tok.decode(c.prompt, skip_special_tokens=True),
                                  "answer": c.fact.options[c.target], "ranked": c.fact.options[p[0]], "generated": p[1],
-                                 "rank_right": right(c, p)[0], "gen_right": right(c, p)[1]})
+                                 "read": p[2], "rank_right": right(c, p)[0], "gen_right": right(c, p)[1]})
         return preds
 
-    def row(self, label: str, cases: list[Case], T: int, modes=MODES) -> dict:
-        """Both scorings in ``modes`` for ``cases``: memory scored now, the other modes once per case."""
+    def row(self, label: str, cases: list[Case], T: int) -> dict:
+        """Both scorings in every mode for ``cases``: the retrieving modes scored now, the others once per case."""
         res = {"T": T, "measure": label, "n": len(cases)}
         for mode in MODES:
-            flags = ([right(c, p) for c, p in zip(cases, self.predictions(cases, mode, label, T, mode != "memory"))]
-                     if mode in modes and cases else [])
+            preds = self.predictions(cases, mode, label, T, mode not in RETRIEVING) if mode in self.modes and cases else []
             for k, s in enumerate(SCORINGS):
-                res[f"{s}: {mode}"] = share([f[k] for f in flags])
+                res[f"{s}: {mode}"] = share([right(c, p)[k] for c, p in zip(cases, preds)]) if preds else None
+            if mode == "memory" and preds:
+                res["memory read"] = share([p[2] for p in preds])
         return res
 
-    def unchanged(self, cases: list[Case], T: int) -> dict:
-        """Locality among neighbours: the share of answers (memory on) equal to those before any edit."""
-        label = "neighbours"
-        before = [self.cache[_key("before", c)] for c in cases]
-        after = self.predictions(cases, "memory", label, T, False)
+    def remember(self, cases: list[Case], desc: str) -> None:
+        """Every retrieving mode's answers to ``cases`` before any edit (what locality compares against)."""
+        for mode in self.modes:
+            if mode in RETRIEVING:
+                todo = [c for c in cases if _key(f"before {mode}", c) not in self.cache]
+                for c, p in zip(todo, predict(self.mem, self.tok, todo, mode, desc=f"{desc} ({mode})")):
+                    self.cache[_key(f"before {mode}", c)] = p
+
+    def unchanged(self, label: str, cases: list[Case], T: int) -> dict:
+        """Locality: per retrieving mode, the share of answers equal to its answers before any edit (ranked option;
+        greedy text, normalised)."""
         res = {"T": T, "measure": label, "n": len(cases)}
         for mode in MODES:
             for s in SCORINGS:
                 res[f"{s}: {mode}"] = None
-        res["rank: memory"] = share([a[0] == b[0] for a, b in zip(after, before)])
-        res["gen: memory"] = share([normalise(a[1]) == normalise(b[1]) for a, b in zip(after, before)])
+            if mode not in RETRIEVING or mode not in self.modes or not cases:
+                continue
+            before = [self.cache[_key(f"before {mode}", c)] for c in cases]
+            after = self.predictions(cases, mode, label, T, False)
+            res[f"rank: {mode}"] = share([a[0] == b[0] for a, b in zip(after, before)])
+            res[f"gen: {mode}"] = share([normalise(a[1]) == normalise(b[1]) for a, b in zip(after, before)])
+            if mode == "memory":
+                res["memory read"] = share([a[2] for a in after])
         return res
+
+    def ceilings(self, cases: list[Case], label: str) -> dict:
+        """The fact in the prompt at every placement (memory off): where the model reads best, shown once."""
+        from memcli.retrieval.placement import PLACEMENTS
+
+        out = {}
+        for placement in PLACEMENTS:
+            preds = predict(self.mem, self.tok, cases, "in prompt", desc=f"{label} in prompt ({placement})",
+                            placement=placement)
+            flags = [right(c, p) for c, p in zip(cases, preds)]
+            out[placement] = {s: share([f[k] for f in flags]) for k, s in enumerate(SCORINGS)}
+        return out
 
 
 def _sample(items: list, n: int | None, seed: int) -> list:
@@ -319,59 +373,90 @@ def held_out_uuids(data: Path | None) -> set[str]:
     return {q["target"][0].get("uuid") for q in read_json_list(p, OMCQ)}
 
 
+def configure(mem, path, placement: str | None = None, abstain_below: float | None = None,
+              lexical_weight: float | None = None, dense_weight: float | None = None, anchor_df: int | None = None,
+              encoder: str | None = None) -> None:
+    """Measure a run with other read and retrieval settings than it records, nothing retrained: they only change
+    where the entry goes, which rows are read and in which order."""
+    from memcli.retrieval.placement import check
+
+    c = mem.cfg
+    given = {k: v for k, v in dict(placement=placement, abstain_below=abstain_below, lexical_weight=lexical_weight,
+                                   dense_weight=dense_weight, anchor_df=anchor_df, encoder=encoder).items()
+             if v is not None}
+    if given and c.read != "prefix":
+        raise MemcliError(f"--{next(iter(given)).replace('_', '-')}: these settings are for a run with read=prefix "
+                          f"({path} has read={c.read})")
+    if abstain_below is not None and not (c.query == "mean" and c.entry_key == "hidden" and -1 <= abstain_below <= 1):
+        raise MemcliError(f"--abstain-below {abstain_below}: expected a cosine in [-1, 1] for a run with query=mean, "
+                          f"entry_key=hidden ({path} has query={c.query}, entry_key={c.entry_key})")
+    for name in ("lexical_weight", "dense_weight"):
+        if given.get(name, 0) < 0:
+            raise MemcliError(f"--{name.replace('_', '-')} {given[name]}: expected a weight >= 0")
+    if anchor_df is not None and anchor_df < 1:
+        raise MemcliError(f"--anchor-df {anchor_df}: expected a count of entries >= 1")
+    if placement is not None:
+        check(placement, "--placement")
+    for k, v in given.items():
+        setattr(c, k, v)
+
+
 def compare_editing(path: Path, data: Path | None = None, edits: tuple[int, ...] = (1, 10, 100, 1000),
                     num_samples: int | None = 200, trex: str | Path = "builtin", seed: int = 0,
-                    abstain_below: float | None = None, lexical_weight: float | None = None) -> dict:
-    """The editing table of the run at ``path`` (see the module docstring); returns rows, counts and timing."""
+                    modes: tuple[str, ...] = MODES, **settings) -> dict:
+    """The editing table of the run at ``path`` (see the module docstring); returns rows, counts and timing.
+    ``settings``: ``configure``'s overrides of the run's read and retrieval."""
     from memcli import kinds
     from memcli.rundir import require_kind
     from memcli.runs import load_run
 
     require_kind(path, kinds.EXPLICIT)
+    bad = [m for m in modes if m not in MODES]
+    if bad or "memory" not in modes:
+        raise MemcliError(f"--setups {','.join(modes)}: expected memory and any of {', '.join(MODES[1:])}")
     t0 = time.perf_counter()
     run = load_run(path)
     mem, tok, bank = run.model, run.tok, run.bank
     mem.eval()
-    if abstain_below is not None:  # measure a threshold without retraining (it only changes which rows are read)
-        c = mem.cfg
-        if not (c.read == "prefix" and c.query == "mean" and c.entry_key == "hidden" and -1 <= abstain_below <= 1):
-            raise MemcliError(f"--abstain-below {abstain_below}: expected a cosine in [-1, 1] for a run with read=prefix, "
-                              f"query=mean, entry_key=hidden ({path} has read={c.read}, query={c.query}, "
-                              f"entry_key={c.entry_key})")
-        c.abstain_below = abstain_below
-    if lexical_weight is not None:  # likewise: the words only re-order the candidates
-        if not (mem.cfg.read == "prefix" and lexical_weight >= 0):
-            raise MemcliError(f"--lexical-weight {lexical_weight}: expected a weight >= 0 for a run with read=prefix "
-                              f"({path} has read={mem.cfg.read})")
-        mem.cfg.lexical_weight = lexical_weight
+    configure(mem, path, **settings)
     forms = load_forms(trex)
     facts = bank_facts(bank, forms, seed, held_out_uuids(data))
-    if not edits or min(edits) < 1 or max(edits) > len(facts):
-        raise MemcliError(f"--edits {','.join(map(str, edits))}: expected counts from 1 to {len(facts)}, the facts of "
-                          f"{path}'s bank that can be edited (a subject, an object and a relation with templates)")
-    ed = Editing(mem, tok)
-    outside = [c for f in outside_facts(bank, forms, trex, num_samples or 200, seed)
-               if (c := case(tok, bank, forms, f, "own words", 0)) is not None]
+    if not edits or min(edits) < 0 or max(edits) > len(facts):
+        raise MemcliError(f"--edits {','.join(map(str, edits))}: expected counts from 0 (no edit) to {len(facts)}, the "
+                          f"facts of {path}'s bank that can be edited (a subject, an object and a relation with templates)")
+    held = held_out_uuids(data)
+    ed = Editing(mem, tok, tuple(m for m in MODES if m in modes))
+    away = outside_facts(bank, forms, trex, num_samples or 200, seed)
+    outside = [c for f in away if (c := case(tok, bank, forms, f, "own words", 0)) is not None]
+    unrelated = [c for i, f in enumerate(away) if (c := case(tok, bank, forms, f, "held-out question", 0, i)) is not None]
     neigh = {T: [case(tok, bank, forms, f, "own words", 0) for f in _neighbours(facts, T, num_samples, seed)]
-             for T in edits}
-    todo = {}
-    for cs in neigh.values():
-        for c in cs:
-            todo.setdefault(_key("before", c), c)
-    for c, p in zip(todo.values(), predict(mem, tok, list(todo.values()), "memory", desc="neighbours before any edit")):
-        ed.cache[_key("before", c)] = p
-    rows, written = [], 0
+             for T in edits if T}
+    ed.remember(list({_key("", c): c for cs in neigh.values() for c in cs}.values()), "neighbours before any edit")
+    ed.remember(unrelated, "unrelated questions before any edit")
+    rows, written, ceilings = [], 0, {}
     for T in sorted(set(edits)):
         _edit(mem, bank, tok, facts[written:T])
         written = T
-        scored = _sample(facts[:T], num_samples, seed + T)
-        for form, label in (("own words", "efficacy"), ("held-out template", "paraphrase"), ("question", "question")):
-            cases = [c for i, f in enumerate(scored) if (c := case(tok, bank, forms, f, form, f.new, i)) is not None]
+        # T = 0: no edit, the held-out facts (only in the bank, never asked in training) asked for their own objects
+        scored = _sample(facts[:T] if T else [f for f in facts if bank.entries[f.row]["uuid"] in held] or facts,
+                         num_samples, seed + T)
+        for form, label in (("own words", "efficacy"), ("held-out template", "paraphrase"), ("question", "question"),
+                            ("held-out question", "other question")):
+            cases = [c for i, f in enumerate(scored)
+                     if (c := case(tok, bank, forms, f, form, f.new if T else 0, i)) is not None]
             rows.append(ed.row(label, cases, T))
-        rows.append(ed.unchanged(neigh[T], T))
+            if form in QUESTION_FORMS and (T, label) not in ceilings and T == min(edits):
+                ceilings[(T, label)] = ed.ceilings(cases, label)
+        if T:
+            rows.append(ed.unchanged("neighbours", neigh[T], T))
         rows.append(ed.row("outside bank", outside, T))
+        if T:
+            rows.append(ed.unchanged("unrelated", unrelated, T))
+    c = mem.cfg
     return {"run": str(path), "data": str(data) if data else None, "edits": sorted(set(edits)), "facts": len(facts),
-            "bank": bank.knowledge_num, "num_samples": num_samples, "seed": seed, "abstain_below": mem.cfg.abstain_below,
-            "lexical_weight": mem.cfg.lexical_weight,
+            "bank": bank.knowledge_num, "num_samples": num_samples, "seed": seed, "modes": list(ed.modes),
+            "placement": c.placement, "abstain_below": c.abstain_below, "anchor_df": c.anchor_df,
+            "lexical_weight": c.lexical_weight, "dense_weight": c.dense_weight, "encoder": c.encoder,
             "order": "held-out facts first, then the others, each shuffled with the seed; scored after T writes",
-            "rows": rows, "seconds": round(time.perf_counter() - t0, 1), "answers": ed.answers}
+            "rows": rows, "placements": {f"T={T} {label}": v for (T, label), v in ceilings.items()}, "seconds": round(time.perf_counter() - t0, 1),
+            "answers": ed.answers}

@@ -7,9 +7,10 @@ scored: ``logits_to_keep`` and a gather, batched by a memory budget), four ways:
 - ``heldout_memory_off``: memory disabled (no fusion / no prefix);
 - ``edit_success``: the question's entry rewritten to a distractor's object (its key recomputed from the
   new text), counted when the answer follows the edit;
-- ``heldout_in_context``: memory off, the entry's sentence written before the prompt (the ceiling of
-  reading the fact; README "the evaluation format decides what a small model can show");
-- ``edit_in_context``: memory off, the edited sentence written before the prompt (the ceiling of edit success).
+- ``heldout_in_context``: memory off, the entry's sentence written into the prompt where memory writes an entry
+  (the run's placement; the ceiling of reading the fact; README "the evaluation format decides what a small
+  model can show");
+- ``edit_in_context``: memory off, the edited sentence written there (the ceiling of edit success).
 
 Formats (``memcli.explicit.items``): ``letter`` (ExplicitLM's ``X:text`` after the chat prompt with the
 options), ``cloze`` (the sentence cut before its object, answered with the object text) and, for
@@ -36,6 +37,7 @@ from memcli.data.knowledge import parse_options
 from memcli.errors import MemcliError
 from memcli.explicit.io import separator_ids
 from memcli.explicit.items import Item, answer_ids, cloze_ids, cloze_parts, load_items, prompt_ids
+from memcli.retrieval.placement import place
 
 MODES = ("on", "off", "edit", "context", "context_edit")
 NAMES = {"on": "heldout_memory_on", "off": "heldout_memory_off", "edit": "edit_success", "context": "heldout_in_context",
@@ -168,8 +170,8 @@ def accuracy(mem, tok, qs: list[Question], mode: str, chunk: int = 32, desc: str
                 prompts = [q.prompt for q in part]
                 if mode in ("context", "context_edit"):  # the (edited) fact written before the prompt, memory off
                     facts = [q.edit_ids if mode == "context_edit" else mem.bank[q.row].tolist() for q in part]
-                    prompts = [[t for t in f if t != mem.cfg.pad_id] + sep + q.prompt if q.row is not None else q.prompt
-                               for f, q in zip(facts, part)]
+                    prompts = [place(tok, q.prompt, [[t for t in f if t != mem.cfg.pad_id]], mem.cfg.placement, sep)
+                               if q.row is not None else q.prompt for f, q in zip(facts, part)]
                 rows = _retrieved_rows(mem, prompts) if (prefix and mem.memory_enabled) else None
                 for q, lp in zip(part, option_logprobs(mem, prompts, [q.answers for q in part], rows)):
                     correct += int(int(lp.argmax()) == (q.edit_to if mode in ("edit", "context_edit") else q.gold))

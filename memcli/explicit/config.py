@@ -36,14 +36,29 @@ class MemoryConfig(ModelConfig):
     # re-ranked per query; 0: product keys trained with the run (build-keys)
     index_pool: int = 0
     abstain_below: float | None = None  # read=prefix: no entry read when the best one's cosine is below this
-    lexical_weight: float = 0.0  # read=prefix: candidates re-ranked by z(score) + w * z(IDF-weighted shared words)
+    # read=prefix: no entry read unless it shares with the question a word that at most this many entries hold
+    anchor_df: int | None = None
+    # read=prefix: the router's scores z-fused with BM25's (lexical_weight) and a sentence encoder's (dense_weight) over
+    # the question's text (memcli/retrieval); 0 leaves a scorer out (a run that records none: router alone)
+    lexical_weight: float = 0.0
+    dense_weight: float = 0.0
+    encoder: str = "minilm"  # the sentence encoder of dense_weight: minilm, mpnet or a local directory
     prefix_separator: list[int] = field(default_factory=list)  # token ids between the prefix and the input
+    # read=prefix: where the entries go in a chat-template prompt (memcli.retrieval.placement); a run that records
+    # none was read before the whole template, and keeps that
+    placement: str = "prefix"
     backbone: str = "tiny"
     finetuning_method: str = "full"  # frozen | lora | full
     tokenizer_fingerprint: str | None = None
     index_id: str | None = None
 
+    def __post_init__(self):
+        self.anchor_df = self.anchor_df or None  # 0 in a recipe: off
+
     def check(self, where: str) -> None:
+        from memcli.retrieval.placement import check
+
+        check(self.placement, f"{where}: placement")
         for k, enum in (("query", Query), ("entry_key", EntryKey), ("read", Read)):
             if getattr(self, k) not in {e.value for e in enum}:
                 raise MemcliError(f"{where}: {k} '{getattr(self, k)}', expected one of "

@@ -50,9 +50,15 @@ def query_view(model, bank, tok, query: str, top: int = 5) -> list[dict]:
         raise MemcliError("--query is empty")
     ids = enc["input_ids"]
     if model.cfg.read == "prefix":  # one query for the whole text: the mean of its states at the memory layer
-        rec = model.retrieve(model.prompt_features(ids, torch.ones_like(ids)), ids)
+        if query.rstrip().endswith("?"):  # asked as chat asks a question: in the chat template
+            from memcli.retrieval.placement import chat_prompt_ids
+
+            ids = torch.tensor([chat_prompt_ids(tok, query)])
+        rec = model.retrieve(model.prompt_features(ids, torch.ones_like(ids)), ids, torch.ones_like(ids))
         rows = rec["cells"][0, :top].tolist()
+        read = int(model.chosen_rows(rec)[0, 0])
         return [{"layer": rec["layer"], "position": "all", "token": query,
+                 "read": read if read >= 0 else None,  # what the model is shown (None: retrieval abstains)
                  "entries": [{"row": r, "weight": round(float(x), 4), "text": t}
                              for r, x, t in zip(rows, rec["weights"][0, :top].tolist(), bank.decode(tok, rows))]}]
     records = model(**enc, collect=True).memory_records

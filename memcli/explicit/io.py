@@ -87,6 +87,7 @@ def build_model(backbone: str, cache_path, keys_path, seed: int = 0, trust_remot
         prefix_separator=separator_ids(tok) if read == "prefix" else [],
         backbone=backbone, tokenizer_fingerprint=fp, index_id=bank.meta["index_id"]), "model config")
     mem = MemoryAugmentedLM(model, cfg, bank.token_ids, bank.valid_rows(), keys)
+    mem.tok = tok
     mem.refresh_entry_features(fit=True)
     return mem, tok, bank
 
@@ -162,6 +163,7 @@ def load_memory(path: str | Path, device: str = "cpu"):
         raise MemcliError(f"{d / BANK}: tokenised with another tokenizer than the memory was built with")
     model, tok, method = rundir.load_backbone_of(d, info, cfg.backbone)
     mem = MemoryAugmentedLM(model, cfg, bank.token_ids, bank.valid_rows())
+    mem.tok = tok
     load_memory_state_dict(mem, load_tensors(md / "memory.safetensors"), md / "memory.safetensors")
     u = load_tensors(md / "usage.safetensors") if (md / "usage.safetensors").is_file() else {}
     if u.get("usage") is not None and u["usage"].shape == mem.usage.shape:
@@ -181,25 +183,6 @@ def load_memory(path: str | Path, device: str = "cpu"):
                               "it again, or 'memcli memory index --exact' to search exactly)")
         index.load(mem, load_tensors(f), f)
     return mem.to(device).eval(), tok, bank, dict(info, finetuning_method=info.get("finetuning_method", method))
-
-
-def edit_entry(model: MemoryAugmentedLM, bank: Bank, tok, row: int, text: str, step: int = 0) -> tuple[str, str]:
-    """Replace entry ``row`` with ``text`` (as ``memcli memory replace`` writes rows); returns (before, after) decoded.
-
-    A subject or object the new text no longer states is dropped from the entry's record (so no question is cut
-    from a sentence that does not hold its answer); a padding row becomes an entry with uuid ``edited-<row>``."""
-    from memcli.explicit.store import write_rows
-
-    before = bank.decode(tok, [row])[0] if 0 <= row < bank.knowledge_num else ""
-    if not tok(text, add_special_tokens=False)["input_ids"]:
-        raise MemcliError("new entry text is empty")
-    e = {k: v for k, v in bank.entries[row].items() if k != "row"}
-    e.update(sentence=text, uuid=e.get("uuid") or f"edited-{row}")
-    for k in ("subject", "object"):
-        if e.get(k) and e[k] not in text:
-            e[k] = None
-    write_rows(model, bank, tok, [row], [e], step)
-    return before, bank.decode(tok, [row])[0]
 
 
 def save_bank_edit(run_dir: str | Path, model: MemoryAugmentedLM, bank: Bank) -> None:

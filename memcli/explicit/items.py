@@ -41,8 +41,9 @@ class Item:
 
 
 def prompt_ids(tok, user: str) -> list[int]:
-    out = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=True, add_generation_prompt=True)
-    return list(out["input_ids"] if hasattr(out, "keys") else out)
+    from memcli.retrieval.placement import chat_prompt_ids
+
+    return chat_prompt_ids(tok, user)
 
 
 def answer_ids(tok, text: str) -> list[int]:

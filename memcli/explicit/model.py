@@ -8,10 +8,11 @@ Nothing in transformers is patched. Two ways for a retrieved entry to reach the 
   ``backbone(...)`` and ``backbone.generate(...)`` (KV cache, batched, left padding) use memory
   transparently; with a cache only the new positions retrieve.
 - ``prefix``: the query is the mean of the base model's states at the memory layer over the input
-  (layers above it are skipped), and the top entries' token ids are placed before the input, where a
-  pretrained model already reads (DESIGN.md, last lessons; README "Explicit memory on a pretrained
-  model"). Logits keep the input's positions (prefix positions are cut off), and ``generate``
-  returns the input followed by the new tokens, so callers see no difference.
+  (layers above it are skipped), and the top entries are written into the input where a pretrained model
+  reads them (``cfg.placement``, ``memcli.retrieval.placement``: inside the chat template's conversation, or
+  before a cloze). Logits keep the input's positions from where the entries go on (positions before it are
+  the template's header; every answer position is after it), and ``generate`` returns the input followed by
+  the new tokens, so callers see no difference.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from memcli.errors import MemcliError
 from memcli.explicit.config import MemoryConfig
 from memcli.explicit.fusion import GatedMemoryFusion, MemoryNorm
 from memcli.explicit.gate import MemoryGate
+from memcli.retrieval.placement import question_text
 
 
 class MemoryAugmentedLM(nn.Module):
@@ -63,6 +65,11 @@ class MemoryAugmentedLM(nn.Module):
             if cfg.entry_key == "hidden":
                 self.register_buffer(f"entry_feats_{i}", torch.zeros(N, D), persistent=False)
         self.memory_enabled = True
+        self.tok = None  # the run's tokenizer: placements other than prefix write entries as text (set by the loaders)
+        self.text_cache = text_key_cache()  # where the text scorers keep entry keys by content (never in a run)
+        self._text_index = None  # the bank as text (lexical / dense scorers), built on first use
+        self._text_index_spec = None  # the sentence encoder it was built with (None: none)
+        self.router_weight = 1.0  # the trained router's part in the fusion; 0: a plain RAG over the text scorers
         # per-call plumbing between forward and the layer hooks (never read by callers): forwards return their records
         self._mask: torch.Tensor | None = None  # the decoder's 2-D attention mask, captured by a pre-hook
         self._running: dict = {}  # query=mean: running sums across KV-cached calls of one generate
@@ -241,28 +248,124 @@ class MemoryAugmentedLM(nn.Module):
     def retrieve(self, feats: torch.Tensor, prompt_ids: torch.Tensor | None = None,
                  prompt_mask: torch.Tensor | None = None) -> dict:
         """Gate record for prompt features ``[B, D]`` (``read=prefix``): cells, weights, scores (and full scores).
-        With ``model.lexical_weight`` and the prompts' token ids, the candidates are re-ranked by their words too."""
+        With ``model.lexical_weight`` / ``model.dense_weight`` and the prompts' token ids, the router's scores are
+        fused with BM25's and a sentence encoder's over the question's text (``memcli.retrieval``)."""
         layer = self.cfg.memory_layers[0]
         bank, ef = self._bank_for_read(layer)
         rec = self.gates[str(layer)](feats.to(self.embed_weight().dtype), bank, self.embed_weight(), self.cfg.pad_id,
                                      self.valid, ef, read=False, fresh=self._fresh_rows())
         rec.update(layer=layer, per_sequence=True, mask=torch.ones(feats.shape[0], dtype=torch.bool, device=feats.device))
-        if self.cfg.lexical_weight and prompt_ids is not None:
-            rec = lexical_rerank(rec, bank, self.valid, prompt_ids, prompt_mask, self.cfg.pad_id, self.cfg.lexical_weight)
+        if prompt_ids is not None and self.reads_text():
+            mask = prompt_mask if prompt_mask is not None else torch.ones_like(prompt_ids)
+            rec["query_texts"] = [question_text(self.tok, prompt_ids[b][mask[b].bool()].tolist())
+                                  for b in range(prompt_ids.shape[0])]
+            if self.cfg.lexical_weight or self.cfg.dense_weight:
+                rec = self._fused(rec, bank, ef)
         return rec
 
-    def prefixed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, rows: torch.Tensor):
-        """``[entries of rows[b]] + separator + input[b]`` per row, left-padded -> (ids, mask)."""
+    @contextlib.contextmanager
+    def retrieval_setting(self, router: float = 1.0, dense: float | None = None, lexical: float | None = None,
+                          anchor_df="keep", abstain_below="keep", encoder: str | None = None):
+        """Retrieve differently for a while (``compare editing``'s RAG setups and overrides): the router's weight, the
+        text scorers' weights, the abstention; what is not given stays as the run has it."""
+        c = self.cfg
+        saved = (self.router_weight, c.dense_weight, c.lexical_weight, c.anchor_df, c.abstain_below, c.encoder)
+        self.router_weight = router
+        c.dense_weight = c.dense_weight if dense is None else dense
+        c.lexical_weight = c.lexical_weight if lexical is None else lexical
+        c.anchor_df = c.anchor_df if anchor_df == "keep" else anchor_df
+        c.abstain_below = c.abstain_below if abstain_below == "keep" else abstain_below
+        c.encoder = encoder or c.encoder
+        try:
+            yield self
+        finally:
+            self.router_weight, c.dense_weight, c.lexical_weight, c.anchor_df, c.abstain_below, c.encoder = saved
+
+    def reads_text(self) -> bool:
+        """Whether retrieval reads the question as text: fusion with a text scorer, or anchored abstention."""
+        return bool(self.cfg.lexical_weight or self.cfg.dense_weight or self.cfg.anchor_df is not None)
+
+    def _fused(self, rec: dict, bank: torch.Tensor, ef) -> dict:
+        """The router's scores over every entry, z-fused with the text scorers' (weight 1 for the router): the top
+        ``num_candidates`` by the fused score become the candidates, in that order. ``scores`` stay the router's
+        (cosines, what ``abstain_below`` compares); ``fused`` and each scorer's own score ride along."""
+        from memcli.retrieval.fusion import fuse
+
+        gate = self.gates[str(rec["layer"])]
+        full = rec.get("full_scores")
+        if full is None:  # product keys / a fitted index: the router's exact score of every entry (kept keys)
+            _, keys = gate._all_keys(bank, self.embed_weight(), self.cfg.pad_id,
+                                     torch.arange(bank.shape[0], device=bank.device), ef, rec["q"].dtype)
+            full = (rec["q"] @ keys.T).masked_fill(~self.valid.unsqueeze(0), float("-inf"))
+        idx = self.text_index(bank)
+        k = min(self.cfg.num_candidates, full.shape[1])
+        if not self.router_weight and not self.cfg.lexical_weight:  # a plain dense RAG: nearest neighbours (FAISS)
+            top, cells = idx.dense_top(rec["query_texts"], k)
+            cells = cells.to(full.device)
+            return dict(rec, cells=cells, scores=full.gather(1, cells), fused=top, dense=top,
+                        weights=torch.softmax(top, -1))
+        parts = idx.scores(rec["query_texts"], dense=bool(self.cfg.dense_weight), lexical=bool(self.cfg.lexical_weight))
+        parts = {name: v.to(full.device) for name, v in parts.items()}
+        fused = fuse([(full, self.router_weight)] + [(parts[n], w) for n, w in (("dense", self.cfg.dense_weight),
+                                                                               ("lexical", self.cfg.lexical_weight))
+                                                    if n in parts])
+        fused = fused.masked_fill(~torch.isfinite(full), float("-inf"))
+        top, cells = fused.topk(k, dim=-1)
+        out = dict(rec, cells=cells, scores=full.gather(1, cells), fused=top,
+                   weights=torch.softmax(top.masked_fill(~torch.isfinite(top), -1e4), -1))
+        for k, v in parts.items():
+            out[k] = v.gather(1, cells)
+        return out
+
+    def text_index(self, bank: torch.Tensor | None = None):
+        """The bank's entries as text for the lexical and sentence scorers (``memcli.retrieval.text``), built on first
+        use and kept in step with ``write_rows``; a batch-local override (``bank`` differing in some rows) is scored
+        on a copy with those rows rewritten."""
+        from memcli.retrieval.text import TextIndex
+
+        want = self.cfg.encoder if self.cfg.dense_weight else None
+        if self._text_index is None or (want is not None and self._text_index_spec != want):
+            # built once; again only when a sentence encoder is needed that it was not built with (BM25 is lazy)
+            idx = TextIndex(encoder_of(want) if want else None, lexical=True, cache=self.text_cache)
+            idx.set(self.entry_texts(self.bank), self.valid.tolist())
+            self._text_index, self._text_index_spec = idx, want
+        idx = self._text_index
+        if self._override is not None and bank is not None:
+            rows = self._override[0].tolist()
+            idx = idx.copy()
+            idx.replace(rows, self.entry_texts(bank[self._override[0].to(bank.device)]), [True] * len(rows))
+        return idx
+
+    def entry_texts(self, ids: torch.Tensor) -> list[str]:
+        if self.tok is None:
+            raise MemcliError("model.lexical_weight / dense_weight score entries as text: this model has no tokenizer")
+        pad = self.cfg.pad_id
+        return [self.tok.decode([t for t in row if t != pad], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                for row in ids.tolist()]
+
+    def texts_changed(self, rows: torch.Tensor) -> None:
+        """Rows whose entries were rewritten (``memcli.explicit.store.write_rows``): their text keys follow."""
+        if self._text_index is not None:
+            rows = rows.tolist()
+            self._text_index.replace(rows, self.entry_texts(self.bank[torch.tensor(rows, device=self.bank.device)]),
+                                     [bool(self.valid[r]) for r in rows])
+
+    def prefixed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, rows: torch.Tensor,
+                 placement: str | None = None):
+        """Each input with the entries of ``rows[b]`` written in at the run's placement (``memcli.retrieval.placement``:
+        before the whole input for ``prefix`` and for a cloze; into the chat template's conversation otherwise),
+        left-padded -> (ids, mask). -1 in ``rows``: retrieval abstained, nothing placed."""
+        from memcli.retrieval.placement import place
+
         bank, _ = self._bank_for_read(self.cfg.memory_layers[0])
         pad = self.cfg.pad_id
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        how = placement or self.cfg.placement
         seqs = []
         for b in range(input_ids.shape[0]):
-            pre: list[int] = []
-            for r in rows[b].tolist():
-                if r >= 0:  # -1: retrieval abstained (model.abstain_below)
-                    pre += [t for t in bank[r].tolist() if t != pad] + list(self.cfg.prefix_separator)
-            seqs.append(pre + input_ids[b][mask[b].bool()].tolist())
+            entries = [[t for t in bank[r].tolist() if t != pad] for r in rows[b].tolist() if r >= 0]
+            seqs.append(place(self.tok, input_ids[b][mask[b].bool()].tolist(), entries, how,
+                              list(self.cfg.prefix_separator)))
         ids, att = left_pad(seqs, pad)
         return ids.to(input_ids.device), att.to(input_ids.device)
 
@@ -279,12 +382,18 @@ class MemoryAugmentedLM(nn.Module):
         return self.prefixed(input_ids, attention_mask, rows)
 
     def chosen_rows(self, rec: dict) -> torch.Tensor:
-        """The entries ``read=prefix`` places ``[B, prefix_entries]``; -1 where the entry's cosine is below
-        ``abstain_below`` (nothing in the bank fits the question well enough to be read)."""
+        """The entries ``read=prefix`` places ``[B, prefix_entries]``; -1 where retrieval abstains: the entry's cosine is
+        below ``abstain_below``, or (``anchor_df``) the entry shares no word with the question that at most
+        ``anchor_df`` entries hold (a question no entry is about shares only common words with its nearest entry)."""
         rows = rec["cells"][:, : self.cfg.prefix_entries]
-        if self.cfg.abstain_below is None:
-            return rows
-        return rows.masked_fill(rec["scores"][:, : rows.shape[1]] < self.cfg.abstain_below, -1)
+        if self.cfg.abstain_below is not None:
+            rows = rows.masked_fill(rec["scores"][:, : rows.shape[1]] < self.cfg.abstain_below, -1)
+        if self.cfg.anchor_df is not None and "query_texts" in rec:
+            idx = self.text_index(self._bank_for_read(self.cfg.memory_layers[0])[0])
+            keep = [[r >= 0 and (idx.rarest_shared(q, r) or 1 << 62) <= self.cfg.anchor_df for r in row]
+                    for q, row in zip(rec["query_texts"], rows.tolist())]
+            rows = rows.masked_fill(~torch.tensor(keep, device=rows.device), -1)
+        return rows
 
     # ------------------------------------------------------------------ use
     def forward(self, input_ids=None, attention_mask=None, labels=None, collect: bool = False, rows=None,
@@ -351,46 +460,21 @@ class MemoryAugmentedLM(nn.Module):
         self.refresh_entry_features(torch.tensor([row]))  # the key follows the new content
 
 
-
-def token_idf(bank: torch.Tensor, valid: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """``log((n + 1) / (df + 0.5))`` per token id over the valid entries (df: entries holding the token at least once)."""
-    ids = bank[valid].long()
-    s = ids.sort(-1).values
-    first = torch.ones_like(s, dtype=torch.bool)
-    first[:, 1:] = s[:, 1:] != s[:, :-1]
-    keep = s[first & (s != pad_id)]
-    df = torch.bincount(keep, minlength=int(bank.max()) + 1).float()
-    return torch.log((ids.shape[0] + 1) / (df + 0.5))
+_ENCODERS: dict = {}
 
 
-def lexical_rerank(rec: dict, bank: torch.Tensor, valid: torch.Tensor, prompt_ids: torch.Tensor,
-                   prompt_mask: torch.Tensor | None, pad_id: int, weight: float) -> dict:
-    """Re-order each prompt's candidates by ``z(score) + weight * z(lex)`` (z over its candidates), where ``lex`` sums the
-    IDF of the distinct prompt tokens an entry holds: a dense query blurs a rare name among the words around it
-    (a question's template), the entry's own tokens do not (README: questions asked about edited facts). Cells,
-    scores and weights follow the new order; the scores stay the retriever's (what abstention compares)."""
-    idf = token_idf(bank, valid, pad_id)
-    cells = rec["cells"]
-    lex = torch.zeros(cells.shape, dtype=torch.float32)
-    for b in range(cells.shape[0]):
-        q = prompt_ids[b] if prompt_mask is None else prompt_ids[b][prompt_mask[b].bool()]
-        q = q[(q >= 0) & (q < len(idf))].unique().to(bank.device)
-        ent = bank[cells[b].clamp_min(0)].long().sort(-1).values  # [k, L]
-        first = torch.ones_like(ent, dtype=torch.bool)
-        first[:, 1:] = ent[:, 1:] != ent[:, :-1]
-        hit = first & (ent != pad_id) & torch.isin(ent, q)
-        lex[b] = (idf[ent] * hit).sum(-1).cpu()
+def text_key_cache():
+    """``$MEMCLI_HOME/cache/text-keys``: sentence-encoder keys of entry texts by content, shared by every run (an entry's
+    key depends on its text and the encoder alone); safe to delete."""
+    from memcli.download import home
 
-    def z(x):
-        x = x.float()
-        return (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True) + 1e-6)
+    return home() / "cache" / "text-keys"
 
-    dense = rec["scores"].float().cpu()
-    fused = z(torch.where(torch.isfinite(dense), dense, torch.full_like(dense, -1e4))) + weight * z(lex)
-    fused = fused.masked_fill(~torch.isfinite(dense), float("-inf"))
-    order = fused.argsort(-1, descending=True).to(cells.device)
-    out = dict(rec)
-    for k in ("cells", "scores", "weights"):
-        out[k] = rec[k].gather(1, order)
-    out["lexical"] = lex.gather(1, order.cpu())
-    return out
+
+def encoder_of(spec: str):
+    """One loaded sentence encoder per spec for the whole process (loading one takes seconds)."""
+    from memcli.retrieval.encoders import make_encoder
+
+    if spec not in _ENCODERS:
+        _ENCODERS[spec] = make_encoder(spec)
+    return _ENCODERS[spec]

@@ -48,9 +48,11 @@ class Change:
 
 
 def write_rows(mem: MemoryAugmentedLM, bank: Bank, tok, rows: list[int], entries: list[dict], step: int,
-               cache: Path | None = None) -> None:
-    """Token ids, entry records and validity of ``rows``; their features recomputed (or read from ``cache``)."""
-    ids, _ = tokenize_entries(tok, [e["sentence"] for e in entries], bank.knowledge_length, bank.pad_id)
+               cache: Path | None = None, where: list[str] | None = None) -> None:
+    """Token ids, entry records and validity of ``rows``; their features recomputed (or read from ``cache``). A text
+    longer than an entry is refused, naming ``where`` it came from (default: its row), never stored cut."""
+    where = where or [f"row {r}" for r in rows]
+    ids, _ = tokenize_entries(tok, [e["sentence"] for e in entries], bank.knowledge_length, bank.pad_id, where)
     idx = torch.tensor(rows, dtype=torch.long)
     for r, e in zip(rows, entries):
         bank.entries[r] = dict(e, row=r)
@@ -63,6 +65,7 @@ def write_rows(mem: MemoryAugmentedLM, bank: Bank, tok, rows: list[int], entries
     mem.cfg.index_id = bank.meta["index_id"]
     _refresh(mem, idx, cache=cache)
     index.mark_written(mem, idx)
+    mem.texts_changed(idx)
 
 
 def feature_cache(run_dir: str | Path) -> Path:
@@ -139,8 +142,13 @@ def _write_chunk(mem: MemoryAugmentedLM, rows: torch.Tensor, f: Path) -> None:
     atomic_write_bytes(f, save(feats))
 
 
-def add(mem: MemoryAugmentedLM, bank: Bank, tok, entries: list[dict], step: int = 0, cache: Path | None = None):
-    """Store ``entries`` in free rows (growing the bank when needed) -> (model, bank, Change)."""
+def add(mem: MemoryAugmentedLM, bank: Bank, tok, entries: list[dict], step: int = 0, cache: Path | None = None,
+        where: list[str] | None = None):
+    """Store ``entries`` in free rows (growing the bank when needed) -> (model, bank, Change). A text longer than an
+    entry is split into one entry per sentence (``memcli.data.bank.fit_entries``), or refused naming ``where``."""
+    from memcli.data.bank import fit_entries
+
+    entries, where = fit_entries(tok, entries, bank.knowledge_length, where or [f"fact {i + 1}" for i in range(len(entries))])
     have = bank.row_of_uuid()
     stored = [e["uuid"] for e in entries if e["uuid"] in have]
     if stored:
@@ -155,7 +163,7 @@ def add(mem: MemoryAugmentedLM, bank: Bank, tok, entries: list[dict], step: int 
         change.grown = (len(have) + len(free), bank.knowledge_num)
         free = [i for i, e in enumerate(bank.entries) if e.get("uuid") is None]
     rows = free[: len(entries)]
-    write_rows(mem, bank, tok, rows, entries, step, cache)
+    write_rows(mem, bank, tok, rows, entries, step, cache, where)
     change.added = rows
     if change.grown and index.fitted(mem):  # new cells: the index is fitted to the grown bank
         fit = index.fit(mem, mem.cfg.index_pool, mem.cfg.topk_per_half or index.PROBE)
@@ -164,15 +172,16 @@ def add(mem: MemoryAugmentedLM, bank: Bank, tok, entries: list[dict], step: int 
 
 
 def replace_entries(mem: MemoryAugmentedLM, bank: Bank, tok, entries: list[dict], step: int = 0,
-                    cache: Path | None = None) -> Change:
-    """Rewrite the entries whose uuids are given (a fact's new wording or object)."""
+                    cache: Path | None = None, where: list[str] | None = None) -> Change:
+    """Rewrite the entries whose uuids are given (a fact's new wording or object); a text longer than an entry is
+    refused naming ``where`` (one uuid, one row: it cannot become several entries)."""
     have = bank.row_of_uuid()
     missing = [e["uuid"] for e in entries if e["uuid"] not in have]
     if missing:
         raise MemcliError(f"{len(missing)} of the {len(entries)} facts are not in the bank (e.g. uuid '{missing[0]}'); "
                           "use 'memcli memory add' to store new facts")
     rows = [have[e["uuid"]] for e in entries]
-    write_rows(mem, bank, tok, rows, entries, step, cache)
+    write_rows(mem, bank, tok, rows, entries, step, cache, where)
     return _noted(mem, Change(replaced=rows))
 
 
@@ -187,6 +196,23 @@ def remove(mem: MemoryAugmentedLM, bank: Bank, tok, rows: list[int], step: int =
     rows = sorted(set(rows))
     write_rows(mem, bank, tok, rows, [dict(PADDING) for _ in rows], step)
     return _noted(mem, Change(removed=rows))
+
+
+def edit_entry(model: MemoryAugmentedLM, bank: Bank, tok, row: int, text: str, step: int = 0) -> tuple[str, str]:
+    """Replace entry ``row`` with ``text`` (as ``memcli memory replace`` writes rows); returns (before, after) decoded.
+
+    A subject or object the new text no longer states is dropped from the entry's record (so no question is cut
+    from a sentence that does not hold its answer); a padding row becomes an entry with uuid ``edited-<row>``."""
+    before = bank.decode(tok, [row])[0] if 0 <= row < bank.knowledge_num else ""
+    if not tok(text, add_special_tokens=False)["input_ids"]:
+        raise MemcliError("new entry text is empty")
+    e = {k: v for k, v in bank.entries[row].items() if k != "row"}
+    e.update(sentence=text, uuid=e.get("uuid") or f"edited-{row}")
+    for k in ("subject", "object"):
+        if e.get(k) and e[k] not in text:
+            e[k] = None
+    write_rows(model, bank, tok, [row], [e], step, where=[f"--edit of row {row}"])
+    return before, bank.decode(tok, [row])[0]
 
 
 def _noted(mem: MemoryAugmentedLM, change: Change) -> Change:
@@ -218,6 +244,7 @@ def grow(mem: MemoryAugmentedLM, bank: Bank, n: int):
         h.remove()
     cfg = replace(mem.cfg, knowledge_num=n, index_id=new_bank.meta["index_id"])
     new = MemoryAugmentedLM(mem.backbone, cfg, ids, new_bank.valid_rows())
+    new.tok = mem.tok
     load_memory_state_dict(new, sd, "grown memory")
     new.usage[:old_n] = mem.usage
     new.last_updated[:old_n] = mem.last_updated

@@ -34,20 +34,17 @@ from __future__ import annotations
 
 import datetime
 import functools
-import hashlib
 import json
-import math
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from memcli.errors import MemcliError
+from memcli.retrieval.fusion import fuse, zscore
+from memcli.retrieval.lexical import BM25Index, words
 
-ENCODERS = ("minilm", "backbone")
 RETRIEVERS = ("hybrid", "dense", "lexical")
 NO_PRIORS = {"neighbor_weight": 0.0, "speaker_weight": 0.0, "date_weight": 0.0}  # TurnMemory(..., **NO_PRIORS): scores alone
 
@@ -78,209 +75,31 @@ def entry_text(turn: dict, anchor: bool = True) -> str:
 
 
 def excerpt_prompt(tok, entries: list[dict], question: str, native: bool = False) -> list[int]:
-    """Turns read from memory (conversation order, each with its date) before the question: as one user
-    message (the HIPPO recipe's trained format), or with ``native`` as ``context_prompt`` writes them."""
+    """Turns read from memory (conversation order, each with its date) with the question: in the user message before
+    it (the HIPPO recipe's trained format), or with ``native`` as ``context_prompt`` writes them."""
     from memcli.hippo.data import prompt_ids
+    from memcli.retrieval.placement import encode, place
 
     text = "Conversation excerpts:\n" + "\n".join(entry_text(e) for e in entries)
-    return context_prompt(tok, text, question) if native else prompt_ids(tok, f"{text}\n\n{question}")
-
-
-_DEFAULT_SYSTEM: dict = {}  # (tokenizer, template) -> its default system message: rendered once, not per prompt
-
-
-def default_system_prompt(tok) -> str:
-    """The system message a chat template writes when it is given none ("" when it writes none)."""
-    key = (id(tok), tok.chat_template)
-    if key not in _DEFAULT_SYSTEM:
-        def render(msgs):
-            return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
-
-        bare = render([{"role": "user", "content": "x"}])
-        pre, _, post = render([{"role": "system", "content": "\x00"},
-                               {"role": "user", "content": "x"}]).partition("\x00")
-        found = post and bare.startswith(pre) and bare.endswith(post) and len(bare) > len(pre) + len(post)
-        _DEFAULT_SYSTEM[key] = bare[len(pre): len(bare) - len(post)] if found else ""
-    return _DEFAULT_SYSTEM[key]
+    if native:
+        return context_prompt(tok, text, question)
+    return place(tok, prompt_ids(tok, question), [encode(tok, text)], "user_before", [], sep="\n\n")
 
 
 SHORT_ANSWER = "Give only the answer, as short as possible."  # LoCoMo's answers are short phrases
 
 
 def context_prompt(tok, context: str | None, question: str, instruction: str = SHORT_ANSWER) -> list[int]:
-    """A backbone answering alone, in its chat template's own form: the context (turns read, the history) in
-    the system message after the template's default one, the question as the user's message with
-    ``instruction`` after it. Chosen on LoCoMo conversations 1-5: SmolLM2 given the context and the question
-    in one user message, with no system message, repeated the question instead of answering it in 11-22% of
-    answers; without the instruction it answers in sentences or declines ("as a chatbot, I don't have ..."),
-    and the evidence turns' F1 is half (0.098 against 0.189, 80 questions; README)."""
-    default = default_system_prompt(tok)
-    system = f"{default}.\n\n{context}" if default and context else (context or default)
+    """A backbone answering alone, in its chat template's own form: the context (turns read, the history) placed in
+    the system message after the template's default one (``memcli.retrieval.placement``, placement ``system``), the
+    question as the user's message with ``instruction`` after it. Chosen on LoCoMo conversations 1-5: SmolLM2 given
+    the context and the question in one user message, with no system message, repeated the question instead of
+    answering it in 11-22% of answers; without the instruction it answers in sentences or declines ("as a chatbot,
+    I don't have ..."), and the evidence turns' F1 is half (0.098 against 0.189, 80 questions; README)."""
+    from memcli.retrieval.placement import chat_prompt_ids, encode, place
+
     ask = f"{question}\n{instruction}" if instruction else question
-    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": ask}]
-    ids = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
-    return list(ids)
-
-
-def dense_share_of(spec: str) -> float:
-    """The hybrid score's dense share an encoder asks for: 0.5 (equal weights) unless ``spec`` is a directory whose
-    ``memcli_turn_encoder.json`` (``memcli train retriever``) records another ``dense_share``."""
-    p = Path(spec) / "memcli_turn_encoder.json"
-    if spec == "minilm" or not p.is_file():
-        return 0.5
-    try:
-        share = json.loads(p.read_text(encoding="utf-8")).get("dense_share", 0.5)
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        raise MemcliError(f"{p}: not a JSON object") from None
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
-        raise MemcliError(f"{p}: dense_share {share!r}, expected a number from 0 to 1")
-    return float(share)
-
-
-class MiniLMEncoder:
-    """A sentence-transformers model: ``minilm`` (the offline all-MiniLM-L6-v2) or a local directory (one
-    ``memcli train retriever`` wrote, say); its name is the spec, so a session file records which keyed it."""
-
-    def __init__(self, spec: str = "minilm"):
-        from memcli.data.keys import sentence_embedder
-
-        self.name = spec
-        self.model = sentence_embedder(spec)
-        self.dense_share = dense_share_of(spec)
-
-    @torch.no_grad()
-    def encode(self, texts: list[str]) -> torch.Tensor:
-        if not texts:
-            return torch.zeros(0, self.model.get_sentence_embedding_dimension())
-        return torch.as_tensor(self.model.encode(texts, batch_size=64, normalize_embeddings=True,
-                                                 convert_to_numpy=True, show_progress_bar=False)).float()
-
-    @functools.cached_property
-    def fingerprint(self) -> str:
-        """What a session file records of the encoder: ``minilm``, or a directory's files hashed (its path may be
-        spelled another way or moved; another encoder trained into the same path is told apart)."""
-        if self.name == "minilm":
-            return "minilm"
-        digest = hashlib.sha256()
-        for f in sorted(p for p in Path(self.name).rglob("*") if p.is_file() and p.name != "memcli_turn_encoder.json"):
-            digest.update(f.relative_to(self.name).as_posix().encode() + b"\0")
-            with f.open("rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
-        return "sha256:" + digest.hexdigest()[:16]
-
-
-class BackboneEncoder:
-    """Mean of the backbone's states after decoder layer ``layer`` over the text's tokens, L2-normalised."""
-
-    name = fingerprint = "backbone"
-
-    def __init__(self, backbone, tok, layer: int | None = None, batch: int = 32):
-        from memcli.backbone import decoder_layers
-
-        n = len(decoder_layers(backbone))
-        self.backbone, self.tok, self.batch = backbone, tok, batch
-        self.layer = min(8, n - 1) if layer is None else layer  # layer 8 of SmolLM2's 30: the explicit recipe's query
-        if not 0 <= self.layer < n:
-            raise MemcliError(f"turn encoder layer {self.layer}: the backbone has decoder layers 0-{n - 1}")
-
-    @torch.no_grad()
-    def encode(self, texts: list[str]) -> torch.Tensor:
-        from memcli.backbone import layer_output, left_pad
-
-        out = []
-        for s in range(0, len(texts), self.batch):
-            ids = [self.tok(t, add_special_tokens=False)["input_ids"][:256] or [self.tok.pad_token_id]
-                   for t in texts[s: s + self.batch]]
-            x, att = left_pad(ids, self.tok.pad_token_id)
-            h = layer_output(self.backbone, x, att, self.layer).float()
-            m = att.unsqueeze(-1).to(h.dtype)
-            out.append(F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1), dim=-1))
-        hidden = self.backbone.config.hidden_size
-        return torch.cat(out) if out else torch.zeros(0, hidden)
-
-
-def make_encoder(name: str, backbone=None, tok=None):
-    if name == "minilm":
-        return MiniLMEncoder()
-    if name == "backbone":
-        if backbone is None:
-            raise MemcliError("turn encoder 'backbone' needs a model")
-        return BackboneEncoder(backbone, tok)
-    if Path(name).is_dir():
-        return MiniLMEncoder(name)
-    raise MemcliError(f"turn encoder '{name}': expected one of {', '.join(ENCODERS)} or a local sentence-transformers "
-                      "directory")
-
-
-_stemmer = None
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _stem(word: str) -> str:
-    global _stemmer
-    if _stemmer is None:
-        from nltk.stem import PorterStemmer
-
-        _stemmer = PorterStemmer()
-    return _stemmer.stem(word)
-
-
-def _tokens(texts: list[str]) -> list[list[str]]:
-    """bm25s's tokenisation (lower case, words of 2+ characters, English stop words dropped), Porter-stemmed."""
-    import bm25s
-
-    return bm25s.tokenize(texts, stemmer=lambda ws: [_stem(w) for w in ws], show_progress=False, return_ids=False)
-
-
-class BM25Index:
-    """BM25 over documents added one at a time (Lucene idf, k1 1.2, b 0.75: bm25s's defaults, and its
-    scores). bm25s indexes a fixed corpus, so a growing conversation would be re-tokenised and re-indexed at
-    every query; here a document is tokenised once, when it arrives, and a query costs the postings of its
-    own words."""
-
-    def __init__(self, k1: float = 1.2, b: float = 0.75):
-        self.k1, self.b = k1, b
-        self.postings: dict[str, tuple[list[int], list[int]]] = {}  # word -> (documents, counts)
-        self.lengths: list[int] = []
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def add(self, docs: list[str]) -> None:
-        for words in _tokens(docs) if docs else []:
-            d = len(self.lengths)
-            self.lengths.append(len(words))
-            for w, c in Counter(words).items():
-                ids, counts = self.postings.setdefault(w, ([], []))
-                ids.append(d)
-                counts.append(c)
-
-    def scores(self, queries: list[str]) -> torch.Tensor:
-        """``[Q, D]`` scores; a word repeated in a query counts each time (as in bm25s); 0 where nothing matches."""
-        return self.scores_of_tokens(_tokens(queries) if queries else [])
-
-    def scores_of_tokens(self, queries: list[list[str]]) -> torch.Tensor:
-        n = len(self.lengths)
-        out = torch.zeros(len(queries), n, dtype=torch.float64)
-        if not n or not queries:
-            return out.float()
-        dl = torch.tensor(self.lengths, dtype=torch.float64)
-        norm = self.k1 * (1 - self.b + self.b * dl / dl.mean().clamp_min(1e-9))
-        for j, words in enumerate(queries):
-            for w in words:
-                if w in self.postings:
-                    ids, counts = self.postings[w]
-                    idx, tf = torch.tensor(ids), torch.tensor(counts, dtype=torch.float64)
-                    idf = math.log(1 + (n - len(ids) + 0.5) / (len(ids) + 0.5))
-                    out[j].index_add_(0, idx, idf * tf / (tf + norm[idx]))
-        return out.float()
-
-
-def _z(s: torch.Tensor) -> torch.Tensor:
-    if s.shape[1] < 2:
-        return torch.zeros_like(s)
-    return (s - s.mean(1, keepdim=True)) / s.std(1, keepdim=True).clamp_min(1e-6)
+    return place(tok, chat_prompt_ids(tok, ask), [encode(tok, context)] if context else [], "system", [])
 
 
 class LikelihoodReranker:
@@ -503,15 +322,19 @@ class TurnMemory:
         self.keys = new if self.keys is None else torch.cat([self.keys, new])
 
     def scores(self, queries: list[str]) -> torch.Tensor:
-        """``[Q, n]`` fused scores, with the priors."""
-        fused = 0
-        share = {"hybrid": self.dense_share, "dense": 0.5, "lexical": 0.5}[self.retriever]
-        if self.retriever != "lexical":
+        """``[Q, n]`` fused scores (``memcli.retrieval.fusion.fuse`` of the dense and BM25 scores of both keys), with
+        the priors."""
+        # each key's part weighs 1 alone; the hybrid gives its dense half 2 * share and its lexical half 2 * (1 - share)
+        dense_w, lexical_w = {"hybrid": (2 * self.dense_share, 2 * (1 - self.dense_share)), "dense": (1.0, 0.0),
+                              "lexical": (0.0, 1.0)}[self.retriever]
+        parts = []
+        if dense_w:
             q = self.encoder.encode(queries)
-            fused = 2 * share * (_z(q @ self.keys[:, 0].T) + _z(q @ self.keys[:, 1].T))
-        if self.retriever != "dense":
-            words = _tokens(queries)
-            fused = fused + 2 * (1 - share) * sum(_z(index.scores_of_tokens(words)) for index in self._lexical_indexes())
+            parts += [(q @ self.keys[:, 0].T, dense_w), (q @ self.keys[:, 1].T, dense_w)]
+        if lexical_w:
+            toks = words(queries)
+            parts += [(index.scores_of_tokens(toks), lexical_w) for index in self._lexical_indexes()]
+        fused = fuse(parts)
         if self.neighbor_weight:
             fused = fused + self.neighbor_weight * neighbor_scores(fused, [t.get("session") for t in self.turns])
         if self.speaker_weight:
@@ -546,7 +369,7 @@ class TurnMemory:
         rows, scores = [], []
         for j, q in enumerate(queries):
             lm = self.reranker.scores([key_text(self.turns[i]) for i in order[j].tolist()], q)
-            fused = _z(lm[None])[0] + _z(first[j][None])[0]  # the retriever's evidence is kept beside the LM's
+            fused = zscore(lm[None])[0] + zscore(first[j][None])[0]  # the retriever's evidence is kept beside the LM's
             best = torch.argsort(-fused, stable=True)[:k]
             rows.append(order[j][best])
             scores.append(fused[best])

@@ -199,7 +199,7 @@ def fit(model, examples: list[Example], t: RetrieverTraining, log=None) -> list[
 def train_retriever(cfg: RetrieverRecipe, log=None) -> dict:
     """Train, measure held-out recall before and after, write the encoder directory; returns the summary."""
     from memcli.eval.locomo import load_locomo, recall_only
-    from memcli.hippo.turns import MiniLMEncoder
+    from memcli.retrieval.encoders import SentenceEncoder
     from memcli.records import atomic_dir, sweep_stale_temps
 
     d, t = cfg.dataset, cfg.training
@@ -218,7 +218,7 @@ def train_retriever(cfg: RetrieverRecipe, log=None) -> dict:
     out = Path(cfg.logging.out_dir) / cfg.logging.run_name
     if out.parent.is_dir():
         sweep_stale_temps(out.parent, recursive=False)
-    enc = MiniLMEncoder(cfg.model.base)
+    enc = SentenceEncoder(cfg.model.base)
     before = recall_only(held, enc, max_questions=d.max_eval_questions) if held else None
     seq = enc.model.max_seq_length
     enc.model.max_seq_length = cfg.model.max_seq_length
