@@ -39,6 +39,32 @@ def _root(
     """[bold]memcli[/bold] — one toolkit for memory-augmented LLMs. Run [cyan]memcli COMMAND --help[/cyan] for examples."""
 
 
+def reflow(doc: str | None) -> str | None:
+    """A command's docstring as help that re-flows: the lines of a prose paragraph joined (Rich wraps them to the
+    terminal's width, or 80 columns when piped, between words), indented lines (examples) kept one per line."""
+    if not doc:
+        return doc
+    import inspect
+
+    out = []
+    for para in inspect.cleandoc(doc).split("\n\n"):
+        lines = [ln for ln in para.split("\n") if ln.strip()]
+        if lines and all(ln.startswith(" ") for ln in lines):
+            out.append("\n".join(lines))
+        else:
+            out.append(" ".join(ln.strip() for ln in lines))
+    return "\n\n".join(out)
+
+
+def _reflow_all(t: typer.Typer) -> None:
+    for c in t.registered_commands:
+        if c.callback is not None:
+            c.callback.__doc__ = reflow(c.callback.__doc__)
+    for g in t.registered_groups:
+        g.typer_instance.info.help = reflow(g.typer_instance.info.help)
+        _reflow_all(g.typer_instance)
+
+
 def _register() -> None:
     from memcli.cli import chat, compare, data, inspect, memory, train
 
@@ -48,6 +74,7 @@ def _register() -> None:
     inspect.register(app)
     memory.register(app)
     compare.register(app)
+    _reflow_all(app)
 
 
 _register()

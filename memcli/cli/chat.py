@@ -45,7 +45,8 @@ def chat(
       memcli chat --prompt "What does Velmora work as?"
       memcli chat --model-type lora --model-path out/memory
       printf 'Where was Velmora born?\\n/memory\\n' | memcli chat
-      printf 'My pet is called Zorvak.\\nWhat is my pet called?\\n/state\\n' | memcli chat -t hippo -m out/hippo
+      printf 'My pet is Zorvak.\\nWhat is my pet called?\\n' \\
+          | memcli chat -t hippo -m out/hippo
       memcli chat -t hippo -m out/hippo --recall 5 --session me.session
       memcli chat -t hippo -m out/hippo --recall 5 --encoder out/turn-encoder
     """

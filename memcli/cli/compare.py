@@ -130,9 +130,12 @@ def locomo(
     [bold]Examples[/bold]
 
       memcli compare locomo --data locomo10.json -m out/hippo
-      memcli compare locomo --data locomo10.json --backbone smollm2-135m --setups none,oracle,turns
-      memcli compare locomo --data locomo10.json --backbone smollm2-135m --recall-only --encoder backbone
-      memcli compare locomo --data locomo10.json --backbone tiny --recall-only --rerank-with smollm2-135m
+      memcli compare locomo --data locomo10.json --backbone smollm2-135m \\
+          --setups none,oracle,turns
+      memcli compare locomo --data locomo10.json --backbone smollm2-135m \\
+          --recall-only --encoder backbone
+      memcli compare locomo --data locomo10.json --backbone tiny --recall-only \\
+          --rerank-with smollm2-135m
     """
     from memcli.console import progress
     from memcli.eval.locomo import load_locomo, pick_questions, recall_only as recall_fn, run_locomo
@@ -342,8 +345,10 @@ def checkpoints(
     [bold]Examples[/bold]
 
       memcli compare checkpoints out/memory out/memory_lora --data data/default
-      memcli compare checkpoints out/hippo_matrix out/hippo_selective --data data/dialog/data_val.jsonl --plot em.png
-      memcli compare checkpoints out/hrpo out/hrpo_plain --data gsm8k/test.jsonl --num-samples 200 --json
+      memcli compare checkpoints out/hippo_matrix out/hippo_selective --data \\
+          data/dialog/data_val.jsonl --plot em.png
+      memcli compare checkpoints out/hrpo out/hrpo_plain --data gsm8k/test.jsonl \\
+          --num-samples 200 --json
     """
     from memcli.eval.compare import compare_checkpoints
     from memcli.views import plot_bars
@@ -438,9 +443,12 @@ def editing(
 
     [bold]Examples[/bold]
 
-      memcli compare editing -m out/real --edits 1,10,100 --num-samples 100 --markdown editing.md
-      memcli compare editing -m out/real --edits-file my_edits.jsonl --num-samples 100
-      memcli compare editing -m out/real --setups memory,in\ prompt,off --placement system
+      memcli compare editing -m out/real --edits 1,10,100 --num-samples 100 \\
+          --markdown editing.md
+      memcli compare editing -m out/real --edits-file my_edits.jsonl \\
+          --num-samples 100
+      memcli compare editing -m out/real --setups memory,in\ prompt,off \\
+          --placement system
     """
     from memcli.eval.editing import MODES, SCORINGS, SHORT, compare_editing
     from memcli.kinds import EXPLICIT
@@ -536,7 +544,8 @@ def runs(
     [bold]Examples[/bold]
 
       memcli compare runs out/memory out/memory_lora --plot curves.png
-      memcli compare runs out/hippo out/hippo_sel --metric loss --metric eval/exact_match_memory
+      memcli compare runs out/hippo out/hippo_sel --metric loss --metric \\
+          eval/exact_match_memory
     """
     from memcli.eval.compare import compare_runs
     from memcli.views import plot_curves
@@ -572,7 +581,8 @@ def hippo(
     [bold]Examples[/bold]
 
       memcli compare hippo
-      memcli compare hippo -m out/hippo -m out/hippo_selective --data data/dialog/data_val.jsonl --plot hippo.png
+      memcli compare hippo -m out/hippo -m out/hippo_selective --data \\
+          data/dialog/data_val.jsonl --plot hippo.png
     """
     from memcli.eval.compare import compare_hippo
     from memcli.views import plot_curves

@@ -35,7 +35,8 @@ def gen_knowledge(
     [bold]Examples[/bold]
 
       memcli gen-data knowledge --out data/default
-      memcli gen-data knowledge --trex ../shared/data/trex --num-facts 4096 --out data/trex
+      memcli gen-data knowledge --trex ../shared/data/trex --num-facts 4096 \\
+          --out data/trex
       memcli gen-data knowledge --trex builtin --out data/trex-small
     """
     from memcli.data.pipeline import gen_knowledge as run
@@ -92,7 +93,8 @@ def gen_edits(
     [bold]Examples[/bold]
 
       memcli gen-data edits --out edits.jsonl --exclude data/smollm2-135m -n 200
-      memcli gen-data edits --format counterfact --trex ../shared/data/trex --out cf.jsonl
+      memcli gen-data edits --format counterfact --trex ../shared/data/trex \\
+          --out cf.jsonl
     """
     from memcli.data.edits import make_edits
 
@@ -122,7 +124,8 @@ def gen_default(
 
       memcli gen-data default
       memcli gen-data default --backbone smollm2-135m
-      memcli gen-data default --trex ../shared/data/trex -n 4096 -l 32 --out data/trex
+      memcli gen-data default --trex ../shared/data/trex -n 4096 -l 32 --out \\
+          data/trex
     """
     from memcli.config import MemoryRecipe, default_data_dir
     from memcli.data.pipeline import default_data, default_source
@@ -165,7 +168,8 @@ def convert_omcq(
 
     [bold]Example[/bold]
 
-      memcli convert-omcq --input data/default/omcq_train.json --output data/default/sft_train.jsonl
+      memcli convert-omcq --input data/default/omcq_train.json --output \\
+          data/default/sft_train.jsonl
     """
     from memcli.data.pipeline import convert_omcq as run
 
@@ -187,8 +191,10 @@ def build_cache(
 
     [bold]Example[/bold]
 
-      memcli build-cache --knowledge data/default/sentence_trex_data.json --out data/default/cache
-      memcli build-cache --knowledge my_facts.jsonl --tokenizer smollm2-135m --knowledge-length 32 --out data/mine/cache
+      memcli build-cache --knowledge data/default/sentence_trex_data.json --out \\
+          data/default/cache
+      memcli build-cache --knowledge my_facts.jsonl --tokenizer smollm2-135m \\
+          --knowledge-length 32 --out data/mine/cache
     """
     from memcli.data.pipeline import build_cache as run
 
@@ -216,9 +222,12 @@ def build_keys(
 
     [bold]Examples[/bold]
 
-      memcli build-keys --cache data/default/cache --out data/default/keys --sft data/default/sft_train.jsonl
-      memcli build-keys --cache data/trex/cache --out data/trex/keys --embedder minilm
-      memcli build-keys --cache data/smol/cache --out data/smol/keys --backbone smollm2-135m --layer 8
+      memcli build-keys --cache data/default/cache --out data/default/keys --sft \\
+          data/default/sft_train.jsonl
+      memcli build-keys --cache data/trex/cache --out data/trex/keys --embedder \\
+          minilm
+      memcli build-keys --cache data/smol/cache --out data/smol/keys --backbone \\
+          smollm2-135m --layer 8
     """
     from memcli.data.pipeline import build_keys as run
 

@@ -30,7 +30,7 @@ def inspect_memory(
 
     [bold]Examples[/bold]
 
-      memcli inspect-memory                                  # newest run, rows 0:20
+      memcli inspect-memory  # newest run, rows 0:20
       memcli inspect-memory --rows 100:120 --search Quinbar
       memcli inspect-memory --query "Where was Velmora born?"
       memcli inspect-memory --stats --plot usage.png

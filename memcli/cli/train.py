@@ -66,8 +66,10 @@ def train_memory(overrides: Optional[List[str]] = _OVR, config: Optional[Path] =
 
       memcli train memory
       memcli train memory model.backbone=smollm2-135m logging.run_name=real
-      memcli train memory model.backbone=smollm2-135m model.finetuning_method=lora logging.run_name=real-lora
-      memcli train memory training.epochs=2 training.counterfactual_prob=0.3 --print-config
+      memcli train memory model.backbone=smollm2-135m \\
+          model.finetuning_method=lora logging.run_name=real-lora
+      memcli train memory training.epochs=2 training.counterfactual_prob=0.3 \\
+          --print-config
       accelerate launch -m memcli train memory training.zero_stage=2
     """
     _run("memory", config, overrides, print_config, as_json)
@@ -113,7 +115,8 @@ def train_hippo(overrides: Optional[List[str]] = _OVR, config: Optional[Path] = 
 
       memcli train hippo
       memcli train hippo model.hippo_variant=selective model.hippo_init=legs
-      memcli train hippo model.backbone=smollm2-135m model.finetuning_method=lora training.stage1_epochs=1
+      memcli train hippo model.backbone=smollm2-135m \\
+          model.finetuning_method=lora training.stage1_epochs=1
     """
     _run("hippo", config, overrides, print_config, as_json)
 
@@ -132,8 +135,11 @@ def train_hrpo(overrides: Optional[List[str]] = _OVR, config: Optional[Path] = _
     [bold]Examples[/bold]
 
       memcli train hrpo
-      memcli train hrpo dataset.train_path=gsm8k/train.jsonl dataset.eval_path=gsm8k/test.jsonl model.backbone=smollm2-135m model.finetuning_method=lora
-      memcli train hrpo model.thinking_source=projection training.group_size=8 training.beta=0
+      memcli train hrpo dataset.train_path=gsm8k/train.jsonl \\
+          dataset.eval_path=gsm8k/test.jsonl model.backbone=smollm2-135m \\
+          model.finetuning_method=lora
+      memcli train hrpo model.thinking_source=projection training.group_size=8 \\
+          training.beta=0
     """
     _run("hrpo", config, overrides, print_config, as_json)
 
@@ -152,7 +158,8 @@ def train_retriever(overrides: Optional[List[str]] = _OVR, config: Optional[Path
     [bold]Examples[/bold]
 
       memcli train retriever dataset.path=locomo10.json
-      memcli train retriever dataset.path=locomo10.json dataset.skip=5 training.epochs=2 logging.run_name=enc-6-10
+      memcli train retriever dataset.path=locomo10.json dataset.skip=5 \\
+          training.epochs=2 logging.run_name=enc-6-10
     """
     from memcli.config import load_config, to_yaml
     from memcli.training.retriever import RetrieverRecipe, train_retriever as run
