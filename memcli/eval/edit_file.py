@@ -33,7 +33,8 @@ from memcli import records
 from memcli.backbone import left_pad
 from memcli.console import progress
 from memcli.errors import MemcliError
-from memcli.eval.editing import MODES, RETRIEVING, answer_match, configure, exact_match, normalise, setup
+from memcli.eval.editing import (LOCALITY_CHUNK, MODES, RETRIEVING, answer_match, configure, exact_match, normalise,
+                                 setup)
 from memcli.eval.explicit import _retrieved_rows
 from memcli.explicit.io import separator_ids
 from memcli.explicit.items import answer_ids, cloze_ids, prompt_ids
@@ -187,7 +188,7 @@ def score_edits(mem, tok, bank, raw: list[tuple[str, dict]], num_samples: int | 
     edits = random.Random(seed).sample(every, num_samples) if num_samples and len(every) > num_samples else every
     modes = tuple(m for m in MODES if m in modes)
     loc = [(e, a) for e in edits for a in e.loc]
-    before = {m: predict(mem, tok, [a for _, a in loc], m, desc=f"locality before the edits ({m})")
+    before = {m: predict(mem, tok, [a for _, a in loc], m, chunk=LOCALITY_CHUNK, desc=f"locality before the edits ({m})")
               for m in modes if m in RETRIEVING} if loc else {}
     entries, where, seen = [], [], set()
     for e in every:  # the memory add path; the same entry twice is one fact
@@ -216,7 +217,7 @@ def score_edits(mem, tok, bank, raw: list[tuple[str, dict]], num_samples: int | 
         res[f"token: {m}"] = res[f"gen: {m}"] = None
         if m not in before:
             continue
-        after = predict(mem, tok, [a for _, a in loc], m, desc=f"locality after the edits ({m})")
+        after = predict(mem, tok, [a for _, a in loc], m, chunk=LOCALITY_CHUNK, desc=f"locality after the edits ({m})")
         res[f"token: {m}"] = _mean([_mean([x == y for x, y in zip(p[0], b[0])]) for p, b in zip(after, before[m])])
         res[f"gen: {m}"] = _mean([normalise(p[1]) == normalise(b[1]) for p, b in zip(after, before[m])])
         if m == "memory":

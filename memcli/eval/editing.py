@@ -68,6 +68,9 @@ MEASURES = {  # row label -> what it is (README and --help say the same)
     "unrelated": "natural questions about facts no entry holds: answer unchanged from before the edits (locality)",
 }
 SCORINGS = ("rank", "gen")
+# locality compares two answers to one question: each is generated alone, so neither depends on what the questions
+# batched beside it read (a longer neighbour changes the padding, and greedy decoding can flip on the difference)
+LOCALITY_CHUNK = 1
 N_OPTIONS = 5
 QUESTION_ROOM = 16  # tokens beyond the answer a chat answer may take to state it
 
@@ -278,9 +281,9 @@ class Editing:
     cache: dict = field(default_factory=dict)  # _key -> prediction
     answers: list = field(default_factory=list)  # one record per case and mode, for --answers
 
-    def predictions(self, cases: list[Case], mode: str, label: str, T: int, cached: bool) -> list[tuple]:
+    def predictions(self, cases: list[Case], mode: str, label: str, T: int, cached: bool, chunk: int = 32) -> list[tuple]:
         if not cached:
-            preds = predict(self.mem, self.tok, cases, mode, desc=f"T={T} {label} ({mode})")
+            preds = predict(self.mem, self.tok, cases, mode, chunk=chunk, desc=f"T={T} {label} ({mode})")
         else:
             todo = [c for c in cases if _key(mode, c) not in self.cache]
             for c, p in zip(todo, predict(self.mem, self.tok, todo, mode, desc=f"{label} ({mode})")):
@@ -305,11 +308,13 @@ class Editing:
         return res
 
     def remember(self, cases: list[Case], desc: str) -> None:
-        """Every retrieving mode's answers to ``cases`` before any edit (what locality compares against)."""
+        """Every retrieving mode's answers to ``cases`` before any edit (what locality compares against), each asked
+        alone (``LOCALITY_CHUNK``)."""
         for mode in self.modes:
             if mode in RETRIEVING:
                 todo = [c for c in cases if _key(f"before {mode}", c) not in self.cache]
-                for c, p in zip(todo, predict(self.mem, self.tok, todo, mode, desc=f"{desc} ({mode})")):
+                for c, p in zip(todo, predict(self.mem, self.tok, todo, mode, chunk=LOCALITY_CHUNK,
+                                              desc=f"{desc} ({mode})")):
                     self.cache[_key(f"before {mode}", c)] = p
 
     def unchanged(self, label: str, cases: list[Case], T: int) -> dict:
@@ -322,7 +327,7 @@ class Editing:
             if mode not in RETRIEVING or mode not in self.modes or not cases:
                 continue
             before = [self.cache[_key(f"before {mode}", c)] for c in cases]
-            after = self.predictions(cases, mode, label, T, False)
+            after = self.predictions(cases, mode, label, T, False, chunk=LOCALITY_CHUNK)
             res[f"rank: {mode}"] = share([a[0] == b[0] for a, b in zip(after, before)])
             res[f"gen: {mode}"] = share([normalise(a[1]) == normalise(b[1]) for a, b in zip(after, before)])
             if mode == "memory":
