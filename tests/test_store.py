@@ -239,6 +239,43 @@ def test_retrieval_abstains_when_nothing_in_the_bank_fits(run, tmp_path, cli):
     assert code == 0 and json.loads(out)["memory"][0]["text"] == own, err
 
 
+def test_anchored_retrieval_reads_nothing_for_a_question_no_entry_is_about(run, tmp_path, cli):
+    """model.anchor_df on a run: a question about an entity no entry names reads nothing (the answer is the base
+    model's, chat's /memory says none and why), a question about a stored fact reads its entry; an added fact about
+    a new entity is read for its own question at once."""
+    from memcli.runs import load_run
+
+    d = _copy(run, tmp_path)
+    cfg_file = d / "memory" / "memory_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg.update(anchor_df=10, lexical_weight=1.0)  # the pretrained recipe's settings
+    cfg_file.write_text(json.dumps(cfg))
+    r = load_run(d)
+    e = next(x for x in r.bank.entries if x.get("subject") and x.get("object"))
+    own = e["sentence"][: e["sentence"].rfind(e["object"])].rstrip()  # the cloze of a stored fact
+    unrelated = "Qulo Vix was born in"
+    ids = torch.tensor([r.tok(unrelated, add_special_tokens=False)["input_ids"]])
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=r.tok.pad_token_id)
+    with torch.no_grad():
+        out = r.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+        with r.model.base_model() as bb:
+            base = bb.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+    assert torch.equal(out, base)
+    code, out, err = cli("chat", "-m", d, "--prompt", unrelated, "--json", "--max-new-tokens", "2")
+    assert code == 0 and json.loads(out)["memory"] == [], err
+    code, out, err = cli("chat", "-m", d, "--prompt", own, "--json", "--max-new-tokens", "2")
+    assert code == 0 and json.loads(out)["memory"][0]["text"] == e["sentence"], err
+    assert cli("memory", "add", "-m", d, "--from", _facts(tmp_path, [{"text": "Qulo Vix was born in Tarsk ."}]))[0] == 0
+    code, out, err = cli("chat", "-m", d, "--prompt", unrelated, "--json", "--max-new-tokens", "2")
+    assert code == 0 and json.loads(out)["memory"][0]["text"] == "Qulo Vix was born in Tarsk .", err
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "memcli", "chat", "-m", str(d)], input="Zed Qu was born in\n/memory\n",
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "none: no entry was read" in p.stdout and "model.anchor_df" in p.stdout
+
+
 def test_abstain_below_needs_cosine_retrieval(cli, tmp_path, default_data):
     code, _, err = cli("train", "memory", f"dataset.data_dir={default_data}", f"logging.out_dir={tmp_path}",
                        "model.abstain_below=0.5")  # tiny's default: additive read, token queries
