@@ -3,7 +3,7 @@
 ``spec`` is one of:
 
 - ``tiny``: the built-in default, a Qwen3-architecture config plus a byte-level BPE tokenizer shipped
-  in the package (``scripts/train_tokenizer.py``), built fresh from a seed;
+  in the package (``tools/train_tokenizer.py``), built fresh from a seed;
 - a registry name (``smollm2-135m``): a pretrained model from ``memcli download``, fetched on first use;
 - a local HF model directory, or a ``.gguf`` file (dequantised on load).
 

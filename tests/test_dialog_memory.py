@@ -521,7 +521,7 @@ def _answers_file(path, f1s: dict, order=(0, 1, 2)):
 
 
 def test_locomo_table_puts_two_runs_answers_side_by_side(tmp_path):
-    """scripts/locomo_table.py: FILE=LABEL joins another run's answers to the same questions (matched by
+    """tools/locomo_table.py: FILE=LABEL joins another run's answers to the same questions (matched by
     conversation, category, question text and, for a repeated question, its order), refuses clashes and gaps."""
     import subprocess
     import sys

@@ -447,7 +447,7 @@ def editing(
           --markdown editing.md
       memcli compare editing -m out/real --edits-file my_edits.jsonl \\
           --num-samples 100
-      memcli compare editing -m out/real --setups memory,in\ prompt,off \\
+      memcli compare editing -m out/real --setups "memory,in prompt,off" \\
           --placement system
     """
     from memcli.eval.editing import MODES, SCORINGS, SHORT, compare_editing

@@ -5,10 +5,10 @@ the run), then on the run's held-out questions: router recall@1, memory on / off
 to compute the new entries' features; retrieval latency per query (scoring the whole bank for one
 question's features); and the process's peak memory. Each size runs in its own process, so peaks do not mix.
 
-    python scripts/scale_curve.py RUN DATA_DIR FACTS.jsonl SIZE [SIZE ...] [--out DIR] [--markdown FILE] [--cache]
-    python scripts/scale_curve.py --write-facts ../shared/data/trex RUN FACTS.jsonl
-    python scripts/scale_curve.py --latency DATA_DIR RUN [RUN ...]     # keys kept vs recomputed per query
-    python scripts/scale_curve.py --index DATA_DIR RUN PROBE:POOL [...]  # exact search vs fitted indexes, one run
+    python tools/scale_curve.py RUN DATA_DIR FACTS.jsonl SIZE [SIZE ...] [--out DIR] [--markdown FILE] [--cache]
+    python tools/scale_curve.py --write-facts ../shared/data/trex RUN FACTS.jsonl
+    python tools/scale_curve.py --latency DATA_DIR RUN [RUN ...]     # keys kept vs recomputed per query
+    python tools/scale_curve.py --index DATA_DIR RUN PROBE:POOL [...]  # exact search vs fitted indexes, one run
 
 FACTS.jsonl: ``{"text", "subject", "predicate", "object"}`` lines that are not in the run's bank, added in
 file order (so every bank holds the smaller ones' facts). ``--write-facts`` writes every usable fact of an

@@ -3,7 +3,7 @@ directories of `memcli train hrpo` (checkpoint.json's final evaluation, metrics.
 ``--evaluate FILE`` each run's greedy accuracy is measured again on FILE by this release's decoding (a hybrid run's
 thinking vectors at its rollouts' temperature) beside the one its training recorded.
 
-    python scripts/hrpo_seeds_table.py out/hrpo-s1-hybrid out/hrpo-s1-plain ... [--evaluate data/arithmetic/test.jsonl]
+    python tools/hrpo_seeds_table.py out/hrpo-s1-hybrid out/hrpo-s1-plain ... [--evaluate data/arithmetic/test.jsonl]
 """
 
 import argparse

@@ -6,7 +6,7 @@ the CounterFact-format edits of EDITS are added with ``memcli memory add``'s cod
 --edits-file`` scores them: reliability, generalisation (paraphrase prompts) and locality (neighbourhood prompts,
 other subjects of the same relation: answers unchanged from before the additions).
 
-    python scripts/qa_bank_locality.py out/real data/edits/counterfact-1000.jsonl [--num 200] [--json OUT]
+    python experiments/qa_bank_locality.py out/real data/edits/counterfact-1000.jsonl [--num 200] [--json OUT]
 """
 
 import argparse

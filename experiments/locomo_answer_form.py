@@ -4,7 +4,7 @@ and relative times in the turns read anchored to their dates (``anchor_relative_
 history, the evidence turns (oracle) and the retrieved top 5.
 The README's design-half figures (conversations 1-5, 16 questions each of categories 1-4, seed 0):
 
-    python scripts/locomo_answer_form.py locomo10.json --conversations 5 --encoder out/turn-encoder-6-10
+    python experiments/locomo_answer_form.py locomo10.json --conversations 5 --encoder out/turn-encoder-6-10
 
 About 12 minutes on 2 CPU cores for 80 questions (15 forms x setups).
 """

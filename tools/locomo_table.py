@@ -2,13 +2,13 @@
 conversations 1-5 and the held-out 6-10, each sampled): token F1 per category with its standard error, BLEU-1,
 the share of evidence turns in the prompt, and the paired difference between setups.
 
-    python scripts/locomo_table.py A.jsonl [B.jsonl ...] [--markdown FILE] [--by-setup]
+    python tools/locomo_table.py A.jsonl [B.jsonl ...] [--markdown FILE] [--by-setup]
 
 Files of other questions add rows. Files that answer the same questions in other setups (a frozen backbone
 and a trained HIPPO run, say) go side by side: ``FILE=LABEL`` names that file's setups ``LABEL:setup``, and a
 question's row gathers its answers from every file.
 
-    python scripts/locomo_table.py frozen.jsonl hippo.jsonl=hippo-run
+    python tools/locomo_table.py frozen.jsonl hippo.jsonl=hippo-run
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 # Short runs of every train recipe path on the tiny backbone, with this checkout and with git revision REV,
 # then a comparison of their logged metrics and end-of-run evaluations (wall-clock fields aside).
 # A refactor that should not change what is computed must print "same" for every path.
-#   usage: bash scripts/same_numbers.sh REV [WORKDIR]        (about 15 minutes on 2 CPU cores, one thread each)
+#   usage: bash tools/same_numbers.sh REV [WORKDIR]        (about 15 minutes on 2 CPU cores, one thread each)
 set -euo pipefail
 rev=${1:?usage: same_numbers.sh REV [WORKDIR]}
 root=$(cd "$(dirname "$0")/.." && pwd)

@@ -4,7 +4,7 @@ The corpus is text the project itself makes: invented-entity facts and questions
 ``gen-data knowledge``, dialogs from ``gen-data dialog``, arithmetic word problems, and the
 English paragraphs below. Re-running this script reproduces ``memcli/assets/tiny/`` exactly.
 
-    python scripts/train_tokenizer.py            # writes memcli/assets/tiny/tokenizer*.json
+    python tools/train_tokenizer.py            # writes memcli/assets/tiny/tokenizer*.json
 """
 
 from __future__ import annotations

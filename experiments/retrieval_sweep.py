@@ -8,7 +8,7 @@ unrelated questions. For each setting (the router alone; fused with BM25 and a s
 plain RAG over MiniLM / BM25 / both; anchored abstention at some document frequencies): recall@1 of the right entry,
 and the share of questions that read an entry at all.
 
-    python scripts/retrieval_sweep.py out/real data/smollm2-135m EDITS.jsonl [--num 205]   # minutes on 2 cores
+    python experiments/retrieval_sweep.py out/real data/smollm2-135m EDITS.jsonl [--num 205]   # minutes on 2 cores
 """
 
 import argparse

@@ -4,8 +4,8 @@
 #   2. python -m memcli.kernels.bench at the seed's shapes (Triton vs reference vs seed-style);
 #   3. the README's main job (memcli train memory, tiny default), short hippo / hrpo runs and a chat with each.
 # Assumes memcli is importable (pip install -e . --no-deps on an image that has torch and triton).
-#   bash scripts/gpu_check.sh                # all three
-#   bash scripts/gpu_check.sh tests runs     # a subset: tests, bench, runs
+#   bash tools/gpu_check.sh                # all three
+#   bash tools/gpu_check.sh tests runs     # a subset: tests, bench, runs
 set -uo pipefail
 OUT=${OUT:-gpu-check}
 mkdir -p "$OUT"

@@ -1,7 +1,7 @@
 """Greedy accuracy of a backbone before HRPO training: the prompts, instruction and completion length of the
 pretrained recipe, token inputs only (README "HRPO latent reasoning", the before-training figure).
 
-    python scripts/hrpo_base_accuracy.py [BACKBONE] [PROBLEMS_JSONL]
+    python experiments/hrpo_base_accuracy.py [BACKBONE] [PROBLEMS_JSONL]
 """
 
 import json

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every figure of README "Memory on a pretrained model (SmolLM2-135M)", in one command, on 2 CPU cores (a few hours).
-#   bash scripts/reproduce_pretrained.sh [LOCOMO_JSON]
+#   bash experiments/reproduce_pretrained.sh [LOCOMO_JSON]
 # Runs go to out/, tables to out/tables/. LoCoMo (CC BY-NC 4.0) is not shipped: pass its locomo10.json.
 set -euo pipefail
 LOCOMO=${1:-../shared/data/locomo/locomo10.json}
@@ -17,8 +17,8 @@ memcli train memory model.backbone=smollm2-135m model.read=additive training.bat
 memcli train memory logging.run_name=tiny --json > out/tables/tiny.json
 memcli compare formats -m out/real --num-samples 100 --markdown out/tables/formats.md
 # knowledge editing and scale: the bank grown with the other usable T-REx facts (the slice's stay outside it)
-python scripts/scale_curve.py --write-facts ../shared/data/trex out/real out/tables/scale_facts.jsonl
-python scripts/scale_curve.py out/real data/smollm2-135m out/tables/scale_facts.jsonl 1024 4096 16384 28768 \
+python tools/scale_curve.py --write-facts ../shared/data/trex out/real out/tables/scale_facts.jsonl
+python tools/scale_curve.py out/real data/smollm2-135m out/tables/scale_facts.jsonl 1024 4096 16384 28768 \
     --out out/scale --markdown out/tables/scale.md
 memcli compare editing -m out/scale/real-28768 --data data/smollm2-135m --edits 1,10,100,1000 --num-samples 100 \
     --markdown out/tables/editing.md
@@ -59,7 +59,7 @@ memcli compare runs out/hrpo-hybrid out/hrpo-plain --metric reward_mean --metric
     --markdown out/tables/hrpo.md
 memcli compare checkpoints out/hrpo-hybrid out/hrpo-plain --data data/arithmetic/test.jsonl \
     --markdown out/tables/hrpo-eval.md
-python scripts/hrpo_base_accuracy.py smollm2-135m data/arithmetic/test.jsonl > out/tables/hrpo-base.json
+python experiments/hrpo_base_accuracy.py smollm2-135m data/arithmetic/test.jsonl > out/tables/hrpo-base.json
 # MiniMind's comparison (tiny LM pretrained from scratch on the T-REx slice's sentences)
 memcli compare pretrain --steps 300 --markdown out/tables/pretrain.md
 echo "tables in out/tables/"

@@ -1,6 +1,6 @@
 """Write examples/train_<recipe>.yaml: each recipe's default config, resolved (tests/test_recipes.py checks them).
 
-    python scripts/write_examples.py
+    python tools/write_examples.py
 """
 
 import sys

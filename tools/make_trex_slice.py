@@ -6,7 +6,7 @@ kept. LPAQA's templates of each relation are copied whole (first line canonical,
 ``memcli compare editing`` asks held-out facts with them; ``memcli/data/forms.py`` splits them into
 training and held-out templates).
 
-    python scripts/make_trex_slice.py ../shared/data/trex memcli/assets/trex
+    python tools/make_trex_slice.py ../shared/data/trex memcli/assets/trex
 """
 
 import json

@@ -5,7 +5,7 @@ trained wording and in two held-out wordings: the answer with the fact's sentenc
 placement (memory off: the model's ceiling there), with memory on at each placement, and with memory off. Ranked
 (five options) and generated (the first line states the object). Nothing is edited.
 
-    python scripts/placement_probe.py out/real data/smollm2-135m [--num 205]     # about 25 min on 2 cores
+    python experiments/placement_probe.py out/real data/smollm2-135m [--num 205]     # about 25 min on 2 cores
 """
 
 import argparse
