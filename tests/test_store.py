@@ -225,18 +225,25 @@ def test_retrieval_abstains_when_nothing_in_the_bank_fits(run, tmp_path, cli):
     cfg = json.loads(cfg_file.read_text())
     cfg["abstain_below"] = (hi + lo) / 2
     cfg_file.write_text(json.dumps(cfg))
+    _reads_nothing_for(cli, d, unrelated)
+    code, out, err = cli("chat", "-m", d, "--prompt", own, "--json", "--max-new-tokens", "2")
+    assert code == 0 and json.loads(out)["memory"][0]["text"] == own, err
+
+
+def _reads_nothing_for(cli, d, text: str) -> None:
+    """The run at ``d`` answers ``text`` as its base model does (no entry read), and chat's memory is empty."""
+    from memcli.runs import load_run
+
     r = load_run(d)
-    ids = torch.tensor([tok(unrelated, add_special_tokens=False)["input_ids"]])
-    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    ids = torch.tensor([r.tok(text, add_special_tokens=False)["input_ids"]])
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=r.tok.pad_token_id)
     with torch.no_grad():
         out = r.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
         with r.model.base_model() as bb:
             base = bb.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
     assert torch.equal(out, base)
-    code, out, err = cli("chat", "-m", d, "--prompt", unrelated, "--json", "--max-new-tokens", "2")
+    code, out, err = cli("chat", "-m", d, "--prompt", text, "--json", "--max-new-tokens", "2")
     assert code == 0 and json.loads(out)["memory"] == [], err
-    code, out, err = cli("chat", "-m", d, "--prompt", own, "--json", "--max-new-tokens", "2")
-    assert code == 0 and json.loads(out)["memory"][0]["text"] == own, err
 
 
 def test_anchored_retrieval_reads_nothing_for_a_question_no_entry_is_about(run, tmp_path, cli):
@@ -254,15 +261,7 @@ def test_anchored_retrieval_reads_nothing_for_a_question_no_entry_is_about(run, 
     e = next(x for x in r.bank.entries if x.get("subject") and x.get("object"))
     own = e["sentence"][: e["sentence"].rfind(e["object"])].rstrip()  # the cloze of a stored fact
     unrelated = "Qulo Vix was born in"
-    ids = torch.tensor([r.tok(unrelated, add_special_tokens=False)["input_ids"]])
-    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=r.tok.pad_token_id)
-    with torch.no_grad():
-        out = r.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
-        with r.model.base_model() as bb:
-            base = bb.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
-    assert torch.equal(out, base)
-    code, out, err = cli("chat", "-m", d, "--prompt", unrelated, "--json", "--max-new-tokens", "2")
-    assert code == 0 and json.loads(out)["memory"] == [], err
+    _reads_nothing_for(cli, d, unrelated)
     code, out, err = cli("chat", "-m", d, "--prompt", own, "--json", "--max-new-tokens", "2")
     assert code == 0 and json.loads(out)["memory"][0]["text"] == e["sentence"], err
     assert cli("memory", "add", "-m", d, "--from", _facts(tmp_path, [{"text": "Qulo Vix was born in Tarsk ."}]))[0] == 0
