@@ -28,7 +28,7 @@ def chat(
     session_file: Optional[Path] = typer.Option(None, "--session", help="HIPPO: save the memory (state and turns) to this "
                                            "file after every answer, and reopen it when it exists."),
     encoder: str = typer.Option("minilm", "--encoder", help="HIPPO with --recall / --session: the turn memory's dense "
-                                "keys, minilm or a directory written by 'memcli train retriever'."),
+                                "keys: minilm, mpnet or a directory written by 'memcli train retriever'."),
 ):
     """Talk to a trained model; answers stream token by token (KV cache).
 

@@ -89,8 +89,9 @@ def locomo(
                                          "hippo+oracle (default: all that the model allows)."),
     retriever: str = typer.Option("hybrid", help="How the turns setups rank turns: hybrid (BM25 + dense, z-fused), dense, "
                                   "or lexical (BM25)."),
-    encoder: str = typer.Option("minilm", help="Dense turn keys: minilm (all-MiniLM-L6-v2, offline), backbone (mean "
-                                "states of a backbone layer) or a sentence-transformers directory ('train retriever')."),
+    encoder: str = typer.Option("minilm", help="Dense turn keys: minilm (all-MiniLM-L6-v2, offline), mpnet "
+                                "(all-mpnet-base-v2, fetched once), backbone (mean states of a backbone layer) or a "
+                                "sentence-transformers directory ('train retriever')."),
     top_k: int = typer.Option(5, "--top-k", help="Turns read per question by the turns setups."),
     rerank_with: Optional[str] = typer.Option(None, "--rerank-with", help="Re-order each question's best turns by "
                                               "this backbone's log p(question | turn) (tiny, smollm2-135m, a path)."),

@@ -52,7 +52,7 @@ class RetrieverDataset:
 
 @dataclass
 class RetrieverModel:
-    base: str = "minilm"  # the encoder to start from: minilm or a local sentence-transformers directory
+    base: str = "minilm"  # the encoder to start from: minilm, mpnet (all-mpnet-base-v2) or a sentence-transformers directory
     max_seq_length: int = 128  # tokens per text while training (a turn after its predecessor fits; at use, the base's limit)
     dense_share: float = 0.8  # the hybrid score's dense share the trained encoder asks for (recorded; 0.5 untrained)
 
