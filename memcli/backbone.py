@@ -96,7 +96,7 @@ def resolve(spec: str, fetch: bool = True) -> tuple[str, Path | None]:
         if bad:
             raise MemcliError(f"{p}: damaged model directory ({bad}); save or copy the model there again")
         return "dir", p
-    if spec in dl.REGISTRY:
+    if spec in dl.BACKBONES:
         d = _whole(spec, dl.cached(spec))
         if d is None:
             if not fetch:
@@ -113,7 +113,7 @@ def resolve(spec: str, fetch: bool = True) -> tuple[str, Path | None]:
             return "dir", d
         raise MemcliError(f"backbone '{spec}': not a local directory; a Hugging Face repo id is fetched with "
                           f"'memcli download {spec}' where the hub is reachable")
-    raise MemcliError(f"backbone '{spec}' not found: expected 'tiny', one of {', '.join(dl.REGISTRY)}, a local HF model "
+    raise MemcliError(f"backbone '{spec}' not found: expected 'tiny', one of {', '.join(dl.BACKBONES)}, a local HF model "
                       "directory or a .gguf file")
 
 

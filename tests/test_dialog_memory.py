@@ -527,7 +527,7 @@ def test_locomo_table_puts_two_runs_answers_side_by_side(tmp_path):
     import sys
     from pathlib import Path
 
-    script = str(Path(__file__).parent.parent / "scripts" / "locomo_table.py")
+    script = str(Path(__file__).parent.parent / "tools" / "locomo_table.py")
     a = _answers_file(tmp_path / "frozen.jsonl", {"none": [0.0, 0.5, 1.0], "turns": [1.0, 0.5, 0.0]})
     b = _answers_file(tmp_path / "hippo.jsonl", {"none": [0.2, 0.4, 0.6]}, order=(1, 0, 2))
 

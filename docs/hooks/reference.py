@@ -192,3 +192,16 @@ def on_pre_build(config, **kwargs) -> None:  # mkdocs' hook name
 
 if __name__ == "__main__":
     write()
+
+
+# Material's offline plugin loads an iframe-worker shim from unpkg.com so that search runs from file://. A page
+# must fetch nothing at view time, so the tag goes: search works wherever the site is served (mkdocs serve,
+# python -m http.server, any static host), and from file:// every page and link still does.
+_REMOTE_SHIM = re.compile(r"\s*<script src=\"https://unpkg\.com/iframe-worker/shim\"></script>")
+
+
+def on_post_build(config, **kwargs) -> None:  # mkdocs' hook name; after every page, 404.html included
+    for page in Path(config["site_dir"]).rglob("*.html"):
+        html = page.read_text(encoding="utf-8")
+        if _REMOTE_SHIM.search(html):
+            page.write_text(_REMOTE_SHIM.sub("", html), encoding="utf-8")

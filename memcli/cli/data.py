@@ -183,7 +183,7 @@ def build_cache(
     out: Path = typer.Option(..., "--out", "-o", help="Cache directory to write."),
     tokenizer: str = typer.Option("tiny", help="Backbone whose tokenizer to use: tiny, smollm2-135m, a local HF "
                                   "directory or a .gguf file."),
-    knowledge_length: int = typer.Option(16, help="Tokens per entry (padded / truncated)."),
+    knowledge_length: int = typer.Option(16, help="Tokens per entry (padded; a longer fact is refused, never cut)."),
     knowledge_num: Optional[int] = typer.Option(None, help="Entries in the bank, a perfect square (default: the next one)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):

@@ -111,7 +111,7 @@ def tokenize_entries(tok, sentences: list[str], length: int, pad_id: int,
         if len(ids) > length:
             if where is not None:
                 raise MemcliError(f"{where[i]}: the fact is {len(ids)} tokens, an entry holds {length} (knowledge_length): "
-                                  f"'{sentences[i][:60]}...'; write it as shorter facts (one sentence each)")
+                                  f"'{sentences[i][:60]}...'; write it as shorter facts (one sentence each) or build the bank with longer entries")
             truncated += 1
             ids = ids[:length]
         if ids:
