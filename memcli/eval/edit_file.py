@@ -223,7 +223,8 @@ def score_edits(mem, tok, bank, raw: list[tuple[str, dict]], num_samples: int | 
         if m == "memory":
             res["memory read"] = _mean([p[2] for p in after])
         answers += [{"measure": "locality", "mode": m, "edit": e.where, "prompt": tok.decode(a.prompt, skip_special_tokens=True),
-                     "before": b[1], "after": p[1], "read": p[2]} for (e, a), p, b in zip(loc, after, before[m])]
+                     "before": b[1], "after": p[1], "read_before": b[2], "read": p[2]}
+                    for (e, a), p, b in zip(loc, after, before[m])]
     rows.append(res)
     c = mem.cfg
     return {"edits": len(every), "scored": len(edits), "entries_added": len(entries), "bank": bank.knowledge_num,
