@@ -32,7 +32,7 @@ def bench(
     The explicit suite runs at the seed's shapes (knowledge_num 1,048,576, knowledge_length 16,
     num_candidates 16): product-key top-k vs brute force and the seed's grid, pooled memory read vs
     materialise-then-mean (time and peak memory), vectorised EMA vs a per-entry loop, and generation
-    with KV cache vs recomputing every token. Takes about a minute on 2 CPU cores. The hippo suite
+    with KV cache vs recomputing every token. Takes about 4 minutes on 2 CPU cores. The hippo suite
     times chat turns 1, 10 and 50 (to 600 with --turns) with the memory state, the state + the turn
     memory (--recall 5), and the full history in the prompt. The
     kernels suite times the Triton kernels (CUDA only) against their PyTorch references and the
