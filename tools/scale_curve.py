@@ -181,11 +181,11 @@ def write_facts(trex: str, run: Path, path: Path) -> int:
         skip |= {(json.loads(x)["sub_label"], p.stem) for x in p.read_text(encoding="utf-8").splitlines() if x.strip()}
     facts, _, _ = trex_facts(trex, None, 0)
     from memcli.backbone import load_tokenizer
+    from memcli.data.bank import fits_entry
     from memcli.rundir import read_config
 
     # only facts that fit one entry of RUN's bank (memory add refuses a longer one)
-    tok = load_tokenizer(read_config(run)["model"]["backbone"])
-    fits = lambda s: len(tok(s, add_special_tokens=False)["input_ids"]) <= bank.knowledge_length  # noqa: E731
+    fits = fits_entry(load_tokenizer(read_config(run)["model"]["backbone"]), bank.knowledge_length)
     rows = [{"text": f.sentence, "subject": f.subject, "predicate": f.predicate, "object": f.object}
             for f in facts if (f.subject, f.predicate) not in skip and fits(f.sentence)]
     random.Random(0).shuffle(rows)

@@ -138,9 +138,7 @@ def locomo(
       memcli compare locomo --data locomo10.json --backbone tiny --recall-only \\
           --rerank-with smollm2-135m
     """
-    from memcli.console import progress
-    from memcli.eval.locomo import load_locomo, pick_questions, recall_only as recall_fn, run_locomo
-    from memcli.records import write_jsonl
+    from memcli.eval.locomo import load_locomo
 
     samples = _only_categories(load_locomo(data), categories)
     _at_least_one(**{"--top-k": top_k, "--batch": batch, "--sample": sample, "--rerank-candidates": rerank_candidates})
@@ -152,17 +150,29 @@ def locomo(
     enc = _turn_encoder(encoder, retriever, bb, tok, skip, conversations, len(samples))
     reranker = _reranker(rerank_with, rerank_candidates, (bb, tok) if rerank_with == str(path) else None)
     common = dict(retriever=retriever, first=skip, sample=sample, reranker=reranker, priors=priors)
-    total = sum(len(pick_questions(s["qa"], max_questions, sample, 0)) for s in samples[skip:][:conversations])
+    if recall_only:
+        return _show_recall(_locomo_pass(samples, None, conversations, max_questions, enc, common), as_json, markdown)
+    res = _locomo_pass(samples, chosen, conversations, max_questions, enc, common, model=model, tok=tok,
+                       max_new_tokens=max_new_tokens, context_window=context_window, batch=batch, top_k=top_k)
+    _show_locomo(res, str(path), as_json, markdown, answers)
+
+
+def _locomo_pass(samples: list[dict], chosen: Optional[list[str]], conversations: Optional[int],
+                 max_questions: Optional[int], enc, common: dict, **answer) -> dict:
+    """One pass over the selected questions under a progress bar: recall only (``chosen`` None) or every setup's answers."""
+    from memcli.console import progress
+    from memcli.eval.locomo import pick_questions, recall_only, run_locomo
+
+    total = sum(len(pick_questions(s["qa"], max_questions, common["sample"], 0))
+                for s in samples[common["first"]:][:conversations])
     with progress() as bar:
-        task = bar.add_task("retrieving" if recall_only else "answering", total=total * (1 if recall_only else len(chosen)))
-        if recall_only:
-            return _show_recall(recall_fn(samples, enc, conversations, max_questions, **common,
-                                          progress_cb=lambda _, n: bar.advance(task, n)), as_json, markdown)
-        res = run_locomo(model, tok, samples, chosen, conversations, max_questions, max_new_tokens, context_window,
-                         batch=batch, top_k=top_k, encoder=enc, **common, progress_cb=lambda _, n: bar.advance(task, n))
-    if answers is not None:
-        write_jsonl(answers, res["answers"])
-    _show_locomo(res, str(path), as_json, markdown)
+        task = bar.add_task("retrieving" if chosen is None else "answering", total=total * len(chosen or [None]))
+        advance = lambda _, n: bar.advance(task, n)  # noqa: E731
+        if chosen is None:
+            return recall_only(samples, enc, conversations, max_questions, **common, progress_cb=advance)
+        return run_locomo(answer["model"], answer["tok"], samples, chosen, conversations, max_questions,
+                          answer["max_new_tokens"], answer["context_window"], batch=answer["batch"],
+                          top_k=answer["top_k"], encoder=enc, **common, progress_cb=advance)
 
 
 def _turn_priors(dense_share: Optional[float], **weights: float) -> dict:
@@ -285,9 +295,14 @@ _LOCOMO_COSTS = (("evidence_in_prompt", "evidence turns in prompt"), ("prompt_to
                  ("write_s_per_conversation", "write s / conversation"))
 
 
-def _show_locomo(res: dict, path: str, as_json: bool, markdown: Optional[Path]) -> None:
-    """Setups as columns: F1 and BLEU-1 per category (best highlighted), counts, costs; recall below."""
+def _show_locomo(res: dict, path: str, as_json: bool, markdown: Optional[Path], answers: Optional[Path] = None) -> None:
+    """Setups as columns: F1 and BLEU-1 per category (best highlighted), counts, costs; recall below. ``answers``:
+    every question's answers written there first (JSONL)."""
     from memcli.eval.locomo import CATEGORIES, RECALL_KS
+    from memcli.records import write_jsonl
+
+    if answers is not None:
+        write_jsonl(answers, res["answers"])
 
     summ = res["summary"]
     names = list(summ)
@@ -451,18 +466,11 @@ def editing(
       memcli compare editing -m out/real --setups "memory,in prompt,off" \\
           --placement system
     """
-    from memcli.eval.editing import MODES, SCORINGS, SHORT, compare_editing
+    from memcli.eval.editing import compare_editing
     from memcli.kinds import EXPLICIT
-    from memcli.records import atomic_write_text
     from memcli.rundir import newest_run, read_info
 
-    try:
-        counts = tuple(int(x) for x in edits.split(",") if x.strip())
-    except ValueError:
-        raise MemcliError(f"--edits '{edits}': expected comma-separated counts, e.g. 1,10,100,1000") from None
-    if num_samples < 1:
-        raise MemcliError(f"--num-samples got {num_samples}, expected a positive integer")
-    modes = tuple(m.strip() for m in setups.split(",") if m.strip())
+    counts, modes = _editing_options(edits, num_samples, setups)
     path = model_path or newest_run(out_dir, EXPLICIT)
     settings = dict(placement=placement, abstain_below=abstain_below, anchor_df=anchor_df, lexical_weight=lexical_weight,
                     dense_weight=dense_weight, encoder=encoder)
@@ -474,6 +482,26 @@ def editing(
         if data is None:
             data = Path(read_info(path)[1].get("data_dir") or "data/default")
         res = compare_editing(Path(path), data, counts, num_samples, trex, seed, modes, **settings)
+    _show_editing(res, path, edits_file, answers, as_json, markdown)
+
+
+def _editing_options(edits: str, num_samples: int, setups: str) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """``--edits`` as counts and ``--setups`` as names, or a one-line error naming the option."""
+    try:
+        counts = tuple(int(x) for x in edits.split(",") if x.strip())
+    except ValueError:
+        raise MemcliError(f"--edits '{edits}': expected comma-separated counts, e.g. 1,10,100,1000") from None
+    if num_samples < 1:
+        raise MemcliError(f"--num-samples got {num_samples}, expected a positive integer")
+    return counts, tuple(m.strip() for m in setups.split(",") if m.strip())
+
+
+def _show_editing(res: dict, path, edits_file: Optional[Path], answers: Optional[Path], as_json: bool,
+                  markdown: Optional[Path]) -> None:
+    """Write the answers (when asked), then the table: one column per scoring x setup, the memory's read share last."""
+    from memcli.eval.editing import MODES, SCORINGS, SHORT
+    from memcli.records import atomic_write_text
+
     records = res.pop("answers")
     if answers is not None:
         atomic_write_text(answers, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

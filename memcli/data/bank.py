@@ -99,6 +99,12 @@ class Bank:
         write_json(d / META_FILE, self.meta)
 
 
+def fits_entry(tok, length: int):
+    """A predicate: does a sentence fit one entry of ``length`` tokens whole (the test every writer of entries uses
+    to keep only facts that need no cut)."""
+    return lambda sentence: len(tok(sentence, add_special_tokens=False)["input_ids"]) <= length
+
+
 def tokenize_entries(tok, sentences: list[str], length: int, pad_id: int,
                      where: list[str] | None = None) -> tuple[torch.Tensor, int]:
     """Token ids ``[n, length]`` padded with ``pad_id``, and how many sentences were cut to fit. With ``where`` (what

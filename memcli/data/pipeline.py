@@ -267,10 +267,9 @@ def _default_data(d: Path, seed: int, num_facts: int, source: str | Path, backbo
     L = knowledge_length or (16 if trex is None else 32)
     out = {}
     from memcli.backbone import load_tokenizer
+    from memcli.data.bank import fits_entry
 
-    tok = load_tokenizer(backbone)
-    out["gen-data"] = gen_knowledge(d, num_facts=num_facts, seed=seed, trex=trex,
-                                    fits=lambda s: len(tok(s, add_special_tokens=False)["input_ids"]) <= L)
+    out["gen-data"] = gen_knowledge(d, num_facts=num_facts, seed=seed, trex=trex, fits=fits_entry(load_tokenizer(backbone), L))
     out["texts"] = write_texts(d)
     out["convert-omcq train"] = convert_omcq(d / OMCQ_TRAIN, d / "sft_train.jsonl")
     out["convert-omcq val"] = convert_omcq(d / OMCQ_VAL, d / "sft_val.jsonl")

@@ -120,14 +120,8 @@ def hybrid_generate(model, residual, tok, input_ids, attention_mask, max_new_tok
         reasoning = live & (state < m)
         x = e
         if mix_on:
-            if want_hidden:
-                h = hidden
-            else:  # the thinking distribution: the rollouts' temperature, whatever this decoding samples at
-                same = thinking_temperature in (None, temperature)
-                h = residual.probs_vector(p if same else F.softmax(logits / thinking_temperature, -1), W)
-            hv = residual.project(h) if want_hidden else h
-            mixed, a = residual.mix(e, hv)
-            x = torch.where(reasoning[:, None], mixed, e)
+            h = hidden if want_hidden else _thinking_probs(residual, logits, p, temperature, thinking_temperature, W)
+            x, a = _mixed_input(residual, e, h, reasoning, want_hidden)
             if reasoning.any():
                 a_sum += float(a[reasoning].mean(-1).sum())
                 a_n += int(reasoning.sum())
@@ -147,8 +141,7 @@ def hybrid_generate(model, residual, tok, input_ids, attention_mask, max_new_tok
             out = model(inputs_embeds=x[:, None], attention_mask=am, position_ids=step_pos, use_cache=True,
                         **cache_kw(model, cache), output_hidden_states=want_hidden)
         else:  # the slow check path: the whole sequence again, same inputs and positions
-            seq_embeds = torch.cat([seq_embeds, x[:, None]], 1)
-            pos = torch.cat([pos, step_pos], 1)
+            seq_embeds, pos = torch.cat([seq_embeds, x[:, None]], 1), torch.cat([pos, step_pos], 1)
             out = model(inputs_embeds=seq_embeds, attention_mask=am, position_ids=pos, use_cache=False,
                         output_hidden_states=want_hidden, logits_to_keep=1)
     if streamer is not None:
@@ -157,6 +150,19 @@ def hybrid_generate(model, residual, tok, input_ids, attention_mask, max_new_tok
                    completion_mask=torch.stack(live_m, 1).long(),
                    thinking=torch.stack(thinks, 1) if thinks else None, mix_mask=torch.stack(mixes, 1),
                    a_mean=a_sum / a_n if a_n else float("nan"))
+
+
+def _thinking_probs(residual, logits, p, temperature: float, thinking_temperature: float | None, W) -> torch.Tensor:
+    """The ``probs`` thinking vector, weighted by the rollouts' distribution whatever this decoding samples at."""
+    same = thinking_temperature in (None, temperature)
+    return residual.probs_vector(p if same else F.softmax(logits / thinking_temperature, -1), W)
+
+
+def _mixed_input(residual, e: torch.Tensor, h: torch.Tensor, reasoning: torch.Tensor, projected: bool):
+    """The next inputs: the gated mix of token embedding and thinking vector where a row is still reasoning, the
+    plain embedding elsewhere; and the gate ``a``."""
+    mixed, a = residual.mix(e, residual.project(h) if projected else h)
+    return torch.where(reasoning[:, None], mixed, e), a
 
 
 def _eos_ids(tok) -> set[int]:
