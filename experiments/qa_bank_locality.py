@@ -6,7 +6,8 @@ the CounterFact-format edits of EDITS are added with ``memcli memory add``'s cod
 --edits-file`` scores them: reliability, generalisation (paraphrase prompts) and locality (neighbourhood prompts,
 other subjects of the same relation: answers unchanged from before the additions).
 
-    python experiments/qa_bank_locality.py out/real data/edits/counterfact-1000.jsonl [--num 200] [--json OUT]
+    python experiments/qa_bank_locality.py out/real data/edits/counterfact-1000.jsonl [--num 200] [--setups memory,off]
+        [--anchor subject] [--json OUT]
 """
 
 import argparse
@@ -24,12 +25,14 @@ def main() -> None:
     ap.add_argument("edits")
     ap.add_argument("--num", type=int, default=200)
     ap.add_argument("--setups", default="memory,rag minilm,rag bm25,rag hybrid,in prompt,off")
+    ap.add_argument("--anchor", choices=("subject", "word"), default=None, help="model.anchor instead of the run's")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     raw = read_edits(args.edits)
     run = load_run(args.run)
     mem, tok, bank = run.model, run.tok, run.bank
     mem.eval()
+    mem.cfg.anchor = args.anchor or mem.cfg.anchor
     forms = load_forms()
     qa = []
     for e in bank.entries:
@@ -40,7 +43,7 @@ def main() -> None:
     store.replace_entries(mem, bank, tok, qa)
     res = score_edits(mem, tok, bank, raw, args.num, 0, tuple(s for s in args.setups.split(",") if s))
     res.pop("answers")
-    res.update(run=args.run, edits_file=args.edits, rewritten_to_questions=len(qa))
+    res.update(run=args.run, edits_file=args.edits, rewritten_to_questions=len(qa), anchor=mem.cfg.anchor)
     text = json.dumps(res, indent=1)
     print(text)
     if args.json:

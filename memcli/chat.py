@@ -119,8 +119,9 @@ class ChatSession:
             if not self.history:
                 return "no answer yet"
             if not self.last_memory:
-                return ("none: no entry was read for the last answer (retrieval abstained: no entry shares a rare word "
-                        "with it, model.anchor_df, or the best scored below model.abstain_below)")
+                return ("none: no entry was read for the last answer (retrieval abstained: no candidate's subject is "
+                        "named in it, or none shares a rare word with it, model.anchor / model.anchor_df; or the best "
+                        "scored below model.abstain_below)")
             return ("memory read for the last answer", ["row", "share", "entry"],
                     [(m["row"], m["share"], m["text"]) for m in self.last_memory])
         return None

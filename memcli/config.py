@@ -88,6 +88,13 @@ class Placement(str, Enum):
     user_after = "user_after"  # in the last user message, after the question
 
 
+class Anchor(str, Enum):
+    """With model.anchor_df: what ties a question to the entry it may read (memcli/explicit/model.py chosen_rows)."""
+
+    word = "word"  # the top candidate, when it shares with the question a word at most anchor_df entries hold
+    subject = "subject"  # the best candidate whose recorded subject the question names (no subject: the word rule)
+
+
 class ProjectionNorm(str, Enum):
     unit = "unit"  # the thinking vector is the projection's L2-normalised direction
     embedding = "embedding"  # that direction times the embedding rows' mean norm (the token embedding's scale)
@@ -256,6 +263,7 @@ class MemoryModel(FusionModel, LoraFields):
     abstain_below: Optional[float] = None  # read=prefix, cosine retrieval: read no entry when the best one's cosine is below this
     # (a question no entry is about shares only common words with its nearest entry, never a name)
     anchor_df: Optional[int] = None  # read=prefix: read an entry only if it shares a word with the question that at most this many entries hold; 0: always read
+    anchor: Anchor = Anchor.subject  # with anchor_df: subject (read the best candidate whose subject the question names) | word (the top one, if it shares a rare word)
     # the router's scores z-fused with the text scorers' over the question (memcli/retrieval/fusion.py)
     lexical_weight: Optional[float] = None  # read=prefix: BM25's weight in the fusion (the router's is 1); 0: left out
     dense_weight: Optional[float] = None  # read=prefix: the sentence encoder's weight in the fusion; 0: left out
@@ -322,8 +330,9 @@ _EXPLICIT_TINY = {"model": {"memory_layers": [1], "query": "token", "entry_key":
 # measured on SmolLM2-135M (README "Explicit memory on a pretrained model"): retrieval from the mean of the
 # layer-8 states, keys from the entries' own layer-8 states, the entry's tokens read as a prefix
 # release 4, measured on the recipe's run (README "The read where the model reads"): the router fused with BM25 and
-# all-MiniLM-L6-v2 at equal weights, and an entry read only when it shares a word with the question that at most 10
-# entries hold (a question no entry is about reads nothing)
+# all-MiniLM-L6-v2 at equal weights, and an entry read only when the question names its subject (model.anchor, the
+# schema's default; an entry without one: a shared word that at most 10 entries hold), so a question no entry is
+# about reads nothing
 _EXPLICIT_PRETRAINED = {"model": {"memory_layers": [8], "query": "mean", "entry_key": "hidden", "read": "prefix",
                                   "lexical_weight": 1.0, "dense_weight": 1.0, "anchor_df": 10},
                         "dataset": {"answer_format": "cloze", "paraphrases": True},

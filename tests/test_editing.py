@@ -259,6 +259,20 @@ def test_a_counterfact_file_is_scored_too(run, tmp_path, cli):
     assert [(r["measure"], r["n"]) for r in rows] == [("reliability", 1), ("generalisation", 1), ("locality", 1)]
 
 
+def test_an_edit_keeps_what_it_is_about():
+    """Each edit's entry records its subject (what model.anchor=subject ties a question to): ZsRE's `subject`,
+    CounterFact's `requested_rewrite.subject`; a ZsRE record without one is stored without."""
+    from memcli.backbone import load_tokenizer
+    from memcli.eval.edit_file import build
+
+    tok = load_tokenizer("tiny")
+    assert build(tok, "f:1", ZSRE[0]).subject == "Quorvex"
+    assert build(tok, "f:2", {k: v for k, v in ZSRE[1].items() if k != "subject"}).subject is None
+    cf = {"requested_rewrite": {"prompt": "{} was born in", "subject": "Quorvex", "target_new": {"str": "Tarsk"}}}
+    e = build(tok, "f:3", cf)
+    assert (e.subject, e.entry) == ("Quorvex", "Quorvex was born in Tarsk .")
+
+
 @pytest.mark.parametrize("line,needle", [
     ({"src": "Where was Quorvex born?", "rephrase": "x"}, "missing field 'alt'"),
     ({"src": "", "alt": "Tarsk"}, "field 'src' is empty"),

@@ -167,3 +167,44 @@ def test_anchored_abstention_reads_nothing_for_a_question_no_entry_is_about(expl
     assert read("Where was Zorbin born?", 1) == -1
     assert read("Where was Zorbin born?", 2) >= 0  # 'born' is held by two entries: anchor 2 lets it tie them
     assert read("Where was Velmora born?", 2) == 0
+
+
+def test_names_matches_a_whole_name_whatever_its_case_spacing_and_dashes():
+    from memcli.retrieval.lexical import names
+
+    assert names("Who owns Hammond–Whiting?", "Hammond-Whiting")  # en dash in the question, hyphen in the record
+    assert not names("Who owns Hammond–Whiting?", "Whites")  # a name inside a longer word is not named
+    assert names("Where was EMACHINES  founded?", "eMachines")
+    assert names("What is Paris's river?", "Paris") and not names("A Parisian café", "Paris")
+    assert names("Who makes the R-73?", "R-73") and not names("Who makes the R-730?", "R-73")
+    assert not names("anything", "") and not names("anything", "   ")
+
+
+def test_subject_anchor_reads_the_best_candidate_whose_subject_the_question_names(explicit):
+    """model.anchor=subject: of the fused candidates, the first whose recorded subject the question names is read (a
+    better-scored entry that only mentions the name, or none, is passed over); no candidate named: nothing is read;
+    an entry without a recorded subject falls back to the word rule."""
+    from memcli.explicit.items import prompt_ids
+
+    mem, tok = explicit
+    subjects = ["Velmora", "Quillon", "Velmora", "Tarsk", None]
+    mem.entry_records = [{"subject": s} for s in subjects] + [{"subject": None}] * (mem.bank.shape[0] - len(subjects))
+
+    def read(question, anchor, anchor_df=1):
+        ids = torch.tensor([prompt_ids(tok, question)])
+        with torch.no_grad(), mem.retrieval_setting(anchor_df=anchor_df, anchor=anchor):
+            rec = mem.retrieve(mem.prompt_features(ids, None), ids, torch.ones_like(ids))
+            return int(mem.chosen_rows(rec)[0, 0]), [int(r) for r in rec["cells"][0]]
+
+    try:
+        got, cells = read("Where was Velmora born, in Tarsk?", "subject", 2)
+        # by hand: the first candidate in the fused order whose subject the question names (Velmora's or Tarsk's)
+        assert got == next(r for r in cells if 0 <= r < len(subjects) and subjects[r] in ("Velmora", "Tarsk"))
+        assert read("Which country is Tarsk the capital of?", "subject", 2)[0] == 3  # not Velmora's 'born in Tarsk'
+        assert read("Where was Quillon born?", "subject")[0] == 1
+        assert read("Where was Zorbin born?", "subject", 2)[0] == -1  # 'born' ties it under the word rule at 2 ...
+        assert read("Where was Zorbin born?", "word", 2)[0] >= 0  # ... but names no subject
+        assert read("Who does Brannoch work for?", "subject")[0] == 4  # no subject recorded: 'brannoch', one entry
+        assert read("What does Velmora play?", "subject")[0] in (0, 2)
+    finally:
+        mem.entry_records = None

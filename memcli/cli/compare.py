@@ -439,6 +439,7 @@ def editing(
     placement: Optional[str] = typer.Option(None, "--placement", help="Measure with this model.placement instead of the run's: prefix, system, user_before, user_after."),
     abstain_below: Optional[float] = typer.Option(None, "--abstain-below", help="Measure with this model.abstain_below instead of the run's."),
     anchor_df: Optional[int] = typer.Option(None, "--anchor-df", help="Measure with this model.anchor_df instead of the run's."),
+    anchor: Optional[str] = typer.Option(None, "--anchor", help="Measure with this model.anchor (subject, word) instead of the run's."),
     lexical_weight: Optional[float] = typer.Option(None, "--lexical-weight", help="Measure with this model.lexical_weight instead of the run's."),
     dense_weight: Optional[float] = typer.Option(None, "--dense-weight", help="Measure with this model.dense_weight instead of the run's."),
     encoder: Optional[str] = typer.Option(None, "--encoder", help="Measure with this model.encoder (minilm, mpnet, a directory) instead of the run's."),
@@ -473,7 +474,7 @@ def editing(
     counts, modes = _editing_options(edits, num_samples, setups)
     path = model_path or newest_run(out_dir, EXPLICIT)
     settings = dict(placement=placement, abstain_below=abstain_below, anchor_df=anchor_df, lexical_weight=lexical_weight,
-                    dense_weight=dense_weight, encoder=encoder)
+                    dense_weight=dense_weight, encoder=encoder, anchor=anchor)
     if edits_file is not None:
         from memcli.eval.edit_file import compare_edit_file
 

@@ -15,8 +15,9 @@ memory = typer.Typer(help="List, add, replace and remove the facts in a trained 
 
 _RUN = typer.Option(None, "--model-path", "-m", help="Explicit-memory run directory (default: the newest under out/).")
 _OUT = typer.Option(Path("out"), help="Where to look for the newest run.")
-_FROM = typer.Option(..., "--from", "-f", help="Facts: a JSONL file of {\"text\": ...} lines (optional subject, "
-                     "predicate, object, uuid) or a knowledge base JSON (sentence_trex_data.json).")
+_FROM = typer.Option(..., "--from", "-f", help="Facts: a JSONL file of {\"text\": ...} lines (optional subject: "
+                     "what a question must name to read the entry; predicate, object, uuid) or a knowledge base JSON "
+                     "(sentence_trex_data.json).")
 _JSON = typer.Option(False, "--json", help="Machine-readable output.")
 _CACHE = typer.Option(True, "--cache/--no-cache", help="Keep the computed entry features in RUN/cache/entry-features, "
                       "by content: an interrupted change run again resumes from them (safe to delete).")

@@ -58,6 +58,7 @@ class Ask:
 class Edit:
     where: str
     entry: str  # what is written into memory
+    subject: str | None  # what it is about (the record's subject), kept with the entry
     rel: Ask
     gen: list[Ask] = field(default_factory=list)
     loc: list[Ask] = field(default_factory=list)
@@ -87,7 +88,7 @@ def _cloze(tok, prompt: str, answer: str) -> Ask:
 def build(tok, where: str, r: dict) -> Edit:
     if records.edit_format(r) == "zsre":
         alt = r["alt"].strip()
-        e = Edit(where, f"{r['src'].strip()} {alt} .", _question(tok, r["src"], alt))
+        e = Edit(where, f"{r['src'].strip()} {alt} .", (r.get("subject") or "").strip() or None, _question(tok, r["src"], alt))
         if r.get("rephrase"):
             e.gen.append(_question(tok, r["rephrase"], alt))
         if r.get("loc"):
@@ -96,7 +97,7 @@ def build(tok, where: str, r: dict) -> Edit:
     rw = r["requested_rewrite"]
     new = rw["target_new"]["str"].strip()
     prompt = rw["prompt"].format(rw["subject"])
-    e = Edit(where, f"{prompt} {new} .", _cloze(tok, prompt, new))
+    e = Edit(where, f"{prompt} {new} .", rw["subject"].strip(), _cloze(tok, prompt, new))
     e.gen = [_cloze(tok, p, new) for p in r.get("paraphrase_prompts", [])]
     true = rw.get("target_true", {}).get("str", "")
     e.loc = [_cloze(tok, p, true) for p in r.get("neighborhood_prompts", [])] if true else []
@@ -194,7 +195,7 @@ def score_edits(mem, tok, bank, raw: list[tuple[str, dict]], num_samples: int | 
     for e in every:  # the memory add path; the same entry twice is one fact
         if e.entry not in seen:
             seen.add(e.entry)
-            entries.append({"uuid": fact_uuid(e.entry), "sentence": e.entry, "subject": None, "predicate": None,
+            entries.append({"uuid": fact_uuid(e.entry), "sentence": e.entry, "subject": e.subject, "predicate": None,
                             "object": None})
             where.append(e.where)
     mem, bank, change = store.add(mem, bank, tok, entries, where=where)
@@ -229,6 +230,6 @@ def score_edits(mem, tok, bank, raw: list[tuple[str, dict]], num_samples: int | 
     c = mem.cfg
     return {"edits": len(every), "scored": len(edits), "entries_added": len(entries), "bank": bank.knowledge_num,
             "num_samples": num_samples, "seed": seed, "modes": list(modes), "scorings": list(SCORINGS),
-            "placement": c.placement, "anchor_df": c.anchor_df, "abstain_below": c.abstain_below,
+            "placement": c.placement, "anchor_df": c.anchor_df, "anchor": c.anchor, "abstain_below": c.abstain_below,
             "lexical_weight": c.lexical_weight, "dense_weight": c.dense_weight, "encoder": c.encoder, "rows": rows,
             "answers": answers}

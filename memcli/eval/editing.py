@@ -380,14 +380,15 @@ def held_out_uuids(data: Path | None) -> set[str]:
 
 def configure(mem, path, placement: str | None = None, abstain_below: float | None = None,
               lexical_weight: float | None = None, dense_weight: float | None = None, anchor_df: int | None = None,
-              encoder: str | None = None) -> None:
+              encoder: str | None = None, anchor: str | None = None) -> None:
     """Measure a run with other read and retrieval settings than it records, nothing retrained: they only change
     where the entry goes, which rows are read and in which order."""
+    from memcli.explicit.config import ANCHORS
     from memcli.retrieval.placement import check
 
     c = mem.cfg
     given = {k: v for k, v in dict(placement=placement, abstain_below=abstain_below, lexical_weight=lexical_weight,
-                                   dense_weight=dense_weight, anchor_df=anchor_df, encoder=encoder).items()
+                                   dense_weight=dense_weight, anchor_df=anchor_df, encoder=encoder, anchor=anchor).items()
              if v is not None}
     if given and c.read != "prefix":
         raise MemcliError(f"--{next(iter(given)).replace('_', '-')}: these settings are for a run with read=prefix "
@@ -402,6 +403,8 @@ def configure(mem, path, placement: str | None = None, abstain_below: float | No
         raise MemcliError(f"--anchor-df {anchor_df}: expected a count of entries >= 1")
     if placement is not None:
         check(placement, "--placement")
+    if anchor is not None and anchor not in ANCHORS:
+        raise MemcliError(f"--anchor '{anchor}': expected one of {', '.join(ANCHORS)}")
     for k, v in given.items():
         setattr(c, k, v)
 
@@ -461,6 +464,7 @@ def compare_editing(path: Path, data: Path | None = None, edits: tuple[int, ...]
     return {"run": str(path), "data": str(data) if data else None, "edits": sorted(set(edits)), "facts": len(facts),
             "bank": bank.knowledge_num, "num_samples": num_samples, "seed": seed, "modes": list(ed.modes),
             "placement": c.placement, "abstain_below": c.abstain_below, "anchor_df": c.anchor_df,
+            "anchor": c.anchor,
             "lexical_weight": c.lexical_weight, "dense_weight": c.dense_weight, "encoder": c.encoder,
             "order": "held-out facts first, then the others, each shuffled with the seed; scored after T writes",
             "rows": rows, "placements": {f"T={T} {label}": v for (T, label), v in ceilings.items()}, "seconds": round(time.perf_counter() - t0, 1),

@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from memcli.config import EntryKey, ModelConfig, Query, Read
+from memcli.config import Anchor, EntryKey, ModelConfig, Query, Read
+
+ANCHORS = tuple(a.value for a in Anchor)
 from memcli.errors import MemcliError
 
 
@@ -38,6 +40,9 @@ class MemoryConfig(ModelConfig):
     abstain_below: float | None = None  # read=prefix: no entry read when the best one's cosine is below this
     # read=prefix: no entry read unless it shares with the question a word that at most this many entries hold
     anchor_df: int | None = None
+    # with anchor_df: "subject" reads the best candidate whose recorded subject the question names (an entry with no
+    # subject: the word rule); "word" the top candidate when it shares a rare word. A run that records none: word
+    anchor: str = "word"
     # read=prefix: the router's scores z-fused with BM25's (lexical_weight) and a sentence encoder's (dense_weight) over
     # the question's text (memcli/retrieval); 0 leaves a scorer out (a run that records none: router alone)
     lexical_weight: float = 0.0
@@ -59,6 +64,8 @@ class MemoryConfig(ModelConfig):
         from memcli.retrieval.placement import check
 
         check(self.placement, f"{where}: placement")
+        if self.anchor not in ANCHORS:
+            raise MemcliError(f"{where}: anchor '{self.anchor}', expected one of {', '.join(ANCHORS)}")
         for k, enum in (("query", Query), ("entry_key", EntryKey), ("read", Read)):
             if getattr(self, k) not in {e.value for e in enum}:
                 raise MemcliError(f"{where}: {k} '{getattr(self, k)}', expected one of "

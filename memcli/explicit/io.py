@@ -87,7 +87,7 @@ def build_model(backbone: str, cache_path, keys_path, seed: int = 0, trust_remot
         prefix_separator=separator_ids(tok) if read == "prefix" else [],
         backbone=backbone, tokenizer_fingerprint=fp, index_id=bank.meta["index_id"]), "model config")
     mem = MemoryAugmentedLM(model, cfg, bank.token_ids, bank.valid_rows(), keys)
-    mem.tok = tok
+    mem.tok, mem.entry_records = tok, bank.entries
     mem.refresh_entry_features(fit=True)
     return mem, tok, bank
 
@@ -163,7 +163,7 @@ def load_memory(path: str | Path, device: str = "cpu"):
         raise MemcliError(f"{d / BANK}: tokenised with another tokenizer than the memory was built with")
     model, tok, method = rundir.load_backbone_of(d, info, cfg.backbone)
     mem = MemoryAugmentedLM(model, cfg, bank.token_ids, bank.valid_rows())
-    mem.tok = tok
+    mem.tok, mem.entry_records = tok, bank.entries
     load_memory_state_dict(mem, load_tensors(md / "memory.safetensors"), md / "memory.safetensors")
     u = load_tensors(md / "usage.safetensors") if (md / "usage.safetensors").is_file() else {}
     if u.get("usage") is not None and u["usage"].shape == mem.usage.shape:

@@ -26,6 +26,7 @@ from memcli.errors import MemcliError
 from memcli.explicit.config import MemoryConfig
 from memcli.explicit.fusion import GatedMemoryFusion, MemoryNorm
 from memcli.explicit.gate import MemoryGate
+from memcli.retrieval.lexical import names
 from memcli.retrieval.placement import question_text
 
 
@@ -66,6 +67,7 @@ class MemoryAugmentedLM(nn.Module):
                 self.register_buffer(f"entry_feats_{i}", torch.zeros(N, D), persistent=False)
         self.memory_enabled = True
         self.tok = None  # the run's tokenizer: placements other than prefix write entries as text (set by the loaders)
+        self.entry_records: list[dict] | None = None  # the bank's row records (what each entry is about; set by loaders)
         self.text_cache = text_key_cache()  # where the text scorers keep entry keys by content (never in a run)
         self._text_index = None  # the bank as text (lexical / dense scorers), built on first use
         self._text_index_spec = None  # the sentence encoder it was built with (None: none)
@@ -265,21 +267,22 @@ class MemoryAugmentedLM(nn.Module):
 
     @contextlib.contextmanager
     def retrieval_setting(self, router: float = 1.0, dense: float | None = None, lexical: float | None = None,
-                          anchor_df="keep", abstain_below="keep", encoder: str | None = None):
+                          anchor_df="keep", abstain_below="keep", encoder: str | None = None, anchor: str | None = None):
         """Retrieve differently for a while (``compare editing``'s RAG setups and overrides): the router's weight, the
         text scorers' weights, the abstention; what is not given stays as the run has it."""
         c = self.cfg
-        saved = (self.router_weight, c.dense_weight, c.lexical_weight, c.anchor_df, c.abstain_below, c.encoder)
+        saved = (self.router_weight, c.dense_weight, c.lexical_weight, c.anchor_df, c.abstain_below, c.encoder, c.anchor)
         self.router_weight = router
         c.dense_weight = c.dense_weight if dense is None else dense
         c.lexical_weight = c.lexical_weight if lexical is None else lexical
         c.anchor_df = c.anchor_df if anchor_df == "keep" else anchor_df
         c.abstain_below = c.abstain_below if abstain_below == "keep" else abstain_below
         c.encoder = encoder or c.encoder
+        c.anchor = anchor or c.anchor
         try:
             yield self
         finally:
-            self.router_weight, c.dense_weight, c.lexical_weight, c.anchor_df, c.abstain_below, c.encoder = saved
+            self.router_weight, c.dense_weight, c.lexical_weight, c.anchor_df, c.abstain_below, c.encoder, c.anchor = saved
 
     def reads_text(self) -> bool:
         """Whether retrieval reads the question as text: fusion with a text scorer, or anchored abstention."""
@@ -383,17 +386,35 @@ class MemoryAugmentedLM(nn.Module):
 
     def chosen_rows(self, rec: dict) -> torch.Tensor:
         """The entries ``read=prefix`` places ``[B, prefix_entries]``; -1 where retrieval abstains: the entry's cosine is
-        below ``abstain_below``, or (``anchor_df``) the entry shares no word with the question that at most
-        ``anchor_df`` entries hold (a question no entry is about shares only common words with its nearest entry)."""
-        rows = rec["cells"][:, : self.cfg.prefix_entries]
+        below ``abstain_below``, or (``anchor_df``) the question is not tied to it. ``anchor=word``: the top candidates,
+        each read only when it shares with the question a word that at most ``anchor_df`` entries hold (a question no
+        entry is about shares only common words with its nearest entry). ``anchor=subject``: the best candidates whose
+        recorded subject the question names (an entry without one: the word rule), so a question-shaped entry that
+        outscores a question's own entry does not hide it, and a name shared in passing ties nothing."""
+        k = self.cfg.prefix_entries
+        cells = rec["cells"] if self.cfg.anchor == "subject" and self.cfg.anchor_df is not None else rec["cells"][:, :k]
+        ok = cells >= 0
         if self.cfg.abstain_below is not None:
-            rows = rows.masked_fill(rec["scores"][:, : rows.shape[1]] < self.cfg.abstain_below, -1)
+            ok &= rec["scores"][:, : cells.shape[1]] >= self.cfg.abstain_below
         if self.cfg.anchor_df is not None and "query_texts" in rec:
             idx = self.text_index(self._bank_for_read(self.cfg.memory_layers[0])[0])
-            keep = [[r >= 0 and (idx.rarest_shared(q, r) or 1 << 62) <= self.cfg.anchor_df for r in row]
-                    for q, row in zip(rec["query_texts"], rows.tolist())]
-            rows = rows.masked_fill(~torch.tensor(keep, device=rows.device), -1)
-        return rows
+            tied = [[bool(keep) and self._tied(idx, q, r) for r, keep in zip(row, oks)]
+                    for q, row, oks in zip(rec["query_texts"], cells.tolist(), ok.tolist())]
+            ok = torch.tensor(tied, dtype=torch.bool, device=cells.device).reshape(cells.shape)
+        if cells.shape[1] == k:
+            return cells.masked_fill(~ok, -1)
+        # the first k candidates that pass, in the fused order; -1 after them
+        order = torch.argsort((~ok).to(torch.int8), dim=1, stable=True)[:, :k]
+        return torch.where(ok.gather(1, order), cells.gather(1, order), torch.full_like(order, -1))
+
+    def _tied(self, idx, question: str, row: int) -> bool:
+        """Whether ``question`` may read entry ``row`` (``chosen_rows``' anchor rules)."""
+        subject = None
+        if self.cfg.anchor == "subject" and self.entry_records is not None and row < len(self.entry_records):
+            subject = self.entry_records[row].get("subject")
+        if subject:
+            return names(question, subject)
+        return (idx.rarest_shared(question, row) or 1 << 62) <= self.cfg.anchor_df
 
     # ------------------------------------------------------------------ use
     def forward(self, input_ids=None, attention_mask=None, labels=None, collect: bool = False, rows=None,

@@ -56,6 +56,7 @@ def write_rows(mem: MemoryAugmentedLM, bank: Bank, tok, rows: list[int], entries
     idx = torch.tensor(rows, dtype=torch.long)
     for r, e in zip(rows, entries):
         bank.entries[r] = dict(e, row=r)
+    mem.entry_records = bank.entries  # what each entry is about, for the subject anchor
     bank.token_ids[idx] = ids.to(bank.token_ids.dtype)
     mem.bank[idx.to(mem.bank.device)] = ids.to(device=mem.bank.device, dtype=mem.bank.dtype)
     mem.valid[idx] = torch.tensor([e.get("uuid") is not None for e in entries])
@@ -244,7 +245,7 @@ def grow(mem: MemoryAugmentedLM, bank: Bank, n: int):
         h.remove()
     cfg = replace(mem.cfg, knowledge_num=n, index_id=new_bank.meta["index_id"])
     new = MemoryAugmentedLM(mem.backbone, cfg, ids, new_bank.valid_rows())
-    new.tok = mem.tok
+    new.tok, new.entry_records = mem.tok, new_bank.entries
     load_memory_state_dict(new, sd, "grown memory")
     new.usage[:old_n] = mem.usage
     new.last_updated[:old_n] = mem.last_updated

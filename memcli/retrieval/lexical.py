@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import math
+import re
+import unicodedata
 from collections import Counter
 
 import torch
@@ -27,6 +29,20 @@ def words(texts: list[str]) -> list[list[str]]:
     import bm25s
 
     return bm25s.tokenize(texts, stemmer=lambda ws: [_stem(w) for w in ws], show_progress=False, return_ids=False)
+
+
+_DASHES = str.maketrans({"\u2010": "-", "\u2011": "-", "\u2012": "-", "\u2013": "-", "\u2014": "-"})
+
+
+def _plain(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFKC", text).translate(_DASHES).casefold().split())
+
+
+def names(text: str, name: str) -> bool:
+    """Whether ``text`` names ``name`` whole: case, spacing and dash forms aside, not inside a longer word ("Whiting"
+    does not name "Whites", "Parisian" does not name "Paris"; "Paris's" does)."""
+    n = _plain(name)
+    return bool(n) and re.search(rf"(?<!\w){re.escape(n)}(?!\w)", _plain(text)) is not None
 
 
 class BM25Index:
