@@ -110,7 +110,11 @@ def test_example_yaml_is_the_recipes_default(recipe):
 @pytest.mark.parametrize("name, recipe, overrides", [
     ("train_memory_smollm2", "memory", ["model.backbone=smollm2-135m"]),
     ("train_hrpo_smollm2", "hrpo", ["model.backbone=smollm2-135m", "training.gradient_checkpointing=false",
-                                    "logging.tensorboard=false"])])
+                                    "logging.tensorboard=false"]),
+    ("train_hrpo_smollm2_projection", "hrpo", [
+        "model.backbone=smollm2-135m", "training.gradient_checkpointing=false", "logging.tensorboard=false",
+        "model.thinking_source=projection", "training.lambda_lr=1e-2", "training.gate_lr=1e-3",
+        "training.projection_lr=1e-3"])])
 def test_pretrained_examples_are_the_resolved_pretrained_recipes(name, recipe, overrides):
     from memcli.config import to_dict
 

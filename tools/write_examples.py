@@ -47,6 +47,12 @@ write("train_hrpo_smollm2", "hrpo", HRPO_SMOLLM2,
       "# runs: LoRA, 60 steps x 4 problems x 4 samples of the built-in arithmetic task, the thinking residual's\n"
       "# released learning rates (the gate barely moves: README). training.hybrid=false gives plain GRPO; the table\n"
       "# used training.seed=1, 2 and 42. Gradient checkpointing off: 10% faster for 4 GB more memory.")
+write("train_hrpo_smollm2_projection", "hrpo", HRPO_SMOLLM2 + [
+    "model.thinking_source=projection", "training.lambda_lr=1e-2", "training.gate_lr=1e-3", "training.projection_lr=1e-3"],
+      "HRPO as its design describes it, on SmolLM2-135M-Instruct: the thinking vector a learnable projection of the last\n"
+      "# hidden state (init std 0.001, unit norm, its own optimizer group) and the residual's rates at 10x the released\n"
+      "# ones, the setting where the gate's hidden share rose once rewards appeared (docs/results/hrpo.md, 'The thinking\n"
+      "# projection'). The seeds table used training.seed=42, 1 and 2; 60 steps, about 26 s each on 2 CPU cores.")
 write("pretrain_minimind", "memory", MINIMIND,
       "MiniMind experiment 1.4.x: language-model pretraining on raw text ({\"text\": ...} lines) with the token memory,\n"
       "# EMA updates of the bank every 5 steps (decay 0.9) and the seed's balance loss (0.1, on hard counts).\n"
