@@ -251,12 +251,17 @@ def test_a_counterfact_file_is_scored_too(run, tmp_path, cli):
     rec = {"case_id": 0, "requested_rewrite": {"prompt": "{} was born in", "subject": "Quorvex",
                                                "target_new": {"str": "Tarsk"}, "target_true": {"str": "Oslo"}},
            "paraphrase_prompts": ["Quorvex is originally from"], "neighborhood_prompts": ["Belnor was born in"]}
+    # a second edit rewrites Belnor, the first edit's neighbour: that prompt is no longer unrelated and is left out
+    other = {"case_id": 1, "requested_rewrite": {"prompt": "{} was born in", "subject": "Belnor",
+                                                 "target_new": {"str": "Lima"}, "target_true": {"str": "Oslo"}},
+             "paraphrase_prompts": [], "neighborhood_prompts": ["Drosk was born in", "Belnorian music is from"]}
     f = tmp_path / "cf.jsonl"
-    f.write_text(json.dumps(rec) + "\n")
+    f.write_text(json.dumps(rec) + "\n" + json.dumps(other) + "\n")
     code, out, err = cli("compare", "editing", "-m", run, "--edits-file", f, "--setups", "memory,off", "--json")
     assert code == 0, err
-    rows = json.loads(out)["rows"]
-    assert [(r["measure"], r["n"]) for r in rows] == [("reliability", 1), ("generalisation", 1), ("locality", 1)]
+    res = json.loads(out)
+    assert [(r["measure"], r["n"]) for r in res["rows"]] == [("reliability", 2), ("generalisation", 1), ("locality", 2)]
+    assert res["locality_about_edited"] == 1  # "Belnor was born in"; "Belnorian" names no edited subject
 
 
 def test_an_edit_keeps_what_it_is_about():

@@ -11,7 +11,9 @@ as WISE reports them:
 - **Rel** (reliability): the edit asked as written (``src``; the rewrite prompt);
 - **Gen** (generalisation): asked in other words (``rephrase``; each paraphrase prompt);
 - **Loc** (locality): a question no edit is about (``loc``; each neighbourhood prompt): the answer after the edits
-  against the answer of the same setup before them.
+  against the answer of the same setup before them. A locality prompt that names the subject of any edit in the file
+  is left out (``locality_about_edited`` counts them): a batch can rewrite the very fact another edit's
+  neighbourhood asks, and that answer should follow.
 
 Every edit of the file is written; ``num_samples`` of them (a seeded sample) are scored. Two scorings: ``token``, EasyEdit's teacher-forced token accuracy (the share of the new answer's tokens the model
 predicts, each after the right ones before it; for Loc the share of the unrelated answer's positions whose
@@ -52,6 +54,7 @@ class Ask:
     answer: list[int]  # token ids scored teacher-forced (no end-of-turn token)
     text: str  # the answer as text (what the greedy answer must state)
     question: bool  # a chat-template question (else a cloze)
+    asked: str = ""  # the prompt as written (the question, or the cloze)
 
 
 @dataclass
@@ -77,12 +80,12 @@ def read_edits(path: str | Path) -> list[tuple[str, dict]]:
 
 def _question(tok, q: str, answer: str) -> Ask:
     return Ask(prompt_ids(tok, q), answer_ids(tok, answer)[: len(tok(answer, add_special_tokens=False)["input_ids"])],
-               answer, True)
+               answer, True, q)
 
 
 def _cloze(tok, prompt: str, answer: str) -> Ask:
     p, a = cloze_ids(tok, prompt, answer)
-    return Ask(p, a, answer, False)
+    return Ask(p, a, answer, False, prompt)
 
 
 def build(tok, where: str, r: dict) -> Edit:
@@ -184,11 +187,15 @@ def score_edits(mem, tok, bank, raw: list[tuple[str, dict]], num_samples: int | 
     """``compare_edit_file`` on a loaded run (its bank is changed in memory): the edits ``raw`` (``read_edits``)."""
     from memcli.data.facts import fact_uuid
     from memcli.explicit import store
+    from memcli.retrieval.lexical import named
 
     every = [build(tok, w, r) for w, r in raw]  # every edit is written; a seeded sample of them is scored
     edits = random.Random(seed).sample(every, num_samples) if num_samples and len(every) > num_samples else every
     modes = tuple(m for m in MODES if m in modes)
-    loc = [(e, a) for e in edits for a in e.loc]
+    # a locality prompt about a subject some edit of the file rewrites is no longer unrelated: its answer may follow
+    touched = sorted({e.subject for e in every if e.subject})
+    loc_all = [(e, a) for e in edits for a in e.loc]
+    loc = [(e, a) for e, a in loc_all if not named(a.asked, touched)]
     before = {m: predict(mem, tok, [a for _, a in loc], m, chunk=LOCALITY_CHUNK, desc=f"locality before the edits ({m})")
               for m in modes if m in RETRIEVING} if loc else {}
     entries, where, seen = [], [], set()
@@ -229,6 +236,7 @@ def score_edits(mem, tok, bank, raw: list[tuple[str, dict]], num_samples: int | 
     rows.append(res)
     c = mem.cfg
     return {"edits": len(every), "scored": len(edits), "entries_added": len(entries), "bank": bank.knowledge_num,
+            "locality_about_edited": len(loc_all) - len(loc),
             "num_samples": num_samples, "seed": seed, "modes": list(modes), "scorings": list(SCORINGS),
             "placement": c.placement, "anchor_df": c.anchor_df, "anchor": c.anchor, "abstain_below": c.abstain_below,
             "lexical_weight": c.lexical_weight, "dense_weight": c.dense_weight, "encoder": c.encoder, "rows": rows,

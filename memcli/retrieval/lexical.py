@@ -45,6 +45,12 @@ def names(text: str, name: str) -> bool:
     return bool(n) and re.search(rf"(?<!\w){re.escape(n)}(?!\w)", _plain(text)) is not None
 
 
+def named(text: str, candidates) -> list[str]:
+    """Which of ``candidates`` ``text`` names (``names``), checking only those whose plain form it contains."""
+    t = _plain(text)
+    return [n for n in candidates if (pn := _plain(n)) and pn in t and re.search(rf"(?<!\w){re.escape(pn)}(?!\w)", t)]
+
+
 class BM25Index:
     """BM25 over documents added one at a time (Lucene idf, k1 1.2, b 0.75: bm25s's defaults, and its
     scores). bm25s indexes a fixed corpus, so a growing conversation would be re-tokenised and re-indexed at
