@@ -12,7 +12,8 @@ excluded (padding, removed).
   exhaustively or through FAISS;
 - ``fusion``: each scorer's scores z-normalised over the entries per query and summed with weights; the explicit
   memory's trained router (``memcli/explicit/gate.py``, with its product-key index) enters as one more part;
-- abstention: an entry is read only when it shares a word with the question that few entries hold
+- abstention: an entry is read only when the question names its recorded subject (``lexical.names``;
+  ``model.anchor=subject``), or, for an entry without one, shares a word with the question that few entries hold
   (``lexical.BM25Index.rarest_shared``; ``model.anchor_df``);
 - ``placement``: where what is read is written into the prompt, for both memories.
 """
