@@ -41,8 +41,7 @@ def _plain(text: str) -> str:
 def names(text: str, name: str) -> bool:
     """Whether ``text`` names ``name`` whole: case, spacing and dash forms aside, not inside a longer word ("Whiting"
     does not name "Whites", "Parisian" does not name "Paris"; "Paris's" does)."""
-    n = _plain(name)
-    return bool(n) and re.search(rf"(?<!\w){re.escape(n)}(?!\w)", _plain(text)) is not None
+    return bool(named(text, [name]))
 
 
 def named(text: str, candidates) -> list[str]:
