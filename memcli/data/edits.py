@@ -5,7 +5,8 @@ its relation, so no model can know the new answer. ZsRE records ask the relation
 (``src``), one of its held-out wordings (``rephrase``) and, for locality, the natural question of another fact that
 is neither edited nor in the bank (``loc``, ``loc_ans``). CounterFact records carry the relation's canonical template
 as the rewrite prompt, its held-out templates as paraphrases, and other subjects with the same relation and true
-object as the neighbourhood. An edit whose entry would not fit the excluded bank's entries (its cache's tokenizer
+object as the neighbourhood. No locality question or neighbourhood prompt names the subject of an edit of the
+same file (its answer should change with the file). An edit whose entry would not fit the excluded bank's entries (its cache's tokenizer
 and ``knowledge_length``) is skipped, so the file can be added whole to a run of that bank.
 """
 
@@ -55,6 +56,27 @@ def _fits(exclude: list[Path]):
             tok, L = load_tokenizer(m["tokenizer"]), int(m["knowledge_length"])
             return lambda text: len(tok(text, add_special_tokens=False)["input_ids"]) <= L
     return None
+
+
+def _away_from_edits(records: list[dict], locs, used: set, forms) -> None:
+    """A locality question or neighbourhood prompt that names the subject of any edit of the file (one chosen after
+    it, or a longer name holding it) is about an edited fact, not unrelated: a ZsRE record takes the next unrelated
+    question instead (or is dropped when none is left), a CounterFact record keeps its other neighbours."""
+    from memcli.retrieval.lexical import namer
+
+    touched = namer(sorted({r.get("subject") or r["requested_rewrite"]["subject"] for r in records}))
+    for r in list(records):
+        if "requested_rewrite" in r:
+            r["neighborhood_prompts"] = [p for p in r["neighborhood_prompts"] if not touched(p)]
+        elif touched(r["loc"]):
+            for lp, lr in locs:
+                q = forms[lp].question.replace("[X]", lr["sub_label"])
+                if lr["sub_label"] not in used and not touched(q):
+                    used.add(lr["sub_label"])
+                    r["loc"], r["loc_ans"] = q, lr["obj_label"]
+                    break
+            else:
+                records.remove(r)
 
 
 def make_edits(out: str | Path, fmt: str = "zsre", n: int = 200, seed: int = 0, trex: str | Path = "builtin",
@@ -111,6 +133,7 @@ def make_edits(out: str | Path, fmt: str = "zsre", n: int = 200, seed: int = 0, 
                 "target_new": {"str": new}, "target_true": {"str": true}},
                 "paraphrase_prompts": [p for p in para if p][:2],
                 "neighborhood_prompts": [cloze_prefix(fm.canonical, x) for x in near]})
+    _away_from_edits(records, locs, used, forms)
     if len(records) < n:
         raise MemcliError(f"{trex_dir(trex)}: only {len(records)} edits can be made ({n} asked): too few facts outside "
                           "the excluded knowledge bases")

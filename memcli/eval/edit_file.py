@@ -187,15 +187,15 @@ def score_edits(mem, tok, bank, raw: list[tuple[str, dict]], num_samples: int | 
     """``compare_edit_file`` on a loaded run (its bank is changed in memory): the edits ``raw`` (``read_edits``)."""
     from memcli.data.facts import fact_uuid
     from memcli.explicit import store
-    from memcli.retrieval.lexical import named
+    from memcli.retrieval.lexical import namer
 
     every = [build(tok, w, r) for w, r in raw]  # every edit is written; a seeded sample of them is scored
     edits = random.Random(seed).sample(every, num_samples) if num_samples and len(every) > num_samples else every
     modes = tuple(m for m in MODES if m in modes)
     # a locality prompt about a subject some edit of the file rewrites is no longer unrelated: its answer may follow
-    touched = sorted({e.subject for e in every if e.subject})
+    touched = namer(sorted({e.subject for e in every if e.subject}))
     loc_all = [(e, a) for e in edits for a in e.loc]
-    loc = [(e, a) for e, a in loc_all if not named(a.asked, touched)]
+    loc = [(e, a) for e, a in loc_all if not touched(a.asked)]
     before = {m: predict(mem, tok, [a for _, a in loc], m, chunk=LOCALITY_CHUNK, desc=f"locality before the edits ({m})")
               for m in modes if m in RETRIEVING} if loc else {}
     entries, where, seen = [], [], set()
