@@ -8,7 +8,8 @@ unrelated questions. For each setting (the router alone; fused with BM25 and a s
 plain RAG over MiniLM / BM25 / both; anchored abstention at some document frequencies): recall@1 of the right entry,
 and the share of questions that read an entry at all.
 
-    python experiments/retrieval_sweep.py out/real data/smollm2-135m EDITS.jsonl [--num 205]   # minutes on 2 cores
+    python experiments/retrieval_sweep.py out/real data/smollm2-135m EDITS.jsonl [--num 205] [--rule word]
+    # minutes on 2 cores; --rule: the anchor rule the anchored columns use (the run's default: subject)
 """
 
 import argparse
@@ -38,12 +39,12 @@ SETTINGS = {
 
 
 @torch.no_grad()
-def measure(mem, sets: dict, setting: dict, anchors) -> dict:
+def measure(mem, sets: dict, setting: dict, anchors, rule: str) -> dict:
     out = {}
     for name, (prompts, rows, feats) in sets.items():
         ids, att = left_pad(prompts, mem.cfg.pad_id)
         for anchor in anchors:
-            with mem.retrieval_setting(**setting, anchor_df=anchor, abstain_below=None):
+            with mem.retrieval_setting(**setting, anchor_df=anchor, abstain_below=None, anchor=rule):
                 chosen = mem.chosen_rows(mem.retrieve(feats, ids, att))[:, 0]
             key = f"{name} (anchor {anchor})" if anchor else name
             out[key] = {"read": float((chosen >= 0).float().mean())}
@@ -62,6 +63,8 @@ def main() -> None:
     ap.add_argument("--encoder", default="minilm")
     ap.add_argument("--anchors", default="0,1,2,3,5,10")
     ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument("--rule", choices=("subject", "word"), default="subject",
+                    help="the anchor rule (model.anchor): the question names the entry's subject, or a rare word")
     args = ap.parse_args()
     anchors = [int(a) or None for a in args.anchors.split(",")]
     run = load_run(args.run)
@@ -89,14 +92,14 @@ def main() -> None:
     results = {"before the edits": {}}
     names = args.settings.split(",")
     for s in names:
-        results["before the edits"][s] = measure(mem, sets, SETTINGS[s], anchors)
+        results["before the edits"][s] = measure(mem, sets, SETTINGS[s], anchors, args.rule)
         print(s, json.dumps(results["before the edits"][s]), flush=True)
     # question-answer edits added as entries (the memory add path), then their rephrasings and unrelated questions
     from memcli.data.facts import fact_uuid
     from memcli.explicit import store
 
     edits = [build(tok, w, r) for w, r in read_edits(args.edits)]
-    entries = list({e.entry: {"uuid": fact_uuid(e.entry), "sentence": e.entry, "subject": None, "predicate": None,
+    entries = list({e.entry: {"uuid": fact_uuid(e.entry), "sentence": e.entry, "subject": e.subject, "predicate": None,
                               "object": None} for e in edits}.values())
     mem, bank, _ = store.add(mem, bank, tok, entries)
     mem.eval()
@@ -107,9 +110,9 @@ def main() -> None:
     sets["edit unrelated"] = prepared([a for e in edits for a in e.loc], None)
     results["after the edits"] = {}
     for s in names:
-        results["after the edits"][s] = measure(mem, sets, SETTINGS[s], anchors)
+        results["after the edits"][s] = measure(mem, sets, SETTINGS[s], anchors, args.rule)
         print("after", s, json.dumps(results["after the edits"][s]), flush=True)
-    print(json.dumps({"run": args.run, "edits": len(edits), "facts": len(facts), **results}, indent=1))
+    print(json.dumps({"run": args.run, "rule": args.rule, "edits": len(edits), "facts": len(facts), **results}, indent=1))
 
 
 if __name__ == "__main__":
