@@ -4,7 +4,7 @@
 For a trained run: its held-out facts asked four ways (the entry's own words, a held-out template, the trained
 natural question, a held-out wording), facts no entry holds asked as natural questions ("unrelated"), and after
 question-answer edits are added to the bank (``gen-data edits``, ZsRE records) their rephrased questions and their
-unrelated questions. For each setting (the router alone; fused with BM25 and a sentence encoder at some weights;
+unrelated questions (an outside fact whose subject an edit now holds is left out after the edits, and counted). For each setting (the router alone; fused with BM25 and a sentence encoder at some weights;
 plain RAG over MiniLM / BM25 / both; anchored abstention at some document frequencies): recall@1 of the right entry,
 and the share of questions that read an entry at all.
 
@@ -105,6 +105,15 @@ def main() -> None:
     mem.eval()
     row_of = bank.row_of_uuid()
     sets = {k: v for k, v in sets.items()}  # features of the same prompts do not change with the bank
+    # an outside fact about a subject some edit now holds (another relation of it) is no longer unrelated: left out
+    from memcli.retrieval.lexical import namer
+
+    touched, about_edited = namer(sorted({e.subject for e in edits if e.subject})), {}
+    for name in ("unrelated question", "unrelated cloze"):
+        prompts, rows, feats = sets[name]
+        keep = [i for i, p in enumerate(prompts) if not touched(tok.decode(p))]
+        about_edited[name] = len(prompts) - len(keep)
+        sets[name] = ([prompts[i] for i in keep], rows, feats[keep])
     gen = [(a, row_of[fact_uuid(e.entry)]) for e in edits for a in e.gen[:1]]
     sets["edit rephrased"] = prepared([a for a, _ in gen], [r for _, r in gen])
     sets["edit unrelated"] = prepared([a for e in edits for a in e.loc], None)
@@ -112,7 +121,7 @@ def main() -> None:
     for s in names:
         results["after the edits"][s] = measure(mem, sets, SETTINGS[s], anchors, args.rule)
         print("after", s, json.dumps(results["after the edits"][s]), flush=True)
-    print(json.dumps({"run": args.run, "rule": args.rule, "edits": len(edits), "facts": len(facts), **results}, indent=1))
+    print(json.dumps({"run": args.run, "rule": args.rule, "edits": len(edits), "unrelated_about_edited": about_edited, "facts": len(facts), **results}, indent=1))
 
 
 if __name__ == "__main__":
