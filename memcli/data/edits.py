@@ -6,8 +6,8 @@ its relation, so no model can know the new answer. ZsRE records ask the relation
 is neither edited nor in the bank (``loc``, ``loc_ans``). CounterFact records carry the relation's canonical template
 as the rewrite prompt, its held-out templates as paraphrases, and other subjects with the same relation and true
 object as the neighbourhood. No locality question or neighbourhood prompt names the subject of an edit of the
-same file (its answer should change with the file). An edit whose entry would not fit the excluded bank's entries (its cache's tokenizer
-and ``knowledge_length``) is skipped, so the file can be added whole to a run of that bank.
+same file (its answer should change with the file). An edit whose entry would not fit the excluded bank's entries
+(its cache's tokenizer and ``knowledge_length``) is skipped, so the file can be added whole to a run of that bank.
 """
 
 from __future__ import annotations
