@@ -4,9 +4,10 @@
 For a trained run: its held-out facts asked four ways (the entry's own words, a held-out template, the trained
 natural question, a held-out wording), facts no entry holds asked as natural questions ("unrelated"), and after
 question-answer edits are added to the bank (``gen-data edits``, ZsRE records) their rephrased questions and their
-unrelated questions (an outside fact whose subject an edit now holds is left out after the edits, and counted). For each setting (the router alone; fused with BM25 and a sentence encoder at some weights;
-plain RAG over MiniLM / BM25 / both; anchored abstention at some document frequencies): recall@1 of the right entry,
-and the share of questions that read an entry at all.
+unrelated questions (an outside fact whose subject an edit now holds is left out after the edits, and counted).
+For each setting (the router alone; fused with BM25 and a sentence encoder at some weights; plain RAG over
+MiniLM / BM25 / both; anchored abstention at some document frequencies): recall@1 of the right entry, and the
+share of questions that read an entry at all.
 
     python experiments/retrieval_sweep.py out/real data/smollm2-135m EDITS.jsonl [--num 205] [--rule word]
     # minutes on 2 cores; --rule: the anchor rule the anchored columns use (the run's default: subject)
